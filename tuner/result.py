@@ -1,0 +1,154 @@
+"""TrialResult: the one record that crosses every seam (measure -> study -> tracking -> export).
+
+It keeps the raw per-repetition timings, not only means, so any later stage can
+recompute statistics, test for ties, or plot distributions.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from tuner.config import BenchConfig
+
+
+class Status(str, Enum):
+    """How a measurement ended."""
+
+    OK = "ok"
+    OOM = "oom"
+    CRASH = "crash"
+    TIMEOUT = "timeout"
+    INVALID = "invalid"
+    LOAD_ERROR = "load_error"
+
+
+@dataclass
+class Rates:
+    """One test's repetitions: tokens per repetition and the time each took (ns)."""
+
+    n_tokens: int
+    samples_ns: list[int]
+
+    @property
+    def rates(self) -> list[float]:
+        """Tokens per second of each repetition (as llama-bench computes them)."""
+        return [1e9 * self.n_tokens / ns for ns in self.samples_ns if ns > 0]
+
+    @property
+    def mean(self) -> float:
+        """Mean of the per-repetition rates (t/s)."""
+        r = self.rates
+        return statistics.fmean(r) if r else math.nan
+
+    @property
+    def stddev(self) -> float:
+        """Sample standard deviation of the per-repetition rates (0 for one repetition)."""
+        r = self.rates
+        return statistics.stdev(r) if len(r) > 1 else 0.0
+
+    @property
+    def cv(self) -> float:
+        """Coefficient of variation: stddev / mean."""
+        m = self.mean
+        return self.stddev / m if m else math.nan
+
+
+@dataclass
+class Environment:
+    """Where a result was measured: host, hardware and software versions."""
+
+    host: str = ""
+    cpu: str = ""
+    physical_cores: int = 0
+    ram_total_bytes: int = 0
+    gpu_name: str | None = None
+    gpu_driver: str | None = None
+    vram_total_bytes: int | None = None
+    llama_cpp_python: str = ""
+    llama_cpp_build: str = ""
+    gpu_offload: bool = False
+    system_info: str = ""
+
+    def hardware_key(self) -> str:
+        """What makes two machines measure alike: GPU model and memory, else the CPU."""
+        if self.gpu_name:
+            return f"gpu:{self.gpu_name}:{self.vram_total_bytes}"
+        return f"cpu:{self.cpu}:{self.physical_cores}"
+
+
+@dataclass
+class TrialResult:
+    """The outcome of measuring one BenchConfig on one model file."""
+
+    status: Status
+    config: BenchConfig
+    model_path: str
+    reason: str = ""
+    exit_code: int | None = None
+    signal: str | None = None
+    log_tail: str = ""
+    pp: Rates | None = None
+    tg: Rates | None = None
+    load_time_s: float | None = None
+    context_time_s: float | None = None
+    wall_time_s: float | None = None
+    peak_rss_bytes: int | None = None
+    peak_vram_bytes: int | None = None
+    vram_free_before_bytes: int | None = None
+    ram_available_before_bytes: int | None = None
+    predicted_peak_bytes: int | None = None
+    env: Environment = field(default_factory=Environment)
+    started_at: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True when the measurement completed."""
+        return self.status == Status.OK
+
+    @property
+    def tg_mean(self) -> float | None:
+        """Mean generation rate (t/s), if measured."""
+        return self.tg.mean if self.tg and self.tg.samples_ns else None
+
+    @property
+    def pp_mean(self) -> float | None:
+        """Mean prompt-processing rate (t/s), if measured."""
+        return self.pp.mean if self.pp and self.pp.samples_ns else None
+
+    @property
+    def peak_memory_bytes(self) -> int | None:
+        """The memory that limits this machine: VRAM where a GPU was used, else RSS."""
+        if self.peak_vram_bytes is not None and self.env.gpu_name:
+            return self.peak_vram_bytes
+        return self.peak_rss_bytes
+
+    @property
+    def headroom_bytes(self) -> int | None:
+        """Memory left free at the peak: free-before minus peak (VRAM on GPU, RAM otherwise)."""
+        if self.env.gpu_name and self.peak_vram_bytes is not None and self.vram_free_before_bytes is not None:
+            return self.vram_free_before_bytes - self.peak_vram_bytes
+        if self.peak_rss_bytes is not None and self.ram_available_before_bytes is not None:
+            return self.ram_available_before_bytes - self.peak_rss_bytes
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; :meth:`from_dict` reverses it exactly."""
+        d = asdict(self)
+        d["status"] = self.status.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrialResult":
+        """Rebuild a TrialResult from :meth:`to_dict` output."""
+        d = dict(d)
+        d["status"] = Status(d["status"])
+        d["config"] = BenchConfig.from_dict(d["config"])
+        for key in ("pp", "tg"):
+            if d.get(key) is not None:
+                d[key] = Rates(**d[key])
+        d["env"] = Environment(**d.get("env", {}))
+        return cls(**d)
