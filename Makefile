@@ -1,0 +1,34 @@
+# llama-tuner: `make tune` installs and tunes the demo model; `make test` installs and runs the tests.
+# CUDA=1 builds llama-cpp-python with CUDA (CMAKE_ARGS=-DGGML_CUDA=on) instead of the CPU build.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CUDA   ?= 0
+STAMP  := $(VENV)/.installed-cuda$(CUDA)
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+
+.PHONY: install test tune bench-fidelity clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,demo]' '$(LLAMA_CPP_PYTHON)'
+ifeq ($(CUDA),1)
+	CMAKE_ARGS="-DGGML_CUDA=on" $(BIN)/pip install --quiet --force-reinstall --no-deps --no-cache-dir '$(LLAMA_CPP_PYTHON)'
+endif
+	rm -f $(VENV)/.installed-cuda*
+	touch $@
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+tune: install
+	$(BIN)/llama-tuner bench "$$($(BIN)/llama-tuner demo)" -t 1,2 -b 128,512 -ub 128 -c 2048 -fa 0,1
+
+bench-fidelity: install
+	$(BIN)/python bench/fidelity.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

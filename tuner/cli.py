@@ -1,0 +1,150 @@
+"""The ``llama-tuner`` command line: a click group whose errors are one line, exit code 2."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import defaultdict
+
+import click
+
+from tuner import __version__
+from tuner.errors import UserError
+
+
+class TunerGroup(click.Group):
+    """A click group that reports bad input as one line and exit code 2, never a traceback."""
+
+    def main(self, args=None, prog_name=None, **extra):  # noqa: D102 - click's signature
+        try:
+            return super().main(args=args, prog_name=prog_name or "llama-tuner", standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help())
+            sys.exit(0)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else "llama-tuner"
+            click.echo(f"error: {exc.format_message()}; see `{where} --help`", err=True)
+            sys.exit(UserError.exit_code)
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=TunerGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="llama-tuner")
+def cli() -> None:
+    """Find the fastest llama.cpp settings for a GGUF model on this machine."""
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.2f} MiB"
+
+
+def _tensor_groups(tensors) -> list[tuple[str, str]]:
+    """Tensors grouped by role ("blk.*.attn_v.weight") with their types and layer counts."""
+    groups: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for t in tensors:
+        groups[re.sub(r"^blk\.\d+\.", "blk.*.", t.name)][t.type_name] += 1
+    return [(name, ", ".join(f"{ty} x{n}" for ty, n in sorted(types.items(), key=lambda x: -x[1])))
+            for name, types in groups.items()]
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+@click.option("--tensors", is_flag=True, help="List every tensor with its type, shape and size.")
+def inspect(model: str, as_json: bool, tensors: bool) -> None:
+    """Describe MODEL from its GGUF header: shapes, quant types, bytes per part, KV cache per token."""
+    from tuner.model_info import load_model_info
+
+    info = load_model_info(model)
+    all_tensors = info.extra["tensors"]
+    if as_json:
+        d = info.to_dict()
+        d["tensors"] = [{"name": t.name, "type": t.type_name, "shape": list(t.shape), "bytes": t.n_bytes}
+                        for t in all_tensors]
+        click.echo(json.dumps(d, indent=2))
+        return
+    lb = info.layer_bytes
+    rows = [
+        ("model", f"{info.file_name} ({_mib(info.file_size)})"),
+        ("name", info.name),
+        ("architecture", f"{info.architecture}, {info.n_params / 1e6:,.2f} M params, {info.quant}"),
+        ("layers", f"{info.n_layer}" + (f" ({len(info.swa_layers)} sliding-window, window {info.n_swa})"
+                                         if info.swa_layers else "")),
+        ("embedding", f"{info.n_embd}, FFN {info.n_ff}"),
+        ("heads", f"{max(info.n_head)} (KV heads {max(info.n_head_kv)}), head dim k/v {info.head_dim_k}/"
+                  f"{info.head_dim_v}"),
+        ("context", f"{info.n_ctx_train} (training)"),
+        ("vocab", f"{info.n_vocab}"),
+        ("bytes/layer", f"{_mib(sum(lb) / len(lb))} mean ({_mib(min(lb))}..{_mib(max(lb))}), "
+                        f"all layers {_mib(sum(lb))}"),
+        ("output", _mib(info.output_bytes) + (" (tied to the token embedding)" if info.tied_embeddings else "")),
+        ("token embd", f"{_mib(info.token_embd_bytes)} (stays in RAM)"),
+    ]
+    for t in ("f16", "q8_0", "q4_0"):
+        full, swa = info.kv_bytes_per_token(t, t, swa=False), info.kv_bytes_per_token(t, t, swa=True)
+        split = f" (full-attention layers {full / 1024:,.2f} KiB, SWA layers {swa / 1024:,.2f} KiB)" if swa else ""
+        rows.append((f"KV {t}", f"{(full + swa) / 1024:,.2f} KiB/token{split}"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k.ljust(width)}  {v}")
+    click.echo("\ntensor types:")
+    listing = ([(t.name, f"{t.type_name} {list(t.shape)} {_mib(t.n_bytes)}") for t in all_tensors] if tensors
+               else _tensor_groups(all_tensors))
+    width = max(len(n) for n, _ in listing)
+    for name, desc in listing:
+        click.echo(f"  {name.ljust(width)}  {desc}")
+
+
+@cli.command()
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--like", help="A named shape: tiny, small, qwen3-8b, mistral-small-24b.")
+@click.option("--quant", required=True, help="f16, q8_0, q4_0, q6_k, q5_k_m, q4_k_m or q2_k.")
+@click.option("--arch", type=click.Choice(["llama", "qwen3"]), help="Architecture of a custom shape.")
+@click.option("--layers", "n_layer", type=int)
+@click.option("--embd", "n_embd", type=int)
+@click.option("--heads", "n_head", type=int)
+@click.option("--kv-heads", "n_head_kv", type=int)
+@click.option("--head-dim", "head_dim", type=int)
+@click.option("--ffn", "n_ff", type=int)
+@click.option("--vocab", "n_vocab", type=int)
+@click.option("--ctx", "n_ctx_train", type=int, help="Training context length.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def synth(out: str, like: str | None, quant: str, seed: int, **shape) -> None:
+    """Write a random-weight GGUF with real shapes and quant types to OUT."""
+    from tuner.synth import plan_tensors, resolve_shape, write_synthetic_gguf
+
+    s = resolve_shape(like, **shape)
+    total = sum(t.n_bytes for t in plan_tensors(s, quant.lower()))
+    click.echo(f"writing {out}: {s.arch}, {s.n_layer} layers, embd {s.n_embd}, {quant}, {_mib(total)}", err=True)
+    write_synthetic_gguf(out, s, quant.lower(), seed=seed)
+    click.echo(out)
+
+
+@cli.command()
+@click.option("--dir", "directory", default="models", show_default=True, help="Where to write the model.")
+def demo(directory: str) -> None:
+    """Write the bundled demo model (Gemma 3 270M Q4_K_M) and print its path."""
+    from tuner.demo import demo_model
+
+    click.echo(str(demo_model(directory)))
+
+
+def _register() -> None:
+    from tuner import cli_bench  # noqa: F401 - registers the bench command
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _register()
+    cli.main()
