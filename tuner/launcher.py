@@ -44,6 +44,7 @@ from tuner.sampler import MemorySampler
 
 OOM_PATTERN = re.compile(r"out of memory|cannot allocate memory|cudaMalloc failed|failed to allocate|unable to allocate|"
                          r"std::bad_alloc|MemoryError|ErrorOutOfDeviceMemory", re.IGNORECASE)
+ROOT_CAUSE_PATTERN = re.compile(r"error|assert|fault", re.IGNORECASE)
 REASON_PATTERN = re.compile(r"error|assert|abort|fault|failed|exception|killed", re.IGNORECASE)
 LOG_TAIL_CHARS = 4000
 
@@ -223,9 +224,17 @@ def _tail(log) -> str:
 
 
 def _evidence(tail: str) -> str:
-    """The log line that best explains a failure: the first out-of-memory line, else the last error."""
+    """The log line that best explains a failure.
+
+    An out-of-memory line wins; then a Python traceback's last line; then the first
+    error-like line, since llama.cpp logs the cause before its consequences
+    ("unknown model architecture" before "failed to load model").
+    """
     lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
     line = next((ln for ln in lines if OOM_PATTERN.search(ln)), None)
+    if line is None and any(ln.startswith("Traceback") for ln in lines):
+        line = lines[-1]
+    line = line or next((ln for ln in lines if ROOT_CAUSE_PATTERN.search(ln)), None)
     line = line or next((ln for ln in reversed(lines) if REASON_PATTERN.search(ln)), None)
     return (line or (lines[-1] if lines else ""))[:200]
 

@@ -4,6 +4,7 @@ and results print as llama-bench's markdown table (one row per test)."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from typing import Iterable, Sequence
 
 from tuner.config import CONTEXT_KEYS, MODEL_KEYS, TEST_KEYS, BenchConfig, InvalidConfig
@@ -30,10 +31,19 @@ def expand_sweep(values: dict[str, str | None]) -> list[dict[str, str]]:
 
 
 def build_configs(values: dict[str, str | None], model: ModelInfo | None) -> list[BenchConfig]:
-    """Validated, machine-resolved configurations for a sweep; InvalidConfig on the first bad one."""
+    """Validated, machine-resolved configurations for a sweep; InvalidConfig on the first bad one.
+
+    Batch sizes the user did not give follow the ones given, as llama.cpp's own
+    clamping would (batch <= context, ubatch <= batch); given values are checked.
+    """
     configs = []
+    defaults = BenchConfig()
     for combo in expand_sweep(values):
         cfg = BenchConfig.from_dict(combo)
+        if "n_batch" not in combo:
+            cfg = replace(cfg, n_batch=min(defaults.n_batch, cfg.n_ctx))
+        if "n_ubatch" not in combo:
+            cfg = replace(cfg, n_ubatch=min(defaults.n_ubatch, cfg.n_batch))
         configs.append(cfg.resolved(model))
     return configs
 

@@ -1,0 +1,115 @@
+"""Shared fixtures: generated GGUF models, the demo model, and a CLI runner in a real process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tuner.synth import SHAPES, Shape, write_synthetic_gguf
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked ``gpu`` where no NVIDIA GPU is visible."""
+    from tuner.probe import NoGpuProbe, detect_probe
+
+    if isinstance(detect_probe(), NoGpuProbe):
+        skip = pytest.mark.skip(reason="needs an NVIDIA GPU (run through ../shared/device)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """A directory for generated model files shared by the whole session."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(models_dir) -> Path:
+    """A 2-layer llama-shaped Q4_K_M model (about 1 MB) that llama.cpp loads in milliseconds."""
+    return write_synthetic_gguf(models_dir / "tiny-q4_k_m.gguf", SHAPES["tiny"], "q4_k_m")
+
+
+@pytest.fixture(scope="session")
+def small_model(models_dir) -> Path:
+    """A 4-layer, 512-wide Q8_0 model: still fast, but slow enough to time."""
+    return write_synthetic_gguf(models_dir / "small-q8_0.gguf", SHAPES["small"], "q8_0")
+
+
+@pytest.fixture(scope="session")
+def long_context_model(models_dir) -> Path:
+    """4 layers with 8 KV heads of 128 and a 131072-token context: its full KV cache needs 2 GiB."""
+    shape = Shape("llama", 4, 1024, 8, 8, 128, 1024, 1024, n_ctx_train=131072)
+    return write_synthetic_gguf(models_dir / "long-context.gguf", shape, "q8_0")
+
+
+@pytest.fixture(scope="session")
+def unknown_arch_model(models_dir) -> Path:
+    """A well-formed GGUF whose architecture llama.cpp does not know: a load error."""
+    shape = Shape("nosucharch", 2, 256, 4, 2, 64, 512, 1024)
+    return write_synthetic_gguf(models_dir / "nosucharch.gguf", shape, "q8_0")
+
+
+@pytest.fixture(scope="session")
+def demo_model_path(models_dir) -> Path:
+    """The real Gemma 3 270M Q4_K_M from the demo package."""
+    from tuner.demo import demo_model
+
+    return demo_model(models_dir)
+
+
+@pytest.fixture(scope="session")
+def bad_files(models_dir, tiny_model) -> dict[str, Path]:
+    """Each kind of bad model path: missing, a directory, not GGUF, truncated header and data."""
+    data = tiny_model.read_bytes()
+    bad = models_dir / "bad"
+    bad.mkdir(exist_ok=True)
+    (bad / "adir").mkdir(exist_ok=True)
+    (bad / "notgguf.gguf").write_text("this is not a model\n")
+    (bad / "empty.gguf").write_bytes(b"")
+    (bad / "trunc-header.gguf").write_bytes(data[:2000])
+    (bad / "trunc-data.gguf").write_bytes(data[: len(data) // 2])
+    return {"missing": bad / "nope.gguf", "directory": bad / "adir", "not_gguf": bad / "notgguf.gguf",
+            "empty": bad / "empty.gguf", "truncated_header": bad / "trunc-header.gguf",
+            "truncated_data": bad / "trunc-data.gguf"}
+
+
+@dataclass
+class CliResult:
+    """What a real ``python -m tuner`` process did."""
+
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def run_cli():
+    """Run ``python -m tuner ARGS`` in a real process (so exit codes and tracebacks are real)."""
+
+    def run(*args: str, timeout: float = 300, env: dict[str, str] | None = None, cwd: Path | None = None) -> CliResult:
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        p = subprocess.run([sys.executable, "-m", "tuner", *map(str, args)], capture_output=True, text=True,
+                           timeout=timeout, env=full_env, cwd=cwd or ROOT)
+        return CliResult(p.returncode, p.stdout, p.stderr)
+
+    return run
+
+
+def assert_one_line_error(result: CliResult, *needles: str) -> None:
+    """Exit code 2, one line on stderr starting with 'error:', no traceback, naming ``needles``."""
+    assert result.code == 2, (result.code, result.err)
+    lines = [ln for ln in result.err.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.err
+    for needle in needles:
+        assert needle.lower() in lines[0].lower(), (needle, lines[0])

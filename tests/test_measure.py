@@ -1,0 +1,120 @@
+"""Real measurements in real child processes with the CPU build of llama-cpp-python."""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib.metadata import version
+
+import psutil
+import pytest
+
+from conftest import assert_one_line_error
+from tuner.config import BenchConfig
+from tuner.launcher import SubprocessLauncher
+from tuner.probe import NoGpuProbe
+from tuner.result import Status
+
+pytestmark = pytest.mark.slow
+FAST = dict(n_ctx=512, n_batch=128, n_ubatch=128, n_prompt=128, n_gen=16, repetitions=3, n_threads=1)
+
+
+def measure(model, configs, timeout_s=120, fault=None, **kw):
+    env = {"LLAMA_TUNER_TEST_FAULT": fault} if fault else {}
+    return list(SubprocessLauncher(NoGpuProbe(), timeout_s=timeout_s, extra_env=env, **kw).measure(str(model), configs))
+
+
+def test_measures_a_generated_model_like_llama_bench(tiny_model):
+    [r] = measure(tiny_model, [BenchConfig(**FAST)])
+    assert r.status == Status.OK, r.reason
+    assert len(r.pp.samples_ns) == 3 and len(r.tg.samples_ns) == 3
+    assert r.pp.n_tokens == 128 and r.tg.n_tokens == 16
+    assert all(x > 0 for x in r.pp.rates + r.tg.rates)
+    assert r.pp_mean > r.tg_mean  # batched prompt tokens are cheaper than single decodes
+    assert r.load_time_s > 0 and r.context_time_s > 0
+    assert r.peak_rss_bytes > 10 * 2**20 and r.headroom_bytes > 0
+    assert r.env.llama_cpp_python == version("llama-cpp-python") and r.env.llama_cpp_build.startswith("ggml")
+    assert r.env.gpu_offload is False and r.env.host and r.env.physical_cores >= 1
+    assert r.config.n_threads_batch == 1  # resolved before launch, so "threads=1" is really one
+
+
+def test_context_only_changes_reuse_the_loaded_model(small_model):
+    configs = [BenchConfig(**{**FAST, "flash_attn": fa}) for fa in (False, True)]
+    configs.append(BenchConfig(**{**FAST, "n_depth": 64}))
+    results = measure(small_model, configs)
+    assert [r.status for r in results] == [Status.OK] * 3
+    assert len({r.load_time_s for r in results}) == 1  # one load event served all three
+    assert results[2].config.n_depth == 64 and results[2].tg_mean > 0
+
+
+def test_a_changed_model_setting_reloads(small_model):
+    results = measure(small_model, [BenchConfig(**FAST), BenchConfig(**{**FAST, "use_mmap": False})])
+    assert [r.status for r in results] == [Status.OK, Status.OK]
+    assert results[0].load_time_s != results[1].load_time_s
+
+
+def test_invalid_config_is_recorded_not_launched(tiny_model):
+    results = measure(tiny_model, [BenchConfig(**{**FAST, "type_v": "q4_0"}), BenchConfig(**FAST)])
+    assert results[0].status == Status.INVALID and "flash attention" in results[0].reason
+    assert results[0].wall_time_s is None and results[1].status == Status.OK
+
+
+@pytest.mark.parametrize("fault,status,signal_name", [
+    ("abort@pp#0", Status.CRASH, "SIGABRT"),
+    ("segv@tg#0", Status.CRASH, "SIGSEGV"),
+])
+def test_a_crashing_child_is_a_result_and_the_next_config_still_runs(tiny_model, fault, status, signal_name):
+    results = measure(tiny_model, [BenchConfig(**FAST), BenchConfig(**{**FAST, "n_threads": 2})], fault=fault)
+    assert results[0].status == status and results[0].signal == signal_name
+    assert signal_name in results[0].reason and "test fault" in results[0].log_tail
+    assert results[1].status == Status.OK  # measured by a fresh child
+
+
+def test_a_child_that_exits_without_a_result_is_a_crash(tiny_model):
+    [r] = measure(tiny_model, [BenchConfig(**FAST)], fault="exit@context")
+    assert r.status == Status.CRASH and r.exit_code == 3 and "code 3" in r.reason
+
+
+def test_a_hanging_child_is_killed_at_the_timeout(tiny_model):
+    t0 = time.monotonic()
+    [r] = measure(tiny_model, [BenchConfig(**FAST)], timeout_s=3, fault="hang@pp")
+    assert r.status == Status.TIMEOUT and "3 s" in r.reason
+    assert time.monotonic() - t0 < 30
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if "tuner.child" in " ".join(p.info["cmdline"] or [])]
+    assert leftovers == []
+
+
+def test_an_unknown_architecture_is_a_load_error(unknown_arch_model):
+    [r] = measure(unknown_arch_model, [BenchConfig(**FAST)])
+    assert r.status == Status.LOAD_ERROR and "unknown model architecture" in r.reason
+
+
+def test_running_out_of_memory_is_oom(long_context_model):
+    # Under a 1.5 GiB cap the 4096-token context fits; the full 2 GiB KV cache cannot.
+    configs = [BenchConfig(**{**FAST, "n_ctx": 4096}), BenchConfig(**{**FAST, "n_ctx": 131072})]
+    small, full = measure(long_context_model, configs, ram_limit_bytes=1536 * 2**20)
+    assert small.status == Status.OK, small.reason
+    assert full.status == Status.OOM and "allocate" in full.reason, (full.status, full.reason)
+
+
+def test_bench_cli_sweeps_and_prints_a_table(run_cli, tiny_model):
+    r = run_cli("bench", tiny_model, "-t", "1,2", "-c", 512, "-b", 128, "-p", 64, "-n", 8, "-r", 2)
+    assert r.code == 0, r.err
+    rows = [ln for ln in r.out.splitlines() if ln.startswith("| llama")]
+    assert len(rows) == 4 and sum("pp64" in x for x in rows) == 2 and sum("tg8" in x for x in rows) == 2
+    j = run_cli("bench", tiny_model, "-fa", "0,1", "-c", 512, "-b", 128, "-p", 64, "-n", 8, "-r", 2, "--json")
+    results = json.loads(j.out)
+    assert [x["config"]["flash_attn"] for x in results] == [False, True]
+    assert all(x["status"] == "ok" and len(x["tg"]["samples_ns"]) == 2 for x in results)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--nosuch", "1"), "no such option"),
+    (("-t", "abc"), "n_threads must be an integer"),
+    (("-b", "512", "-ub", "1024"), "n_ubatch 1024 > n_batch 512"),
+    (("-ctv", "q8_0", "-fa", "0"), "needs flash attention"),
+    (("-c", "99999"), "training context"),
+    (("-t", "1,,2"), "empty value"),
+])
+def test_bench_cli_bad_input_is_one_line(run_cli, tiny_model, args, needle):
+    assert_one_line_error(run_cli("bench", tiny_model, *args), needle)
