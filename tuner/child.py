@@ -246,8 +246,14 @@ def run_job(job: dict[str, Any], events: Events) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the child: read the job from stdin and run it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events-fd", type=int, required=True)
+    parser.add_argument("--events-fd", type=int)
+    parser.add_argument("--info", action="store_true", help="print the build's versions as JSON and exit")
     args = parser.parse_args(argv)
+    if args.info:
+        print(json.dumps(environment()))
+        return
+    if args.events_fd is None:
+        parser.error("--events-fd is required")
     llama_cpp.llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
     run_job(json.load(sys.stdin), Events(args.events_fd))
 

@@ -122,14 +122,14 @@ class SubprocessLauncher(Launcher):
         proc = subprocess.Popen([sys.executable, "-m", "tuner.child", "--events-fd", str(write_fd)],
                                 stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(write_fd,),
                                 env={**os.environ, **self.extra_env}, start_new_session=True, text=True,
-                                preexec_fn=self._limit_memory if self.ram_limit_bytes else None)
+                                preexec_fn=self._prepare_child)
         os.close(write_fd)
         events: queue.Queue = queue.Queue()
         threading.Thread(target=_read_events, args=(read_fd, events), daemon=True).start()
         sampler = MemorySampler(proc.pid, self.probe, self.gpu_index, before.used if before else None,
                                 self.sample_interval).start()
         results: list[TrialResult] = []
-        load_time, timed_out, t_run = None, False, time.monotonic()
+        load_time, timed_out, t_run = None, False, t_spawn
         try:
             proc.stdin.write(json.dumps(job))
             proc.stdin.close()
@@ -154,6 +154,7 @@ class SubprocessLauncher(Launcher):
                     i, cfg = runs[len(results)]
                     results.append(self._from_event(ev, cfg, model_path, env, peaks, load_time, before, ram_before,
                                                     started, log))
+                    results[-1].wall_time_s = time.monotonic() - t_run  # the first run's includes the spawn
                     t_run, started = time.monotonic(), _now()
         finally:
             if proc.poll() is None and (timed_out or len(results) == len(runs)):
@@ -166,18 +167,24 @@ class SubprocessLauncher(Launcher):
             status, reason = _classify_death(code, timed_out, self.timeout_s, _tail(log))
             results.append(TrialResult(status, cfg, model_path, reason=reason, exit_code=code if code >= 0 else None,
                                        signal=signal.Signals(-code).name if code < 0 else None, log_tail=_tail(log),
-                                       load_time_s=load_time, wall_time_s=time.monotonic() - t_spawn,
+                                       load_time_s=load_time, wall_time_s=time.monotonic() - t_run,
                                        peak_rss_bytes=peaks.rss or None, peak_vram_bytes=peaks.vram,
                                        vram_free_before_bytes=before.free if before else None,
                                        ram_available_before_bytes=ram_before, env=env, started_at=started))
         log.close()
         return results
 
-    def _limit_memory(self) -> None:
-        """In the child before exec: cap its address space, so overuse fails as out-of-memory."""
+    def _prepare_child(self) -> None:
+        """In the child before exec: die with the parent, and cap memory where a limit is set."""
+        import ctypes
         import resource
 
-        resource.setrlimit(resource.RLIMIT_AS, (self.ram_limit_bytes, self.ram_limit_bytes))
+        try:  # PR_SET_PDEATHSIG: a killed tuner must not leave a child measuring in the background
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+        except OSError:
+            pass
+        if self.ram_limit_bytes:
+            resource.setrlimit(resource.RLIMIT_AS, (self.ram_limit_bytes, self.ram_limit_bytes))
 
     def _from_event(self, ev: dict[str, Any], cfg: BenchConfig, model_path: str, env: Environment, peaks,
                     load_time, before, ram_before, started: str, log) -> TrialResult:

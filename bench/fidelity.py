@@ -1,0 +1,132 @@
+"""Does llama-tuner measure what llama-bench measures? And how noisy, how costly is it?
+
+For each configuration of the demo model (threads 1/2 x batch 128/512 x flash
+attention off/on), llama.cpp's own ``llama-bench`` (built from the same llama.cpp
+commit, see ``llama_bench_build.py``) and ``llama-tuner``'s launcher each measure
+pp512 and tg128 with 5 repetitions. llama-tuner runs llama-bench's two test
+instances as they are: pp512 in a 512-token context, tg128 in a 128-token one.
+
+Shared machines drift by several percent between runs, so each round runs both
+tools back to back (alternating who goes first) and yields one ratio per test;
+the figure per configuration is the median of those paired ratios over the
+rounds. Target: every pp and tg within 3% of llama-bench.
+
+It also reports the tg coefficient of variation over 5 repetitions (target <= 2%
+on an idle machine) and the launch overhead of one measurement (spawn, import,
+model load, context), and writes everything to ``bench/results/``.
+
+Usage: python bench/fidelity.py [--rounds 3] [--model PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llama_bench_build import llama_bench_binary  # noqa: E402
+
+from tuner.config import BenchConfig  # noqa: E402
+from tuner.demo import demo_model  # noqa: E402
+from tuner.launcher import SubprocessLauncher  # noqa: E402
+from tuner.probe import cpu_name, detect_probe  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CONFIGS = [dict(n_threads=t, n_batch=b, flash_attn=fa) for t in (1, 2) for b in (128, 512) for fa in (False, True)]
+N_PROMPT, N_GEN, REPS = 512, 128, 5
+
+
+def run_llama_bench(binary: Path, model: Path, c: dict) -> dict:
+    """pp and tg mean t/s from one llama-bench run of configuration ``c``."""
+    cmd = [str(binary), "-m", str(model), "-t", str(c["n_threads"]), "-b", str(c["n_batch"]),
+           "-ub", str(c["n_batch"]), "-fa", str(int(c["flash_attn"])), "-p", str(N_PROMPT), "-n", str(N_GEN),
+           "-r", str(REPS), "-o", "json"]
+    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    pp = next(x for x in out if x["n_prompt"] == N_PROMPT)
+    tg = next(x for x in out if x["n_gen"] == N_GEN)
+    return {"pp": pp["avg_ts"], "tg": tg["avg_ts"], "tg_cv": tg["stddev_ts"] / tg["avg_ts"]}
+
+
+def run_tuner(launcher: SubprocessLauncher, model: Path, c: dict) -> dict:
+    """pp and tg mean t/s from llama-tuner, with llama-bench's contexts (n_prompt, resp. n_gen tokens)."""
+    pp_cfg = BenchConfig(n_ctx=N_PROMPT, n_ubatch=c["n_batch"], n_prompt=N_PROMPT, n_gen=0, repetitions=REPS, **c)
+    tg_batch = min(c["n_batch"], N_GEN)  # llama.cpp clamps the batch to the context
+    tg_cfg = BenchConfig(**{**c, "n_batch": tg_batch}, n_ctx=N_GEN, n_ubatch=tg_batch, n_prompt=0, n_gen=N_GEN,
+                         repetitions=REPS)
+    pp, tg = launcher.measure(str(model), [pp_cfg, tg_cfg])
+    for r in (pp, tg):
+        if not r.ok:
+            raise RuntimeError(f"llama-tuner failed on {c}: {r.status.value} {r.reason}")
+    return {"pp": pp.pp_mean, "tg": tg.tg_mean, "tg_cv": tg.tg.cv}
+
+
+def launch_overhead(launcher: SubprocessLauncher, model: Path, n: int = 5) -> dict:
+    """Seconds from spawning a child to its first timed token: spawn+import, load, context."""
+    cfg = BenchConfig(n_ctx=256, n_batch=256, n_ubatch=256, n_prompt=0, n_gen=1, repetitions=1)
+    samples = []
+    for _ in range(n):
+        [r] = launcher.measure(str(model), [cfg])
+        measured = sum(r.tg.samples_ns) / 1e9 * 2  # the warmup token and the timed one
+        samples.append({"total_s": r.wall_time_s, "load_s": r.load_time_s, "context_s": r.context_time_s,
+                        "spawn_import_s": r.wall_time_s - r.load_time_s - r.context_time_s - measured})
+    return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--model", type=Path)
+    args = ap.parse_args()
+    model = args.model or demo_model()
+    binary = llama_bench_binary()
+    launcher = SubprocessLauncher(detect_probe(), timeout_s=900)
+    rows = []
+    for c in CONFIGS:
+        lb, ours = [], []
+        for i in range(args.rounds):
+            # Alternate who goes first, so slow drift of the machine hits both alike.
+            pair = [("lb", lambda: run_llama_bench(binary, model, c)), ("ours", lambda: run_tuner(launcher, model, c))]
+            for name, fn in (pair if i % 2 == 0 else pair[::-1]):
+                (lb if name == "lb" else ours).append(fn())
+        row = {**c}
+        for test in ("pp", "tg"):
+            row[f"lb_{test}"] = statistics.median(x[test] for x in lb)
+            row[f"ours_{test}"] = statistics.median(x[test] for x in ours)
+            ratios = [o[test] / b[test] for o, b in zip(ours, lb)]
+            row[f"diff_{test}_pct"] = 100 * (statistics.median(ratios) - 1)
+            row[f"spread_{test}_pct"] = 100 * (max(ratios) - min(ratios))
+        row["ours_tg_cv_pct"] = 100 * statistics.median(x["tg_cv"] for x in ours)
+        row["lb_tg_cv_pct"] = 100 * statistics.median(x["tg_cv"] for x in lb)
+        row["rounds"] = {"llama_bench": lb, "llama_tuner": ours}
+        rows.append(row)
+        print(f"t={c['n_threads']} b={c['n_batch']} fa={int(c['flash_attn'])}: "
+              f"pp {row['ours_pp']:.1f} vs {row['lb_pp']:.1f} (paired {row['diff_pp_pct']:+.1f}%), "
+              f"tg {row['ours_tg']:.2f} vs {row['lb_tg']:.2f} (paired {row['diff_tg_pct']:+.1f}%), "
+              f"tg cv {row['ours_tg_cv_pct']:.2f}%", flush=True)
+    overhead = launch_overhead(launcher, model)
+    worst = max(max(abs(r["diff_pp_pct"]), abs(r["diff_tg_pct"])) for r in rows)
+    summary = {"machine": f"{cpu_name()} ({platform.node()})", "model": str(model), "rounds": args.rounds,
+               "date": time.strftime("%Y-%m-%d"), "worst_abs_diff_pct": worst, "pass_3pct": worst <= 3.0,
+               "max_tg_cv_pct": max(r["ours_tg_cv_pct"] for r in rows), "launch_overhead": overhead, "rows": rows}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "fidelity.json").write_text(json.dumps(summary, indent=2))
+    print("\n| threads | batch | fa | pp llama-bench | pp llama-tuner | paired diff (spread) | tg llama-bench "
+          "| tg llama-tuner | paired diff (spread) | tg CV (5 reps) |")
+    print("| --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |")
+    for r in rows:
+        print(f"| {r['n_threads']} | {r['n_batch']} | {int(r['flash_attn'])} | {r['lb_pp']:.1f} | {r['ours_pp']:.1f} "
+              f"| {r['diff_pp_pct']:+.1f}% ({r['spread_pp_pct']:.1f}) | {r['lb_tg']:.2f} | {r['ours_tg']:.2f} "
+              f"| {r['diff_tg_pct']:+.1f}% ({r['spread_tg_pct']:.1f}) | {r['ours_tg_cv_pct']:.2f}% |")
+    print(f"\nworst difference {worst:.1f}% ({'PASS' if worst <= 3 else 'FAIL'} at 3%); launch overhead: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in overhead.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Golden-file tests of every export format, and the export/report commands on a stored study."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tuner.config import BenchConfig
+from tuner.export import FORMATS, render
+from tuner.presets import Candidate
+from tuner.result import Environment, Rates, Status, TrialResult
+
+GOLDEN = Path(__file__).parent / "golden"
+MODEL = "/models/My Models/Qwen3-8B-Q4_K_M.gguf"  # a space, so quoting matters
+
+
+def _candidate() -> Candidate:
+    cfg = BenchConfig(n_gpu_layers=37, n_ctx=16384, n_batch=2048, n_ubatch=512, n_threads=8, n_threads_batch=16,
+                      flash_attn=True, type_k="q8_0", type_v="q8_0", n_prompt=512, n_gen=128, repetitions=4)
+    env = Environment(host="rig", cpu="Ryzen 7", physical_cores=8, gpu_name="NVIDIA GeForce RTX 4070",
+                      gpu_driver="560.35.03", vram_total_bytes=12 << 30, llama_cpp_python="0.3.36",
+                      llama_cpp_build="ggml 0.25.3 (0c1e570)")
+    r = TrialResult(Status.OK, cfg, MODEL, pp=Rates(512, [200_000_000, 210_000_000, 190_000_000, 200_000_000]),
+                    tg=Rates(128, [2_000_000_000, 2_100_000_000, 1_900_000_000, 2_000_000_000]),
+                    peak_vram_bytes=10_737_418_240, vram_free_before_bytes=11_811_160_064, env=env)
+    return Candidate(7, r)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_export_matches_golden_file(fmt):
+    env = {"gpu_name": "NVIDIA GeForce RTX 4070", "llama_cpp_python": "0.3.36"}
+    text = render(fmt, "fastest", _candidate(), MODEL, "qwen3@gpu-rtx-4070", env,
+                  {"llama.cpp defaults": {"tg": 0.25, "pp": 0.1}})
+    golden = GOLDEN / f"fastest.{fmt}.txt"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()
+
+
+def test_llama_server_export_quotes_the_path_and_pins_one_slot():
+    text = render("llama-server", "fastest", _candidate(), MODEL, "s", {})
+    assert "-m '/models/My Models/Qwen3-8B-Q4_K_M.gguf'" in text and "--parallel 1" in text
+
+
+def test_llama_cpp_python_export_uses_only_real_kwargs():
+    """llama-cpp-python silently ignores unknown kwargs: every exported name must be a real one."""
+    import inspect
+
+    from llama_cpp import Llama
+
+    ns: dict = {}
+    code = render("llama-cpp-python", "fastest", _candidate(), MODEL, "s", {}).replace("llm = Llama(", "kw = dict(")
+    exec(code, ns)  # noqa: S102 - our own generated snippet
+    accepted = set(inspect.signature(Llama.__init__).parameters)
+    assert set(ns["kw"]) <= accepted
+    import llama_cpp
+
+    assert ns["kw"]["type_k"] == llama_cpp.GGML_TYPE_Q8_0 and ns["kw"]["flash_attn"] is True
+
+
+def test_json_export_carries_the_measured_figures():
+    d = json.loads(render("json", "fastest", _candidate(), MODEL, "s", {}))
+    assert d["measured"]["tg_tps"] == pytest.approx(64.0, rel=0.01) and d["measured"]["repetitions"] == 4
+    assert d["settings"]["n_ctx"] == 16384 and d["llama_cpp_python"]["type_k"] == "GGML_TYPE_Q8_0"

@@ -1,0 +1,235 @@
+"""The study with a fake launcher: space, constraints, presets, resume, no repeats, baselines."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tuner.baseline import parse_server_flags
+from tuner.config import BenchConfig, InvalidConfig
+from tuner.errors import UserError
+from tuner.fakes import FakeLauncher
+from tuner.model_info import load_model_info
+from tuner.presets import Candidate, choose_presets
+from tuner.records import RESULT_ATTR, REUSED_ATTR, Limits, constraints, measured_trials
+from tuner.result import Environment, Rates, Status, TrialResult
+from tuner.session import StudyRequest, open_tuner
+from tuner.space import Machine, SearchSpace, SpaceOptions
+from tuner.study import INTERRUPTED_ATTR, WORKER_ATTR
+from tuner.study_view import StudyView
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+ENV = Environment(host="fakehost", cpu="Fake CPU", physical_cores=8, ram_total_bytes=32 << 30,
+                  llama_cpp_python="0.3.36", llama_cpp_build="fake")
+
+
+@pytest.fixture
+def long_model(long_context_model):
+    return load_model_info(long_context_model)
+
+
+def tuner_for(model_path, tmp_path, launcher=None, **kw):
+    kw.setdefault("trials", 12)
+    kw.setdefault("seed", 1)
+    request = StudyRequest(model=str(model_path), storage=f"sqlite:///{tmp_path}/studies.db", **kw)
+    return open_tuner(request, launcher=launcher or FakeLauncher(env=ENV), env=ENV)
+
+
+# -- the search space ---------------------------------------------------------
+
+def test_space_follows_the_model_and_the_machine(long_model):
+    cpu = SearchSpace(long_model, Machine(8, gpu_offload=False), SpaceOptions(min_ctx=8192))
+    assert cpu.fixed["n_gpu_layers"] == 0 and "n_gpu_layers" not in cpu.ints
+    assert cpu.ints["n_threads"] == (1, 8) and cpu.choices["n_ctx"] == [8192, 16384, 32768, 65536, 131072]
+    gpu = SearchSpace(long_model, Machine(8, gpu_offload=True), SpaceOptions())
+    assert gpu.ints["n_gpu_layers"] == (0, long_model.n_layer + 1)
+    assert max(gpu.choices["n_ubatch"]) == 2048
+    every = list(cpu.grid())
+    assert len(every) == len(set(every)) == 8 * 8 * 3 * 3 * 5 * 4
+    assert all(c.n_ubatch <= c.n_batch <= c.n_ctx for c in every)
+    assert all(c.flash_attn or c.type_v == "f16" for c in every)  # every point is valid
+
+
+def test_pins_and_ranges_shape_the_space(long_model):
+    opts = SpaceOptions(pins={"n_threads": 4, "flash_attn": True}, ranges={"n_ctx": (8192, 32768),
+                                                                           "n_threads_batch": (2, 4)})
+    s = SearchSpace(long_model, Machine(8, False), opts)
+    assert s.fixed["n_threads"] == 4 and "n_threads" not in s.ints
+    assert all(a.startswith("fa1") for a in s.choices["attention"])
+    assert s.choices["n_ctx"] == [8192, 16384, 32768] and s.ints["n_threads_batch"] == (2, 4)
+    with pytest.raises(InvalidConfig, match="unknown setting 'nosuch'"):
+        SearchSpace(long_model, Machine(8, False), SpaceOptions(pins={"nosuch": 1}))
+    with pytest.raises(InvalidConfig, match="cannot offload"):
+        SearchSpace(long_model, Machine(8, False), SpaceOptions(ranges={"n_gpu_layers": (0, 4)}))
+    with pytest.raises(UserError, match="exceeds the model's training context"):
+        SearchSpace(long_model, Machine(8, False), SpaceOptions(min_ctx=1 << 20))
+
+
+def test_baseline_values_join_the_space(long_model):
+    base = parse_server_flags("llama-server -m x.gguf -c 6000 -b 768 -ub 96 -t 12 -fa on -ctk q8_0 -ctv f16",
+                              long_model)
+    s = SearchSpace(long_model, Machine(8, False), SpaceOptions(), (base,))
+    assert 6000 in s.choices["n_ctx"] and 768 in s.choices["n_batch"] and 96 in s.choices["n_ubatch"]
+    assert s.ints["n_threads"] == (1, 12) and "fa1:q8_0/f16" in s.choices["attention"]
+    assert s.config_of(s.params_of(base)) == BenchConfig(**{**base.to_dict(), **{k: s.fixed[k] for k in s.fixed}})
+
+
+# -- baselines from llama-server command lines ----------------------------------
+
+def test_llama_server_flags_are_parsed(long_model):
+    c = parse_server_flags("llama-server -m '/models/a b.gguf' --ctx-size 2048 --batch-size 512 "
+                           "--n-gpu-layers 49 --threads 8 --parallel 1 --host 0.0.0.0 --port 8080 --jinja",
+                           long_model)
+    assert (c.n_ctx, c.n_batch, c.n_ubatch, c.n_threads, c.n_threads_batch) == (2048, 512, 512, 8, 8)
+    assert c.n_gpu_layers == long_model.n_gpu_layers_all  # 49 > 4 layers + output means all
+    assert c.flash_attn is True  # llama-server's default is auto
+    c2 = parse_server_flags("-c 0 -fa off --no-mmap -ngl auto -t 4 -tb 2", long_model)
+    assert c2.n_ctx == long_model.n_ctx_train and not c2.flash_attn and not c2.use_mmap
+    assert (c2.n_threads, c2.n_threads_batch) == (4, 2)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    ("-c 2048 --override-tensor x=CPU", "unsupported llama-server flag --override-tensor"),
+    ("-np 4", "serves several sequences"),
+    ("-c abc", "not a number"),
+    ("-fa maybe", "unknown --flash-attn value"),
+    ("-ctv q8_0 -fa off", "needs flash attention"),
+    ("-c 'unclosed", "cannot be parsed"),
+])
+def test_bad_baselines_are_refused_by_name(long_model, flags, needle):
+    with pytest.raises(UserError, match=needle):
+        parse_server_flags(flags, long_model)
+
+
+# -- constraints and presets ----------------------------------------------------
+
+def _result(tg=50.0, pp=500.0, peak=8 << 30, ctx=8192, status=Status.OK, sd=0.0, free=30 << 30):
+    cfg = BenchConfig(n_ctx=ctx, n_batch=512, n_ubatch=512, n_threads=4, n_threads_batch=4, repetitions=4)
+    if status != Status.OK:
+        return TrialResult(status, cfg, "/m.gguf", reason="boom", ram_available_before_bytes=free)
+
+    def rates(rate, n):
+        return Rates(n, [int(1e9 * n / (rate + d)) for d in (-sd, sd, -sd, sd)])
+
+    return TrialResult(Status.OK, cfg, "/m.gguf", pp=rates(pp, 512), tg=rates(tg, 128), peak_rss_bytes=peak,
+                       ram_available_before_bytes=free)
+
+
+def test_constraints_cover_budget_headroom_context_and_failure():
+    lim = Limits(budget_bytes=12 << 30, min_headroom_bytes=1 << 30, min_ctx=4096)
+    ok = constraints(_result(peak=10 << 30), lim)
+    assert all(v <= 0 for v in ok.values())
+    assert constraints(_result(peak=13 << 30), lim)["memory_budget"] > 0
+    assert constraints(_result(peak=11.5 * 2**30), lim)["headroom"] > 0  # within budget, but < 1 GiB left
+    assert constraints(_result(peak=8 << 30, free=int(8.5 * 2**30)), lim)["headroom"] > 0  # others use memory
+    assert constraints(_result(peak=8 << 30, free=9 << 30), lim)["headroom"] == 0  # exactly 1 GiB left is enough
+    assert constraints(_result(ctx=2048), lim)["min_ctx"] > 0
+    assert constraints(_result(status=Status.OOM), lim)["ran_ok"] == 1
+
+
+def test_presets_break_noise_ties_toward_less_memory():
+    a = Candidate(1, _result(tg=100.0, peak=10 << 30, ctx=4096, sd=2.0))
+    b = Candidate(2, _result(tg=98.0, peak=8 << 30, ctx=8192, sd=2.0))   # within 2 sd of a: tie, less memory
+    c = Candidate(3, _result(tg=80.0, peak=6 << 30, ctx=32768, sd=0.5))  # too slow for max-context (< 90%)
+    d = Candidate(4, _result(tg=91.0, pp=900.0, peak=9 << 30, ctx=16384, sd=0.5))
+    p = choose_presets([a, b, c, d], "tg")
+    assert p["fastest"].candidate is b and p["fastest"].ties == [1]
+    assert p["max-context"].candidate is d  # 16384 at 91 t/s >= 90% of 98
+    assert p["balanced"].candidate is d
+    assert choose_presets([a, b, c, d], "pp")["fastest"].candidate is d
+    assert choose_presets([], "tg") == {}
+
+
+# -- the study loop ---------------------------------------------------------------
+
+def test_a_study_measures_n_distinct_configs_and_baselines_first(long_context_model, tmp_path):
+    launcher = FakeLauncher(env=ENV)
+    t = tuner_for(long_context_model, tmp_path, launcher, baseline_flags="-c 8192 -b 512 -t 2")
+    t.run()
+    trials = t.study.get_trials(deepcopy=False)
+    measured = measured_trials(trials)
+    assert len(measured) == 12 and t.measured_count() == 12
+    keys = [c.settings_key() for c in launcher.measured]
+    assert len(keys) == len(set(keys)) == 12  # nothing measured twice
+    assert [tr.user_attrs.get("baseline") for tr in trials[:2]] == ["llama.cpp defaults", "yours"]
+    assert launcher.measured[1].n_threads == 2 and launcher.measured[1].n_ctx == 8192  # exactly as given
+    view = StudyView(t.study)
+    assert set(view.presets) == {"fastest", "max-context", "balanced"}
+    assert set(view.baselines) == {"llama.cpp defaults", "yours"}
+    assert view.presets["fastest"].candidate.figures.tg_mean >= max(b.figures.tg_mean for b in view.baselines.values())
+
+
+def test_running_the_same_command_again_measures_nothing_new(long_context_model, tmp_path):
+    first = FakeLauncher(env=ENV)
+    tuner_for(long_context_model, tmp_path, first).run()
+    again = FakeLauncher(env=ENV)
+    t = tuner_for(long_context_model, tmp_path, again)
+    t.run()
+    assert again.measured == [] and t.measured_count() == 12
+    more = FakeLauncher(env=ENV)
+    t = tuner_for(long_context_model, tmp_path, more, trials=15)
+    t.run()
+    assert len(more.measured) == 3 and t.measured_count() == 15
+    old = {c.settings_key() for c in first.measured}
+    assert not old & {c.settings_key() for c in more.measured}
+
+
+def test_failures_are_recorded_constraints_not_scores(long_context_model, tmp_path):
+    launcher = FakeLauncher(env=ENV, fail=lambda c: Status.OOM if c.n_ctx >= 65536 else None)
+    t = tuner_for(long_context_model, tmp_path, launcher, trials=20)
+    t.run()
+    oom = [tr for tr in t.study.trials if tr.user_attrs.get(RESULT_ATTR, {}).get("status") == "oom"]
+    assert oom, "the space has OOM configs; some should have been tried"
+    for tr in oom:
+        assert tr.state == TrialState.COMPLETE and tr.constraints["ran_ok"] == 1
+        assert tr.values[0] > 0 and tr.user_attrs["imputed_values"] is True  # never a 0.0 score
+    view = StudyView(t.study)
+    assert all(c.figures.ok for c in view.candidates) and t.measured_count() == 20
+
+
+def test_a_killed_trial_is_failed_and_retried_on_resume(long_context_model, tmp_path):
+    t = tuner_for(long_context_model, tmp_path, trials=5)
+    t.run()
+    # Simulate `kill -9` mid-trial: a RUNNING trial owned by a process that no longer exists.
+    trial = t.study.ask({"n_threads": optuna.distributions.IntDistribution(1, 8)})
+    t.study._storage.set_trial_user_attr(trial._trial_id, WORKER_ATTR, {"host": __import__("socket").gethostname(),
+                                                                         "pid": 999_999_999})
+    # and a trial cut by Ctrl-C
+    cut = t.study.ask({"n_threads": optuna.distributions.IntDistribution(1, 8)})
+    t.study._storage.set_trial_user_attr(cut._trial_id, INTERRUPTED_ATTR, True)
+    t.study.tell(cut, state=TrialState.FAIL)
+    launcher = FakeLauncher(env=ENV)
+    t2 = tuner_for(long_context_model, tmp_path, launcher, trials=8)
+    t2.run()
+    states = {tr.number: tr.state for tr in t2.study.trials}
+    assert states[trial.number] == TrialState.FAIL
+    retries = [tr.user_attrs.get("retry_of") for tr in t2.study.trials]
+    assert trial.number in retries and cut.number in retries
+    assert t2.measured_count() == 8 and len(measured_trials(t.study.trials)) >= 5  # nothing completed is lost
+
+
+def test_another_study_on_the_same_model_reuses_measurements(long_context_model, tmp_path):
+    tuner_for(long_context_model, tmp_path, study_name="first", trials=10).run()
+    launcher = FakeLauncher(env=ENV)
+    t = tuner_for(long_context_model, tmp_path, launcher, study_name="second", trials=10)
+    t.run()
+    reused = [tr for tr in t.study.trials if REUSED_ATTR in tr.user_attrs]
+    assert reused, "the baselines at least are shared with the first study"
+    measured_keys = [c.settings_key() for c in launcher.measured]
+    assert len(measured_keys) == 10 and all(
+        tr.user_attrs[RESULT_ATTR]["config"] for tr in reused)
+
+
+def test_a_study_refuses_another_model_under_its_name(long_context_model, tiny_model, tmp_path):
+    tuner_for(long_context_model, tmp_path, study_name="s", trials=2).run()
+    with pytest.raises(UserError, match="another model file"):
+        tuner_for(tiny_model, tmp_path, study_name="s", trials=2, min_ctx=512)
+
+
+def test_the_timeout_stops_starting_trials(long_context_model, tmp_path):
+    clock = iter(range(0, 10_000, 60))
+    t = tuner_for(long_context_model, tmp_path, trials=50, timeout="2m")
+    t.clock = lambda: next(clock)
+    t.run()
+    assert 1 <= t.measured_count() <= 3

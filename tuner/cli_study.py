@@ -1,0 +1,141 @@
+"""``llama-tuner tune``, ``export`` and ``report``: run a study, hand over its presets."""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+from tuner.cli import cli
+from tuner.errors import UserError
+
+DEFAULT_STORAGE = "sqlite:///studies/llama-tuner.db"
+
+
+def _pairs(items: tuple[str, ...], option: str, sep: str = "=") -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition(sep)
+        if not eq or not key.strip() or not value.strip():
+            raise UserError(f"{option} {item!r} is not KEY{sep}VALUE", f"write {option} n_threads{sep}4")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _ranges(items: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    out = {}
+    for key, span in _pairs(items, "--range").items():
+        m = re.fullmatch(r"(-?\d+):(-?\d+)", span)
+        if not m:
+            raise UserError(f"--range {key}={span!r} is not LO:HI", f"write --range {key}=1:8")
+        out[key] = (int(m.group(1)), int(m.group(2)))
+    return out
+
+
+def default_study_name(model_file: str, gpu_name: str | None, depth: int) -> str:
+    """``<model stem>@<cpu|gpu-name>[-d<depth>]``: the same command finds the same study again."""
+    stem = re.sub(r"\.gguf$", "", model_file)
+    where = "gpu-" + re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-").lower() if gpu_name else "cpu"
+    return f"{stem}@{where}" + (f"-d{depth}" if depth else "")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--study", "study_name", help="Study name (default: <model>@<hardware>); the same name resumes.")
+@click.option("--trials", type=int, default=20, show_default=True, help="Configurations to measure.")
+@click.option("--timeout", "timeout", help="Stop starting trials after this long, e.g. 20m.")
+@click.option("--vram-budget", help="Peak memory allowed, e.g. 12GiB (RAM on CPU-only machines; default: all).")
+@click.option("--min-headroom", default="512MiB", show_default=True, help="Memory to leave free at the peak.")
+@click.option("--min-ctx", type=int, default=4096, show_default=True, help="Smallest context worth having.")
+@click.option("--depth", type=int, default=0, show_default=True, help="Tokens already in the cache when measuring.")
+@click.option("--objective", type=click.Choice(["tg", "pp", "balanced"]), default="tg", show_default=True,
+              help="What 'fastest' means: generation, prompt processing, or their geometric mean.")
+@click.option("--baseline", "baseline_flags", help='Your llama-server command line, e.g. "-c 2048 -b 512 -t 8".')
+@click.option("--set", "pins", multiple=True, metavar="KEY=VALUE", help="Pin a setting (repeatable).")
+@click.option("--range", "ranges", multiple=True, metavar="KEY=LO:HI", help="Narrow a searched setting.")
+@click.option("--sampler", type=click.Choice(["tpe", "random", "gp"]), default="tpe", show_default=True)
+@click.option("--seed", type=int, help="Sampler seed.")
+@click.option("--storage", default=DEFAULT_STORAGE, show_default=True, help="Optuna storage URL.")
+@click.option("--trial-timeout", default="15m", show_default=True, help="Kill one measurement after this long.")
+@click.option("--no-confirm", is_flag=True, help="Skip re-measuring the top 3 before choosing presets.")
+def tune(model: str, study_name: str | None, trials: int, timeout: str | None, vram_budget: str | None,
+         min_headroom: str, min_ctx: int, depth: int, objective: str, baseline_flags: str | None,
+         pins: tuple[str, ...], ranges: tuple[str, ...], sampler: str, seed: int | None, storage: str,
+         trial_timeout: str, no_confirm: bool) -> None:
+    """Find the best llama.cpp settings for MODEL on this machine, then print its presets."""
+    from tuner.session import StudyRequest, open_tuner
+
+    if trials < 1:
+        raise UserError(f"--trials {trials} measures nothing", "use --trials 1 or more")
+    request = StudyRequest(model=model, study_name=study_name, trials=trials, timeout=timeout,
+                           vram_budget=vram_budget, min_headroom=min_headroom, min_ctx=min_ctx, depth=depth,
+                           objective=objective, baseline_flags=baseline_flags, pins=_pairs(pins, "--set"),
+                           ranges=_ranges(ranges), sampler=sampler, seed=seed, storage=storage,
+                           trial_timeout=trial_timeout)
+    tuner = open_tuner(request)
+    run_and_print(tuner, confirm=not no_confirm)
+
+
+def run_and_print(tuner, confirm: bool) -> None:
+    """Run the study with a live display, confirm the top candidates, print presets and commands."""
+    from tuner.export import llama_server_command
+    from tuner.progress import LiveProgress
+    from tuner.report import header, presets_table, why_lines
+    from tuner.study_view import StudyView
+
+    already = tuner.measured_count()
+    progress = LiveProgress(tuner.settings.trials, already)
+    tuner.observers.append(progress)
+    try:
+        with progress:
+            tuner.run()
+            view = StudyView(tuner.study)
+            if confirm and view.candidates:
+                tuner.confirm(view.top(tuner.settings.confirm_top))
+    except KeyboardInterrupt:
+        raise UserError(f"interrupted after {tuner.measured_count()} measured configurations (all saved)",
+                        "run the same command again to resume") from None
+    view = StudyView(tuner.study)
+    click.echo(header(view))
+    click.echo("\npresets:\n" + presets_table(view))
+    click.echo(why_lines(view.presets))
+    for name, p in view.presets.items():
+        click.echo(f"\nllama-server ({name}):\n  " + llama_server_command(view.attrs["model_path"],
+                                                                           p.candidate.figures.config))
+
+
+@cli.command()
+@click.argument("study")
+@click.option("--preset", type=click.Choice(["fastest", "max-context", "balanced"]), default="fastest",
+              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["llama-server", "llama-cpp-python", "ollama", "json"]),
+              default="llama-server", show_default=True)
+@click.option("--storage", default=DEFAULT_STORAGE, show_default=True)
+def export(study: str, preset: str, fmt: str, storage: str) -> None:
+    """Print a preset of STUDY as a llama-server command, Python kwargs, an Ollama Modelfile or JSON."""
+    from tuner.export import render
+    from tuner.presets import gain
+    from tuner.study import make_storage
+    from tuner.study_view import StudyView
+
+    view = StudyView.load(make_storage(storage), study)
+    if preset not in view.presets:
+        raise UserError(f"study {study!r} has no feasible configuration, so no {preset} preset",
+                        f"see `llama-tuner report {study}` for why its trials failed")
+    cand = view.presets[preset].candidate
+    gains = {n: {"tg": gain(cand, b, "tg"), "pp": gain(cand, b, "pp")}
+             for n, b in view.baselines.items() if b.figures.ok}
+    env = {k: v for k, v in view.attrs.get("environment", {}).items() if k != "system_info"}
+    click.echo(render(fmt, preset, cand, view.attrs["model_path"], view.name, env, gains), nl=False)
+
+
+@cli.command()
+@click.argument("study")
+@click.option("--storage", default=DEFAULT_STORAGE, show_default=True)
+def report(study: str, storage: str) -> None:
+    """Print STUDY's trials and presets, with each preset's gain over the baselines."""
+    from tuner.report import full_report
+    from tuner.study import make_storage
+    from tuner.study_view import StudyView
+
+    click.echo(full_report(StudyView.load(make_storage(storage), study)))

@@ -1,0 +1,55 @@
+"""What makes two measurements comparable: the model file, the hardware, the llama.cpp build."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tuner.errors import UserError
+from tuner.launcher import machine_environment
+from tuner.probe import GpuProbe
+from tuner.result import Environment
+
+HASH_CACHE = Path("studies") / "sha256-cache.json"
+
+
+def model_sha256(path: str | os.PathLike, cache_file: Path = HASH_CACHE) -> str:
+    """SHA-256 of the model file, cached by (absolute path, size, mtime) because big files take long."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    cache[key] = h.hexdigest()
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(cache, indent=1))
+    except OSError:
+        pass  # a read-only checkout still works, it just hashes again
+    return cache[key]
+
+
+def build_environment(probe: GpuProbe, gpu_index: int | None) -> Environment:
+    """This machine plus the llama.cpp build, asked of a child (the optimizer never imports llama_cpp)."""
+    env = machine_environment(probe, gpu_index)
+    p = subprocess.run([sys.executable, "-m", "tuner.child", "--info"], capture_output=True, text=True)
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"llama-cpp-python does not start in a child process: {last}",
+                        "reinstall it with `make install` (or CUDA=1)")
+    info = json.loads(p.stdout)
+    env.llama_cpp_python, env.llama_cpp_build = info["llama_cpp_python"], info["llama_cpp_build"]
+    env.gpu_offload, env.system_info = info["gpu_offload"], info["system_info"]
+    return env

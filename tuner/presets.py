@@ -1,0 +1,113 @@
+"""Choosing presets from measured candidates: fastest, max-context, balanced.
+
+"Speed" follows the study's ``--objective``: generation rate (tg), prompt rate
+(pp) or their geometric mean (balanced). Two candidates whose speeds differ by
+less than two standard deviations are a tie, and a tie goes to the one using
+less memory: on a shared GPU, headroom is worth more than noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from tuner.result import Rates, TrialResult
+
+OBJECTIVES = ("tg", "pp", "balanced")
+PRESET_NAMES = ("fastest", "max-context", "balanced")
+MAX_CONTEXT_SHARE = 0.90
+TIE_SIGMAS = 2.0
+
+
+@dataclass
+class Candidate:
+    """A feasible measured configuration; ``confirm`` is its re-measurement with more repetitions."""
+
+    trial: int
+    result: TrialResult
+    confirm: TrialResult | None = None
+    baseline: str | None = None
+
+    @property
+    def figures(self) -> TrialResult:
+        """The measurement to trust: the confirmation where there is one."""
+        return self.confirm if self.confirm is not None and self.confirm.ok else self.result
+
+    @property
+    def memory(self) -> int:
+        """Peak memory (VRAM on a GPU, else RSS), for tie-breaking."""
+        return self.figures.peak_memory_bytes or 0
+
+
+def speed(result: TrialResult, objective: str) -> tuple[float, float]:
+    """(mean, standard deviation) of the speed that ``objective`` means, in t/s."""
+    tg, pp = result.tg or Rates(1, []), result.pp or Rates(1, [])
+    if objective == "tg":
+        return tg.mean, tg.stddev
+    if objective == "pp":
+        return pp.mean, pp.stddev
+    mean = math.sqrt(tg.mean * pp.mean)
+    rel = math.sqrt((tg.stddev / tg.mean) ** 2 + (pp.stddev / pp.mean) ** 2) / 2
+    return mean, mean * rel
+
+
+@dataclass
+class Preset:
+    """A chosen configuration with the reason it was chosen."""
+
+    name: str
+    candidate: Candidate
+    why: str
+    ties: list[int] = field(default_factory=list)
+
+
+def _break_ties(ranked: list[Candidate], objective: str) -> tuple[Candidate, list[int]]:
+    """The least-memory candidate among those tied with the fastest of ``ranked``."""
+    best_mean, best_sd = speed(ranked[0].figures, objective)
+    tied = [c for c in ranked
+            if best_mean - speed(c.figures, objective)[0] <= TIE_SIGMAS * max(best_sd, speed(c.figures, objective)[1])]
+    choice = min(tied, key=lambda c: (c.memory, -speed(c.figures, objective)[0]))
+    return choice, [c.trial for c in tied if c is not choice]
+
+
+def rank(candidates: list[Candidate], objective: str) -> list[Candidate]:
+    """Candidates sorted fastest first."""
+    return sorted(candidates, key=lambda c: -speed(c.figures, objective)[0])
+
+
+def choose_presets(candidates: list[Candidate], objective: str) -> dict[str, Preset]:
+    """The three presets from feasible candidates (empty when there is none)."""
+    if not candidates:
+        return {}
+    ranked = rank(candidates, objective)
+    fastest, ties = _break_ties(ranked, objective)
+    out = {"fastest": Preset("fastest", fastest, f"highest {objective} speed"
+                             + (f" (tied within {TIE_SIGMAS:g} sd with trials {ties}; least memory)" if ties else ""),
+                             ties)}
+    floor = MAX_CONTEXT_SHARE * speed(fastest.figures, objective)[0]
+    fast_enough = [c for c in ranked if speed(c.figures, objective)[0] >= floor]
+    top_ctx = max(c.figures.config.n_ctx for c in fast_enough)
+    longest, lties = _break_ties([c for c in fast_enough if c.figures.config.n_ctx == top_ctx], objective)
+    out["max-context"] = Preset("max-context", longest,
+                                f"largest context ({top_ctx}) at >= {MAX_CONTEXT_SHARE:.0%} of the fastest's speed",
+                                lties)
+    tg_max = max(c.figures.tg_mean for c in candidates)
+    pp_max = max(c.figures.pp_mean for c in candidates)
+    ctx_max = max(c.figures.config.n_ctx for c in candidates)
+
+    def score(c: Candidate) -> float:
+        f = c.figures
+        return (f.tg_mean / tg_max * f.pp_mean / pp_max * f.config.n_ctx / ctx_max) ** (1 / 3)
+
+    balanced = max(candidates, key=lambda c: (round(score(c), 3), -c.memory))
+    out["balanced"] = Preset("balanced", balanced,
+                             f"best geometric mean of tg, pp and context relative to the best of each "
+                             f"({score(balanced):.2f})")
+    return out
+
+
+def gain(preset: Candidate, baseline: Candidate, what: str) -> float:
+    """Relative gain of a preset over a baseline in tg or pp (0.25 = 25% faster)."""
+    a = preset.figures.tg_mean if what == "tg" else preset.figures.pp_mean
+    b = baseline.figures.tg_mean if what == "tg" else baseline.figures.pp_mean
+    return a / b - 1

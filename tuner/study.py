@@ -1,0 +1,279 @@
+"""The tuning study: Optuna over llama.cpp settings, with baselines, resume and no repeats.
+
+:class:`Tuner` owns one Optuna study (3 objectives: tg, pp, context; constraints
+in :mod:`tuner.records`). Each trial proposes a point of the :class:`SearchSpace`,
+measures it with a :class:`~tuner.launcher.Launcher` (or reuses the measurement of
+the same settings on the same model file, hardware and llama.cpp build), stores
+the TrialResult on the trial and tells Optuna the objectives and constraints.
+
+``--trials N`` counts configurations measured, so a study that reaches N has N
+distinct measurements. Trials left RUNNING by a killed process on this host, or
+failed by Ctrl-C, are marked failed on resume and their configuration retried;
+trials of dead workers elsewhere are failed by Optuna's RDB heartbeat and retried
+by ``RetryFailedTrialCallback``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Protocol
+
+import optuna
+import psutil
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from tuner.config import BenchConfig
+from tuner.errors import UserError
+from tuner.launcher import Launcher
+from tuner.model_info import ModelInfo
+from tuner.probe import host_name
+from tuner.records import (BASELINE_ATTR, IMPUTED_ATTR, RESULT_ATTR, REUSED_ATTR, Limits, constraints,
+                           measured_trials, objective_values, result_of, worst_rates)
+from tuner.result import Environment, TrialResult
+from tuner.space import SearchSpace
+
+WORKER_ATTR = "worker"
+INTERRUPTED_ATTR = "interrupted"
+CONFIG_ATTR = "config"  # a baseline's exact configuration
+RETRY_ATTR = "retry_of"
+SURPLUS_ATTR = "surplus"
+CONFIRM_PREFIX = "confirm:"
+MAX_CONSECUTIVE_REPEATS = 30
+HEARTBEAT_S, GRACE_S = 10, 60
+
+
+@dataclass
+class StudySettings:
+    """What the user asked the study for (stored on the study, checked on resume)."""
+
+    trials: int
+    objective: str = "tg"
+    sampler: str = "tpe"
+    seed: int | None = None
+    timeout_s: float | None = None
+    confirm_top: int = 3
+    confirm_repetitions: int = 10
+    trial_timeout_s: float = 900.0
+
+
+class SurplusTrial(Exception):
+    """Raised in a trial started when the target was already reached by other workers; it ends FAILED."""
+
+
+class Observer(Protocol):
+    """Hears about the study's progress (the live display, MLflow tracking)."""
+
+    def trial_started(self, number: int, config: BenchConfig) -> None: ...
+    def trial_finished(self, trial: FrozenTrial, result: TrialResult, reused: bool) -> None: ...
+
+
+@dataclass
+class Fingerprint:
+    """What makes measurements comparable across studies: model file, hardware, build, test."""
+
+    model_sha256: str
+    hardware: str
+    llama_cpp_build: str
+    test: dict[str, int] = field(default_factory=dict)
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna RDB storage with heartbeats, so trials of dead workers are failed and retried."""
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, but they are what we need
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds for a bad URL
+        raise UserError(f"cannot open study storage {url}: {str(exc).splitlines()[0]}",
+                        "check --storage (e.g. sqlite:///studies/llama-tuner.db or postgresql://...)") from None
+
+
+def make_sampler(name: str, seed: int | None, trials: int) -> optuna.samplers.BaseSampler:
+    """The sampler for ``--sampler``: tpe (default), random, or gp (needs PyTorch)."""
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                          n_startup_trials=max(5, min(10, trials // 4)))
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "gp":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise UserError("--sampler gp needs PyTorch", "pip install 'llama-tuner[gp]', or use tpe") from None
+        return optuna.samplers.GPSampler(seed=seed)
+    raise UserError(f"unknown sampler {name!r}", "use tpe, random or gp")
+
+
+class Tuner:
+    """Runs (or resumes) one study; see the module docstring."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, study_name: str, model: ModelInfo,
+                 space: SearchSpace, launcher: Launcher, env: Environment, fingerprint: Fingerprint,
+                 limits: Limits, settings: StudySettings, baselines: dict[str, BenchConfig] | None = None,
+                 observers: list[Observer] | None = None, clock: Callable[[], float] = time.monotonic):
+        self.storage, self.model, self.space, self.launcher = storage, model, space, launcher
+        self.env, self.fingerprint, self.limits, self.settings = env, fingerprint, limits, settings
+        self.baselines = baselines or {}
+        self.observers = observers or []
+        self.clock = clock
+        self.study = optuna.create_study(
+            study_name=study_name, storage=storage, load_if_exists=True, directions=["maximize"] * 3,
+            sampler=make_sampler(settings.sampler, settings.seed, settings.trials))
+        self._check_identity()
+        self._repeats = 0
+
+    # -- identity and resume ------------------------------------------------
+    def _check_identity(self) -> None:
+        attrs = self.study.user_attrs
+        fp = asdict(self.fingerprint)
+        if "fingerprint" not in attrs:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self.study.set_metric_names(["tg_tps", "pp_tps", "n_ctx"])
+            for key, value in {"fingerprint": fp, "model_path": self.model.path, "model_file": self.model.file_name,
+                               "limits": asdict(self.limits), "objective": self.settings.objective,
+                               "environment": asdict(self.env)}.items():
+                self.study.set_user_attr(key, value)
+            return
+        old = attrs["fingerprint"]
+        for key, what in (("model_sha256", "model file"), ("hardware", "hardware"),
+                          ("llama_cpp_build", "llama.cpp build"), ("test", "test sizes (--depth)")):
+            if old.get(key) != fp[key]:
+                raise UserError(f"study {self.study.study_name!r} was measured with another {what} "
+                                f"({old.get(key)} vs {fp[key]})", "choose a new name with --study")
+
+    def recover(self) -> list[int]:
+        """Fail this host's trials whose process is gone, and those cut by Ctrl-C; retry their configs."""
+        retried = []
+        trials = self.study.get_trials(deepcopy=False)
+        already = {t.user_attrs.get(RETRY_ATTR) for t in trials}
+        host = host_name()
+        for t in trials:
+            w = t.user_attrs.get(WORKER_ATTR) or {}
+            dead = (t.state == TrialState.RUNNING and w.get("host") == host and not _alive(w.get("pid")))
+            if dead:
+                self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            cut = dead or (t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR))
+            # A retry that is cut again is not retried once more: its config may be what kills the run.
+            if cut and t.number not in already and t.params and RETRY_ATTR not in t.user_attrs:
+                attrs = {RETRY_ATTR: t.number}
+                for key in (BASELINE_ATTR, CONFIG_ATTR):
+                    if key in t.user_attrs:
+                        attrs[key] = t.user_attrs[key]
+                self.study.enqueue_trial(t.params, user_attrs=attrs)
+                retried.append(t.number)
+        return retried
+
+    def enqueue_baselines(self) -> None:
+        """Queue each baseline once in the study's lifetime, ahead of sampled trials."""
+        done = {t.user_attrs.get(BASELINE_ATTR) for t in self.study.get_trials(deepcopy=False)}
+        for name, cfg in self.baselines.items():
+            if name not in done:
+                self.study.enqueue_trial(self.space.params_of(cfg),
+                                         user_attrs={BASELINE_ATTR: name, CONFIG_ATTR: cfg.to_dict()})
+
+    # -- the trial loop -----------------------------------------------------
+    def measured_count(self) -> int:
+        """Configurations measured so far (reused copies do not count)."""
+        return len(measured_trials(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))))
+
+    def run(self) -> None:
+        """Measure until ``trials`` configurations are measured, the timeout passes, or the space runs dry."""
+        self.recover()
+        self.enqueue_baselines()
+        start = self.clock()
+        while self.measured_count() < self.settings.trials:
+            if self.settings.timeout_s is not None and self.clock() - start >= self.settings.timeout_s:
+                break
+            if self._repeats >= MAX_CONSECUTIVE_REPEATS:
+                break  # the sampler keeps proposing measured points: the space is exhausted
+            self.study.optimize(self._objective, n_trials=1, catch=(SurplusTrial,), callbacks=[self._finished])
+
+    def _finished(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        result = result_of(trial)
+        if result is not None and trial.state == TrialState.COMPLETE:
+            for o in self.observers:
+                o.trial_finished(trial, result, REUSED_ATTR in trial.user_attrs)
+
+    def _cache(self) -> dict[str, tuple[int, TrialResult]]:
+        """Measured results by settings key, from this study and studies with the same fingerprint."""
+        cache: dict[str, tuple[int, TrialResult]] = {}
+        fp = asdict(self.fingerprint)
+        for summary in optuna.get_all_study_summaries(storage=self.storage, include_best_trial=False):
+            if summary.study_name != self.study.study_name and summary.user_attrs.get("fingerprint") != fp:
+                continue
+            study = optuna.load_study(study_name=summary.study_name, storage=self.storage)
+            for t in measured_trials(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))):
+                r = result_of(t)
+                cache.setdefault(r.config.settings_key(), (t.number, r))
+        return cache
+
+    def _objective(self, trial: Trial) -> list[float]:
+        trial.set_user_attr(WORKER_ATTR, {"host": host_name(), "pid": os.getpid(), "hardware": self.env.hardware_key()})
+        cfg = self.space.suggest(trial)
+        if CONFIG_ATTR in trial.user_attrs:  # a baseline: measured exactly as given
+            cfg = BenchConfig.from_dict(trial.user_attrs[CONFIG_ATTR])
+        if self._surplus(trial):
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            raise SurplusTrial("enough configurations are measured or being measured")
+        hit = self._cache().get(cfg.settings_key())
+        for o in self.observers:
+            o.trial_started(trial.number, cfg)
+        if hit is not None:
+            self._repeats += 1
+            number, result = hit
+            trial.set_user_attr(REUSED_ATTR, number)
+        else:
+            self._repeats = 0
+            try:
+                [result] = list(self.launcher.measure(self.model.path, [cfg]))
+            except KeyboardInterrupt:
+                trial.set_user_attr(INTERRUPTED_ATTR, True)
+                raise
+        trial.set_user_attr(RESULT_ATTR, result.to_dict())
+        for key, value in constraints(result, self.limits).items():
+            trial.set_constraint(key, value)
+        values, imputed = objective_values(result, worst_rates(self.study.get_trials(deepcopy=False)))
+        if imputed:
+            trial.set_user_attr(IMPUTED_ATTR, True)
+        return values
+
+    def _surplus(self, trial: Trial) -> bool:
+        """True when measured trials plus earlier running ones already reach the target."""
+        trials = self.study.get_trials(deepcopy=False)
+        running = [t for t in trials if t.state == TrialState.RUNNING and t.number < trial.number
+                   and not t.user_attrs.get(SURPLUS_ATTR)]
+        return len(measured_trials(trials)) + len(running) >= self.settings.trials
+
+    # -- noise: confirm the best candidates ---------------------------------
+    def confirm(self, trial_numbers: list[int]) -> dict[int, TrialResult]:
+        """Re-measure the given trials with more repetitions (once per study), returning all confirmations."""
+        out = {}
+        for number in trial_numbers:
+            key = f"{CONFIRM_PREFIX}{number}"
+            if key in self.study.user_attrs:
+                out[number] = TrialResult.from_dict(self.study.user_attrs[key])
+                continue
+            base = result_of(self.study.trials[number])
+            cfg = BenchConfig(**{**base.config.to_dict(), "repetitions": self.settings.confirm_repetitions})
+            [result] = list(self.launcher.measure(self.model.path, [cfg]))
+            self.study.set_user_attr(key, result.to_dict())
+            out[number] = result
+        return out
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        return bool(pid) and psutil.pid_exists(int(pid)) and int(pid) != 0
+    except (TypeError, ValueError):
+        return False

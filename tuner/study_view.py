@@ -1,0 +1,107 @@
+"""A read-only view of a stored study: its trials, baselines, candidates and presets.
+
+Export, report, compare and tracking all read studies through this one class, so
+"which trials count" and "which presets win" are decided in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner.errors import UserError
+from tuner.presets import Candidate, Preset, choose_presets, rank
+from tuner.records import BASELINE_ATTR, Limits, is_feasible, result_of
+from tuner.result import Environment, TrialResult
+from tuner.study import CONFIRM_PREFIX
+
+
+@dataclass
+class StudyView:
+    """Everything about one study, computed from the storage on demand."""
+
+    study: optuna.Study
+
+    @classmethod
+    def load(cls, storage, name: str) -> "StudyView":
+        """Load study ``name``; UserError naming the existing studies when there is none."""
+        try:
+            return cls(optuna.load_study(study_name=name, storage=storage))
+        except KeyError:
+            names = optuna.get_all_study_names(storage=storage)
+            hint = f"existing studies: {', '.join(names)}" if names else "run `llama-tuner tune MODEL` first"
+            raise UserError(f"no study named {name!r} in this storage", hint) from None
+
+    @property
+    def name(self) -> str:
+        """The study's name."""
+        return self.study.study_name
+
+    @property
+    def attrs(self) -> dict:
+        """The study's user attributes (model, limits, fingerprint, environment...)."""
+        return self.study.user_attrs
+
+    @cached_property
+    def trials(self) -> list[FrozenTrial]:
+        """Completed trials that carry a result, in order."""
+        return [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if result_of(t) is not None]
+
+    @cached_property
+    def limits(self) -> Limits:
+        """The study's memory and context limits."""
+        return Limits(**self.attrs["limits"])
+
+    @property
+    def objective(self) -> str:
+        """What "speed" means for the presets: tg, pp or balanced."""
+        return self.attrs.get("objective", "tg")
+
+    @cached_property
+    def environment(self) -> Environment:
+        """The machine and build the study measured on."""
+        return Environment(**self.attrs.get("environment", {}))
+
+    @cached_property
+    def confirmations(self) -> dict[int, TrialResult]:
+        """Re-measurements of the top candidates, by trial number."""
+        return {int(k.removeprefix(CONFIRM_PREFIX)): TrialResult.from_dict(v)
+                for k, v in self.attrs.items() if k.startswith(CONFIRM_PREFIX)}
+
+    def _candidate(self, t: FrozenTrial) -> Candidate:
+        return Candidate(t.number, result_of(t), self.confirmations.get(t.number), t.user_attrs.get(BASELINE_ATTR))
+
+    @cached_property
+    def candidates(self) -> list[Candidate]:
+        """Feasible completed trials, one per distinct configuration (the first that holds it)."""
+        seen, out = set(), []
+        for t in self.trials:
+            r = result_of(t)
+            key = r.config.settings_key()
+            if key not in seen and is_feasible(r, self.limits):
+                seen.add(key)
+                out.append(self._candidate(t))
+        return out
+
+    @cached_property
+    def baselines(self) -> dict[str, Candidate]:
+        """Each baseline's measurement (feasible or not) by name."""
+        out = {}
+        for t in self.trials:
+            name = t.user_attrs.get(BASELINE_ATTR)
+            if name and name not in out:
+                out[name] = self._candidate(t)
+        return out
+
+    def top(self, n: int) -> list[int]:
+        """Trial numbers of the ``n`` fastest feasible candidates."""
+        return [c.trial for c in rank(self.candidates, self.objective)[:n]]
+
+    @cached_property
+    def presets(self) -> dict[str, Preset]:
+        """fastest, max-context and balanced (empty if nothing feasible was measured)."""
+        return choose_presets(self.candidates, self.objective)
