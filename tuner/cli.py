@@ -141,7 +141,7 @@ def demo(directory: str) -> None:
 
 
 def _register() -> None:
-    from tuner import cli_bench, cli_study  # noqa: F401 - register their commands
+    from tuner import cli_bench, cli_study, cli_tracking  # noqa: F401 - register their commands
 
 
 def main() -> None:

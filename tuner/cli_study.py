@@ -58,11 +58,14 @@ def default_study_name(model_file: str, gpu_name: str | None, depth: int) -> str
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True, help="Optuna storage URL.")
 @click.option("--trial-timeout", default="15m", show_default=True, help="Kill one measurement after this long.")
 @click.option("--no-confirm", is_flag=True, help="Skip re-measuring the top 3 before choosing presets.")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db).")
+@click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
 def tune(model: str, study_name: str | None, trials: int, timeout: str | None, vram_budget: str | None,
          min_headroom: str, min_ctx: int, depth: int, objective: str, baseline_flags: str | None,
          pins: tuple[str, ...], ranges: tuple[str, ...], sampler: str, seed: int | None, storage: str,
-         trial_timeout: str, no_confirm: bool) -> None:
+         trial_timeout: str, no_confirm: bool, tracking_uri: str | None, no_mlflow: bool) -> None:
     """Find the best llama.cpp settings for MODEL on this machine, then print its presets."""
+    from tuner.cli_tracking import make_tracker
     from tuner.session import StudyRequest, open_tuner
 
     if trials < 1:
@@ -72,7 +75,7 @@ def tune(model: str, study_name: str | None, trials: int, timeout: str | None, v
                            objective=objective, baseline_flags=baseline_flags, pins=_pairs(pins, "--set"),
                            ranges=_ranges(ranges), sampler=sampler, seed=seed, storage=storage,
                            trial_timeout=trial_timeout)
-    tuner = open_tuner(request)
+    tuner = open_tuner(request, tracker=make_tracker(tracking_uri, no_mlflow))
     run_and_print(tuner, confirm=not no_confirm)
 
 
@@ -92,6 +95,7 @@ def run_and_print(tuner, confirm: bool) -> None:
             view = StudyView(tuner.study)
             if confirm and view.candidates:
                 tuner.confirm(view.top(tuner.settings.confirm_top))
+            tuner.tracker.study_finished(StudyView(tuner.study))
     except KeyboardInterrupt:
         raise UserError(f"interrupted after {tuner.measured_count()} measured configurations (all saved)",
                         "run the same command again to resume") from None
@@ -102,6 +106,45 @@ def run_and_print(tuner, confirm: bool) -> None:
     for name, p in view.presets.items():
         click.echo(f"\nllama-server ({name}):\n  " + llama_server_command(view.attrs["model_path"],
                                                                            p.candidate.figures.config))
+
+
+@cli.command()
+@click.option("--study", "study_name", required=True, help="The study to join (created by `tune`).")
+@click.option("--storage", required=True, help="The study's storage, e.g. postgresql://user@db/tuning.")
+@click.option("--gpu", type=int, help="The GPU this worker measures on (sets CUDA_VISIBLE_DEVICES).")
+@click.option("--model", help="The model file's path on this machine, if not the study's path.")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: the study's).")
+@click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
+def worker(study_name: str, storage: str, gpu: int | None, model: str | None, tracking_uri: str | None,
+           no_mlflow: bool) -> None:
+    """Join a study and measure its trials on this machine until it has its count."""
+    import optuna
+
+    from tuner.cli_tracking import make_tracker
+    from tuner.tracking import URI_ATTR
+    from tuner.worker import join_study
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tracker = make_tracker(tracking_uri or _study_attr(storage, study_name, URI_ATTR), no_mlflow)
+    tuner = join_study(study_name, storage, gpu=gpu, model=model, tracker=tracker)
+    before = tuner.measured_count()
+    try:
+        tuner.run(enqueue_baselines=False)
+    except KeyboardInterrupt:
+        raise UserError("worker interrupted; its trial will be retried", "start it again to rejoin") from None
+    click.echo(f"{study_name}: {tuner.measured_count()}/{tuner.settings.trials} configurations measured "
+               f"({tuner.measured_count() - before} while this worker ran)")
+
+
+def _study_attr(storage: str, study_name: str, key: str):
+    import optuna
+
+    from tuner.study import make_storage
+
+    try:
+        return optuna.load_study(study_name=study_name, storage=make_storage(storage)).user_attrs.get(key)
+    except KeyError:
+        return None
 
 
 @cli.command()

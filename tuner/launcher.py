@@ -64,7 +64,8 @@ def machine_environment(probe: GpuProbe, gpu_index: int | None) -> Environment:
 
     return Environment(host=host_name(), cpu=cpu_name(), physical_cores=physical_cores(),
                        ram_total_bytes=ram_total(), gpu_name=gpu.name if gpu else None,
-                       gpu_driver=gpu.driver if gpu else None, vram_total_bytes=gpu.total_bytes if gpu else None)
+                       gpu_driver=gpu.driver if gpu else None, vram_total_bytes=gpu.total_bytes if gpu else None,
+                       gpu_peak_bandwidth_gbs=gpu.peak_bandwidth_gbs if gpu else None)
 
 
 def _now() -> str:

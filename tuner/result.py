@@ -68,6 +68,7 @@ class Environment:
     gpu_name: str | None = None
     gpu_driver: str | None = None
     vram_total_bytes: int | None = None
+    gpu_peak_bandwidth_gbs: float | None = None
     llama_cpp_python: str = ""
     llama_cpp_build: str = ""
     gpu_offload: bool = False

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+
+import optuna
 
 from tuner.baseline import parse_server_flags, server_defaults
-from tuner.config import BenchConfig, InvalidConfig
+from tuner.config import TEST_KEYS, BenchConfig, InvalidConfig
 from tuner.errors import UserError
 from tuner.fingerprint import build_environment, model_sha256
 from tuner.launcher import Launcher, SubprocessLauncher
@@ -15,6 +17,9 @@ from tuner.records import Limits
 from tuner.result import Environment
 from tuner.space import STUDY_TEST, Machine, SearchSpace, SpaceOptions
 from tuner.study import Fingerprint, StudySettings, Tuner, make_storage
+from tuner.tracking import Tracker
+
+REQUEST_ATTR = "request"
 from tuner.units import parse_duration, parse_size
 
 
@@ -57,9 +62,11 @@ def _budget(request: StudyRequest, env: Environment) -> int:
     return budget
 
 
-def baselines_for(request: StudyRequest, model: ModelInfo, env: Environment) -> dict[str, BenchConfig]:
-    """llama.cpp's defaults, and the user's --baseline, with the study's test sizes."""
+def baselines_for(request: StudyRequest, model: ModelInfo, env: Environment,
+                  pins: dict[str, object]) -> dict[str, BenchConfig]:
+    """llama.cpp's defaults, and the user's --baseline, with the study's test sizes (pins included)."""
     test = {**STUDY_TEST, "n_depth": request.depth}
+    test.update({k: v for k, v in pins.items() if k in TEST_KEYS})
     out = {"llama.cpp defaults": server_defaults(model, env.physical_cores, env.gpu_offload)}
     if request.baseline_flags:
         out["yours"] = parse_server_flags(request.baseline_flags, model)
@@ -73,8 +80,9 @@ def baselines_for(request: StudyRequest, model: ModelInfo, env: Environment) -> 
 
 
 def open_tuner(request: StudyRequest, launcher: Launcher | None = None, probe: GpuProbe | None = None,
-               env: Environment | None = None) -> Tuner:
-    """Everything ``tune`` needs, validated before anything is measured."""
+               env: Environment | None = None, tracker: Tracker | None = None, gpu_index: int | None = None,
+               storage: optuna.storages.BaseStorage | None = None) -> Tuner:
+    """Everything ``tune`` (or ``worker``) needs, validated before anything is measured."""
     from tuner.cli_study import default_study_name
 
     model = load_model_info(request.model)
@@ -83,10 +91,11 @@ def open_tuner(request: StudyRequest, launcher: Launcher | None = None, probe: G
     trial_timeout_s = parse_duration(request.trial_timeout, "--trial-timeout")
     min_headroom = parse_size(request.min_headroom, "--min-headroom")
     probe = probe or detect_probe()
-    gpu_index = visible_gpu_index() if probe.gpus() else None
+    if gpu_index is None and probe.gpus():
+        gpu_index = visible_gpu_index()
     env = env or build_environment(probe, gpu_index)
     budget = _budget(request, env)
-    baselines = baselines_for(request, model, env)
+    baselines = baselines_for(request, model, env, pins)
     options = SpaceOptions(min_ctx=request.min_ctx, depth=request.depth, pins=pins, ranges=request.ranges)
     space = SearchSpace(model, Machine(env.physical_cores, env.gpu_offload and gpu_index is not None), options,
                         tuple(baselines.values()))
@@ -97,5 +106,10 @@ def open_tuner(request: StudyRequest, launcher: Launcher | None = None, probe: G
                              seed=request.seed, timeout_s=timeout_s, trial_timeout_s=trial_timeout_s)
     launcher = launcher or SubprocessLauncher(probe, timeout_s=trial_timeout_s, gpu_index=gpu_index)
     name = request.study_name or default_study_name(model.file_name, env.gpu_name, request.depth)
-    return Tuner(make_storage(request.storage), name, model, space, launcher, env, fingerprint,
-                 Limits(budget, min_headroom, request.min_ctx), settings, baselines)
+    tuner = Tuner(storage or make_storage(request.storage), name, model, space, launcher, env, fingerprint,
+                  Limits(budget, min_headroom, request.min_ctx), settings, baselines, tracker=tracker,
+                  gpu_index=gpu_index)
+    if REQUEST_ATTR not in tuner.study.user_attrs:  # how workers rebuild the very same study
+        saved = {k: v for k, v in asdict(request).items() if k not in ("storage", "study_name")}
+        tuner.study.set_user_attr(REQUEST_ATTR, saved)
+    return tuner

@@ -35,12 +35,15 @@ from tuner.records import (BASELINE_ATTR, IMPUTED_ATTR, RESULT_ATTR, REUSED_ATTR
                            measured_trials, objective_values, result_of, worst_rates)
 from tuner.result import Environment, TrialResult
 from tuner.space import SearchSpace
+from tuner.tracking import RUN_ID_ATTR, Tracker
 
 WORKER_ATTR = "worker"
 INTERRUPTED_ATTR = "interrupted"
 CONFIG_ATTR = "config"  # a baseline's exact configuration
+FINGERPRINT_ATTR = "fingerprint"
 RETRY_ATTR = "retry_of"
 SURPLUS_ATTR = "surplus"
+SETTINGS_ATTR = "settings_key"
 CONFIRM_PREFIX = "confirm:"
 MAX_CONSECUTIVE_REPEATS = 30
 HEARTBEAT_S, GRACE_S = 10, 60
@@ -81,8 +84,12 @@ class Fingerprint:
     test: dict[str, int] = field(default_factory=dict)
 
 
-def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna RDB storage with heartbeats, so trials of dead workers are failed and retried."""
+def make_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S) -> optuna.storages.BaseStorage:
+    """An Optuna RDB storage with heartbeats, so trials of dead workers are failed and retried.
+
+    Connections are checked before use (``pool_pre_ping``), so a restarted
+    PostgreSQL server is reconnected to instead of failing the worker.
+    """
     if url.startswith("sqlite:///"):
         path = url.removeprefix("sqlite:///")
         if path and os.path.dirname(path):
@@ -91,7 +98,7 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, but they are what we need
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
-                url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=heartbeat_s, grace_period=grace_s,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds for a bad URL
         raise UserError(f"cannot open study storage {url}: {str(exc).splitlines()[0]}",
@@ -120,12 +127,16 @@ class Tuner:
     def __init__(self, storage: optuna.storages.BaseStorage, study_name: str, model: ModelInfo,
                  space: SearchSpace, launcher: Launcher, env: Environment, fingerprint: Fingerprint,
                  limits: Limits, settings: StudySettings, baselines: dict[str, BenchConfig] | None = None,
-                 observers: list[Observer] | None = None, clock: Callable[[], float] = time.monotonic):
+                 observers: list[Observer] | None = None, clock: Callable[[], float] = time.monotonic,
+                 tracker: Tracker | None = None, gpu_index: int | None = None):
+        self.gpu_index = gpu_index
         self.storage, self.model, self.space, self.launcher = storage, model, space, launcher
+        self.tracker = tracker or Tracker()
         self.env, self.fingerprint, self.limits, self.settings = env, fingerprint, limits, settings
         self.baselines = baselines or {}
         self.observers = observers or []
         self.clock = clock
+        self.reconnect_s = 60.0
         self.study = optuna.create_study(
             study_name=study_name, storage=storage, load_if_exists=True, directions=["maximize"] * 3,
             sampler=make_sampler(settings.sampler, settings.seed, settings.trials))
@@ -141,8 +152,8 @@ class Tuner:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 self.study.set_metric_names(["tg_tps", "pp_tps", "n_ctx"])
             for key, value in {"fingerprint": fp, "model_path": self.model.path, "model_file": self.model.file_name,
-                               "limits": asdict(self.limits), "objective": self.settings.objective,
-                               "environment": asdict(self.env)}.items():
+                               "model_facts": model_facts(self.model), "limits": asdict(self.limits),
+                               "objective": self.settings.objective, "environment": asdict(self.env)}.items():
                 self.study.set_user_attr(key, value)
             return
         old = attrs["fingerprint"]
@@ -157,6 +168,7 @@ class Tuner:
         retried = []
         trials = self.study.get_trials(deepcopy=False)
         already = {t.user_attrs.get(RETRY_ATTR) for t in trials}
+        already |= {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
         host = host_name()
         for t in trials:
             w = t.user_attrs.get(WORKER_ATTR) or {}
@@ -187,17 +199,40 @@ class Tuner:
         """Configurations measured so far (reused copies do not count)."""
         return len(measured_trials(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))))
 
-    def run(self) -> None:
-        """Measure until ``trials`` configurations are measured, the timeout passes, or the space runs dry."""
-        self.recover()
-        self.enqueue_baselines()
+    def run(self, enqueue_baselines: bool = True) -> None:
+        """Measure until ``trials`` configurations are measured, the timeout passes, or the space runs dry.
+
+        Workers joining a study pass ``enqueue_baselines=False``: the study's creator queues them once.
+        """
+        self._with_storage(self.recover)
+        if enqueue_baselines:
+            self._with_storage(self.enqueue_baselines)
+        self.tracker.study_started(self.study.study_name, self.study.user_attrs, self.study.set_user_attr)
         start = self.clock()
-        while self.measured_count() < self.settings.trials:
+        while self._with_storage(self.measured_count) < self.settings.trials:
             if self.settings.timeout_s is not None and self.clock() - start >= self.settings.timeout_s:
                 break
             if self._repeats >= MAX_CONSECUTIVE_REPEATS:
                 break  # the sampler keeps proposing measured points: the space is exhausted
-            self.study.optimize(self._objective, n_trials=1, catch=(SurplusTrial,), callbacks=[self._finished])
+            self._with_storage(lambda: self.study.optimize(self._objective, n_trials=1, catch=(SurplusTrial,),
+                                                           callbacks=[self._finished]))
+
+    def _with_storage(self, fn: Callable[[], Any]) -> Any:
+        """Call ``fn``, riding out a storage outage (a database restart) for up to ``reconnect_s``."""
+        from sqlalchemy.exc import SQLAlchemyError
+
+        waited, delay = 0.0, 0.5
+        while True:
+            try:
+                return fn()
+            except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+                if waited >= self.reconnect_s:
+                    first = str(exc).strip().splitlines()[0][:160]
+                    raise UserError(f"lost the study storage for {waited:.0f} s ({first})",
+                                    "check the database; completed trials are saved, run the same command to resume")
+                time.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 5.0)
 
     def _finished(self, study: optuna.Study, trial: FrozenTrial) -> None:
         result = result_of(trial)
@@ -219,13 +254,16 @@ class Tuner:
         return cache
 
     def _objective(self, trial: Trial) -> list[float]:
-        trial.set_user_attr(WORKER_ATTR, {"host": host_name(), "pid": os.getpid(), "hardware": self.env.hardware_key()})
+        trial.set_user_attr(WORKER_ATTR, {"host": host_name(), "pid": os.getpid(), "gpu": self.env.gpu_name,
+                                          "gpu_index": self.gpu_index, "hardware": self.env.hardware_key()})
         cfg = self.space.suggest(trial)
         if CONFIG_ATTR in trial.user_attrs:  # a baseline: measured exactly as given
             cfg = BenchConfig.from_dict(trial.user_attrs[CONFIG_ATTR])
+        trial.set_user_attr(SETTINGS_ATTR, cfg.settings_key())
         if self._surplus(trial):
             trial.set_user_attr(SURPLUS_ATTR, True)
             raise SurplusTrial("enough configurations are measured or being measured")
+        self._wait_for_twin(trial, cfg.settings_key())
         hit = self._cache().get(cfg.settings_key())
         for o in self.observers:
             o.trial_started(trial.number, cfg)
@@ -241,12 +279,27 @@ class Tuner:
                 trial.set_user_attr(INTERRUPTED_ATTR, True)
                 raise
         trial.set_user_attr(RESULT_ATTR, result.to_dict())
-        for key, value in constraints(result, self.limits).items():
+        cons = constraints(result, self.limits)
+        for key, value in cons.items():
             trial.set_constraint(key, value)
+        run_id = self.tracker.trial_measured(trial, result, cons)
+        if run_id:
+            trial.set_user_attr(RUN_ID_ATTR, run_id)
         values, imputed = objective_values(result, worst_rates(self.study.get_trials(deepcopy=False)))
         if imputed:
             trial.set_user_attr(IMPUTED_ATTR, True)
         return values
+
+    def _wait_for_twin(self, trial: Trial, key: str) -> None:
+        """If another worker is measuring the same settings right now, wait for its result."""
+        deadline = time.monotonic() + self.settings.trial_timeout_s + GRACE_S
+        while time.monotonic() < deadline:
+            twins = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                     if t.number < trial.number and t.user_attrs.get(SETTINGS_ATTR) == key
+                     and not t.user_attrs.get(SURPLUS_ATTR)]
+            if not twins:
+                return
+            time.sleep(0.5)
 
     def _surplus(self, trial: Trial) -> bool:
         """True when measured trials plus earlier running ones already reach the target."""
@@ -270,6 +323,17 @@ class Tuner:
             self.study.set_user_attr(key, result.to_dict())
             out[number] = result
         return out
+
+
+def model_facts(model: ModelInfo) -> dict[str, Any]:
+    """What reports need of the model once the study exists (the file may move or vanish)."""
+    kv = {t: {"full": model.kv_bytes_per_token(t, t, swa=False), "swa": model.kv_bytes_per_token(t, t, swa=True)}
+          for t in ("f16", "q8_0", "q4_0")}
+    return {"architecture": model.architecture, "quant": model.quant, "name": model.name,
+            "n_params": model.n_params, "file_size": model.file_size, "n_layer": model.n_layer,
+            "layer_bytes": model.layer_bytes, "output_bytes": model.output_bytes,
+            "token_embd_bytes": model.token_embd_bytes, "n_embd": model.n_embd, "n_swa": model.n_swa,
+            "kv_bytes_per_token": kv}
 
 
 def _alive(pid: Any) -> bool:

@@ -4,6 +4,7 @@ and results print as llama-bench's markdown table (one row per test)."""
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import replace
 from typing import Iterable, Sequence
 
@@ -83,10 +84,14 @@ def result_rows(model: ModelInfo, r: TrialResult) -> Iterable[list[str]]:
             yield head + [name + depth, f"{rates.mean:.2f} ± {rates.stddev:.2f}", mem]
 
 
+_NUMERIC = re.compile(r"^([-+]?[\d.,]+%?|-)( |$)")
+
+
 def markdown_table(rows: Sequence[Sequence[str]], columns: Sequence[str] = COLUMNS) -> str:
     """A markdown table with numeric columns right-aligned, as llama-bench prints."""
     widths = [max(len(str(x)) for x in col) for col in zip(columns, *rows)]
-    right = {"size", "params", "ngl", "threads", "n_batch", "n_ubatch", "fa", "n_ctx", "test", "t/s", "peak mem"}
+    right = {"test"} | {h for i, h in enumerate(columns)
+                        if rows and all(_NUMERIC.match(str(r[i])) for r in rows)}
 
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(str(c).rjust(w) if h in right else str(c).ljust(w)

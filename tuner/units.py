@@ -34,7 +34,9 @@ def parse_duration(text: str, option: str = "duration") -> float:
 
 
 def format_size(n: float | None) -> str:
-    """A byte count as GiB or MiB with two decimals ("-" for None)."""
+    """A byte count as GiB (two decimals), MiB or KiB ("-" for None)."""
     if n is None:
         return "-"
-    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.0f} MiB"
+    if abs(n) >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.0f} MiB" if abs(n) >= 2**20 else f"{n / 2**10:.0f} KiB"
