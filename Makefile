@@ -24,8 +24,9 @@ install: $(STAMP)
 test: install
 	$(BIN)/python -m pytest -q
 
+# A short study (20 configurations) of the demo model; run again, it resumes.
 tune: install
-	$(BIN)/llama-tuner bench "$$($(BIN)/llama-tuner demo)" -t 1,2 -b 128,512 -ub 128 -c 2048 -fa 0,1
+	$(BIN)/llama-tuner tune "$$($(BIN)/llama-tuner demo)" --trials 20
 
 bench-fidelity: install
 	$(BIN)/python bench/fidelity.py

@@ -6,10 +6,12 @@ commit, see ``llama_bench_build.py``) and ``llama-tuner``'s launcher each measur
 pp512 and tg128 with 5 repetitions. llama-tuner runs llama-bench's two test
 instances as they are: pp512 in a 512-token context, tg128 in a 128-token one.
 
-Shared machines drift by several percent between runs, so each round runs both
-tools back to back (alternating who goes first) and yields one ratio per test;
-the figure per configuration is the median of those paired ratios over the
-rounds. Target: every pp and tg within 3% of llama-bench.
+Shared machines drift by several percent between runs (llama-bench alone varies
+by +-2.7% between back-to-back runs here), so each round runs both tools back to
+back (alternating who goes first) and yields one ratio per test; the figure per
+configuration is the median of those paired ratios, with a bootstrap 95% interval.
+Rounds continue until both intervals are narrower than +-1.5% (at least
+``--rounds``, at most ``--max-rounds``). Target: every pp and tg within 3%.
 
 It also reports the tg coefficient of variation over 5 repetitions (target <= 2%
 on an idle machine) and the launch overhead of one measurement (spawn, import,
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -67,6 +70,21 @@ def run_tuner(launcher: SubprocessLauncher, model: Path, c: dict) -> dict:
     return {"pp": pp.pp_mean, "tg": tg.tg_mean, "tg_cv": tg.tg.cv}
 
 
+def bootstrap_ci(ratios: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the median of ``ratios``."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(n))
+    return meds[int(0.025 * n)], meds[int(0.975 * n) - 1]
+
+
+def ci_width(ratios: list[float]) -> float:
+    """Half the width of the 95% interval of the median ratio (inf for fewer than 3 rounds)."""
+    if len(ratios) < 3:
+        return float("inf")
+    lo, hi = bootstrap_ci(ratios)
+    return (hi - lo) / 2
+
+
 def launch_overhead(launcher: SubprocessLauncher, model: Path, n: int = 5) -> dict:
     """Seconds from spawning a child to its first timed token: spawn+import, load, context."""
     cfg = BenchConfig(n_ctx=256, n_batch=256, n_ubatch=256, n_prompt=0, n_gen=1, repetitions=1)
@@ -81,7 +99,8 @@ def launch_overhead(launcher: SubprocessLauncher, model: Path, n: int = 5) -> di
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=5, help="at least this many paired rounds")
+    ap.add_argument("--max-rounds", type=int, default=15)
     ap.add_argument("--model", type=Path)
     args = ap.parse_args()
     model = args.model or demo_model()
@@ -90,18 +109,22 @@ def main() -> None:
     rows = []
     for c in CONFIGS:
         lb, ours = [], []
-        for i in range(args.rounds):
+        for i in range(args.max_rounds):
             # Alternate who goes first, so slow drift of the machine hits both alike.
             pair = [("lb", lambda: run_llama_bench(binary, model, c)), ("ours", lambda: run_tuner(launcher, model, c))]
             for name, fn in (pair if i % 2 == 0 else pair[::-1]):
                 (lb if name == "lb" else ours).append(fn())
-        row = {**c}
+            widths = [ci_width([o[t] / b[t] for o, b in zip(ours, lb)]) for t in ("pp", "tg")]
+            if i + 1 >= args.rounds and max(widths) <= 0.015:
+                break
+        row = {**c, "n_rounds": len(lb)}
         for test in ("pp", "tg"):
             row[f"lb_{test}"] = statistics.median(x[test] for x in lb)
             row[f"ours_{test}"] = statistics.median(x[test] for x in ours)
             ratios = [o[test] / b[test] for o, b in zip(ours, lb)]
             row[f"diff_{test}_pct"] = 100 * (statistics.median(ratios) - 1)
-            row[f"spread_{test}_pct"] = 100 * (max(ratios) - min(ratios))
+            lo, hi = bootstrap_ci(ratios)
+            row[f"ci_{test}_pct"] = (100 * (lo - 1), 100 * (hi - 1))
         row["ours_tg_cv_pct"] = 100 * statistics.median(x["tg_cv"] for x in ours)
         row["lb_tg_cv_pct"] = 100 * statistics.median(x["tg_cv"] for x in lb)
         row["rounds"] = {"llama_bench": lb, "llama_tuner": ours}
@@ -117,13 +140,14 @@ def main() -> None:
                "max_tg_cv_pct": max(r["ours_tg_cv_pct"] for r in rows), "launch_overhead": overhead, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "fidelity.json").write_text(json.dumps(summary, indent=2))
-    print("\n| threads | batch | fa | pp llama-bench | pp llama-tuner | paired diff (spread) | tg llama-bench "
-          "| tg llama-tuner | paired diff (spread) | tg CV (5 reps) |")
-    print("| --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |")
+    print("\n| threads | batch | fa | rounds | pp llama-bench | pp llama-tuner | pp diff [95% CI] | tg llama-bench "
+          "| tg llama-tuner | tg diff [95% CI] | tg CV (5 reps) |")
+    print("| --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |")
     for r in rows:
-        print(f"| {r['n_threads']} | {r['n_batch']} | {int(r['flash_attn'])} | {r['lb_pp']:.1f} | {r['ours_pp']:.1f} "
-              f"| {r['diff_pp_pct']:+.1f}% ({r['spread_pp_pct']:.1f}) | {r['lb_tg']:.2f} | {r['ours_tg']:.2f} "
-              f"| {r['diff_tg_pct']:+.1f}% ({r['spread_tg_pct']:.1f}) | {r['ours_tg_cv_pct']:.2f}% |")
+        ci = {t: f"[{r[f'ci_{t}_pct'][0]:+.1f}, {r[f'ci_{t}_pct'][1]:+.1f}]" for t in ("pp", "tg")}
+        print(f"| {r['n_threads']} | {r['n_batch']} | {int(r['flash_attn'])} | {r['n_rounds']} | {r['lb_pp']:.1f} "
+              f"| {r['ours_pp']:.1f} | {r['diff_pp_pct']:+.1f}% {ci['pp']} | {r['lb_tg']:.2f} | {r['ours_tg']:.2f} "
+              f"| {r['diff_tg_pct']:+.1f}% {ci['tg']} | {r['ours_tg_cv_pct']:.2f}% |")
     print(f"\nworst difference {worst:.1f}% ({'PASS' if worst <= 3 else 'FAIL'} at 3%); launch overhead: "
           + ", ".join(f"{k} {v:.3f}" for k, v in overhead.items()))
 

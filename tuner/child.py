@@ -23,6 +23,7 @@ import ctypes
 import json
 import os
 import random
+import re
 import sys
 import time
 from typing import Any
@@ -31,6 +32,9 @@ import llama_cpp
 import psutil
 from llama_cpp import llama_cpp as C
 
+BUFFER_LINE = re.compile(r"(\S+) +(model|KV|compute) buffer size = +([\d.]+) MiB")
+# llama.cpp's own account of what it allocated, by kind and buffer (e.g. "kv": {"CUDA0": bytes}).
+BUFFERS: dict[str, dict[str, int]] = {"model": {}, "kv": {}, "compute": {}}
 GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
 FAULT_ENV = "LLAMA_TUNER_TEST_FAULT"  # test-only: "<abort|segv|hang|exit>@<load|context|pp|tg>[#run]"
 
@@ -210,7 +214,7 @@ def run_job(job: dict[str, Any], events: Events) -> None:
     """Load the model once and measure every run of the job, streaming events."""
     global _current_run
     _current_run = job["runs"][0]["index"]
-    events.send("env", **environment())
+    events.send("env", **environment())  # its "rss" is the interpreter's baseline, before llama.cpp
     C.llama_backend_init()
     model, load_s = load_model(job["model_path"], job["model_params"])
     if not model:
@@ -225,6 +229,8 @@ def run_job(job: dict[str, Any], events: Events) -> None:
         events.send("start", index=run["index"])
         if n:  # the first run's peak includes loading the model
             reset_peak_rss()
+        BUFFERS["kv"].clear()
+        BUFFERS["compute"].clear()
         t0 = time.perf_counter()
         ctx = new_context(model, cfg)
         if not ctx:
@@ -237,7 +243,8 @@ def run_job(job: dict[str, Any], events: Events) -> None:
         except DecodeError as exc:
             events.send("result", index=run["index"], status="crash", reason=str(exc), context_time_s=ctx_s)
         else:
-            events.send("result", index=run["index"], status="ok", load_time_s=load_s, context_time_s=ctx_s, **timings)
+            events.send("result", index=run["index"], status="ok", load_time_s=load_s, context_time_s=ctx_s,
+                        buffers=BUFFERS, **timings)
         finally:
             C.llama_free(ctx)
     C.llama_model_free(model)
@@ -260,8 +267,13 @@ def main(argv: list[str] | None = None) -> None:
 
 @llama_cpp.llama_log_callback
 def _LOG_CALLBACK(level, text, user_data):  # noqa: N802 - ctypes callback
-    """Send every llama.cpp log line to stderr, where the parent keeps it."""
-    sys.stderr.write(text.decode("utf-8", errors="replace"))
+    """Send every llama.cpp log line to stderr, where the parent keeps it; note buffer sizes."""
+    line = text.decode("utf-8", errors="replace")
+    m = BUFFER_LINE.search(line)
+    if m:
+        kind = m.group(2).lower()
+        BUFFERS[kind][m.group(1)] = BUFFERS[kind].get(m.group(1), 0) + int(float(m.group(3)) * 2**20)
+    sys.stderr.write(line)
 
 
 if __name__ == "__main__":

@@ -62,11 +62,17 @@ def _tensor_groups(tensors) -> list[tuple[str, str]]:
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 @click.option("--tensors", is_flag=True, help="List every tensor with its type, shape and size.")
-def inspect(model: str, as_json: bool, tensors: bool) -> None:
+@click.option("--plan", is_flag=True, help="Predict what fits a memory budget: layers, context, KV type.")
+@click.option("--vram-budget", help="Budget for --plan, e.g. 12GiB (default: this GPU, else RAM).")
+@click.option("--ctx", "ctx", type=int, default=4096, show_default=True, help="Context for --plan.")
+def inspect(model: str, as_json: bool, tensors: bool, plan: bool, vram_budget: str | None, ctx: int) -> None:
     """Describe MODEL from its GGUF header: shapes, quant types, bytes per part, KV cache per token."""
     from tuner.model_info import load_model_info
 
     info = load_model_info(model)
+    if plan:
+        click.echo(_plan(info, vram_budget, ctx))
+        return
     all_tensors = info.extra["tensors"]
     if as_json:
         d = info.to_dict()
@@ -104,6 +110,21 @@ def inspect(model: str, as_json: bool, tensors: bool) -> None:
     width = max(len(n) for n, _ in listing)
     for name, desc in listing:
         click.echo(f"  {name.ljust(width)}  {desc}")
+
+
+def _plan(info, vram_budget: str | None, ctx: int) -> str:
+    from tuner.plan import plan_text
+    from tuner.probe import detect_probe, ram_total
+    from tuner.units import parse_size
+
+    if ctx < 1 or (info.n_ctx_train and ctx > info.n_ctx_train):
+        raise UserError(f"--ctx {ctx} is outside 1..{info.n_ctx_train}", "give a context the model supports")
+    gpus = detect_probe().gpus()
+    if vram_budget is not None:
+        return plan_text(info, parse_size(vram_budget, "--vram-budget"), ctx, on_gpu=True)
+    if gpus:
+        return plan_text(info, gpus[0].total_bytes, ctx, on_gpu=True)
+    return plan_text(info, ram_total(), ctx, on_gpu=False)
 
 
 @cli.command()

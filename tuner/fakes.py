@@ -35,6 +35,7 @@ class FakeLauncher(Launcher):
     fail: Callable[[BenchConfig], Status | None] = lambda cfg: None
     measured: list[BenchConfig] = field(default_factory=list)
     on_measure: Callable[[BenchConfig], None] | None = None
+    peak_fn: Callable[[BenchConfig], int] | None = None  # ground truth for memory, when a test needs one
 
     def speeds(self, c: BenchConfig) -> tuple[float, float]:
         """Noise-free (tg, pp) of a configuration."""
@@ -47,7 +48,9 @@ class FakeLauncher(Launcher):
         return tg, pp
 
     def peak(self, c: BenchConfig) -> int:
-        """Modelled peak memory of a configuration."""
+        """Modelled peak memory of a configuration (``peak_fn`` when given)."""
+        if self.peak_fn is not None:
+            return self.peak_fn(c)
         kv = self.kv_bytes_per_token_f16 * c.n_ctx * (_KV_BYTES[c.type_k] + _KV_BYTES[c.type_v]) / 4
         compute = c.n_ubatch * (256 << 10) * (0.6 if c.flash_attn else 1.0)
         return int(self.weights_bytes + kv + compute)
@@ -63,7 +66,9 @@ class FakeLauncher(Launcher):
             if self.on_measure:
                 self.on_measure(cfg)
             status = self.fail(cfg)
-            common = dict(env=self.env, vram_free_before_bytes=None, ram_available_before_bytes=self.free_bytes,
+            gpu = self.env.gpu_name is not None
+            common = dict(env=self.env, vram_free_before_bytes=self.free_bytes if gpu else None,
+                          ram_available_before_bytes=self.free_bytes,
                           load_time_s=0.5, wall_time_s=1.0, started_at="2026-01-01T00:00:00+00:00")
             if status is not None:
                 yield TrialResult(status, cfg, model_path, reason=f"fake {status.value}", **common)
@@ -74,6 +79,8 @@ class FakeLauncher(Launcher):
             def samples(rate: float, n: int) -> list[int]:
                 return [int(1e9 * n / (rate * rng.gauss(1.0, self.noise))) for _ in range(cfg.repetitions)]
 
+            peak = self.peak(cfg)
             yield TrialResult(Status.OK, cfg, model_path, pp=Rates(cfg.n_prompt, samples(pp, cfg.n_prompt)),
                               tg=Rates(cfg.n_gen, samples(tg, cfg.n_gen)), context_time_s=0.1,
-                              peak_rss_bytes=self.peak(cfg), **common)
+                              peak_rss_bytes=peak if not gpu else 600 << 20, peak_vram_bytes=peak if gpu else None,
+                              **common)

@@ -130,7 +130,7 @@ class SubprocessLauncher(Launcher):
         sampler = MemorySampler(proc.pid, self.probe, self.gpu_index, before.used if before else None,
                                 self.sample_interval).start()
         results: list[TrialResult] = []
-        load_time, timed_out, t_run = None, False, t_spawn
+        load_time, timed_out, t_run, base_rss = None, False, t_spawn, None
         try:
             proc.stdin.write(json.dumps(job))
             proc.stdin.close()
@@ -145,6 +145,7 @@ class SubprocessLauncher(Launcher):
                     break
                 kind = ev["event"]
                 if kind == "env":
+                    base_rss = ev["rss"]
                     env.llama_cpp_python, env.llama_cpp_build = ev["llama_cpp_python"], ev["llama_cpp_build"]
                     env.gpu_offload, env.system_info = ev["gpu_offload"], ev["system_info"]
                 elif kind == "loaded":
@@ -155,6 +156,7 @@ class SubprocessLauncher(Launcher):
                     i, cfg = runs[len(results)]
                     results.append(self._from_event(ev, cfg, model_path, env, peaks, load_time, before, ram_before,
                                                     started, log))
+                    results[-1].base_rss_bytes = base_rss
                     results[-1].wall_time_s = time.monotonic() - t_run  # the first run's includes the spawn
                     t_run, started = time.monotonic(), _now()
         finally:
@@ -201,6 +203,7 @@ class SubprocessLauncher(Launcher):
             pp=Rates(cfg.n_prompt, ev["pp_ns"]) if ev.get("pp_ns") else None,
             tg=Rates(cfg.n_gen, ev["tg_ns"]) if ev.get("tg_ns") else None,
             load_time_s=ev.get("load_time_s", load_time), context_time_s=ev.get("context_time_s"),
+            buffers=ev.get("buffers"),
             peak_rss_bytes=peaks.rss or None, peak_vram_bytes=peaks.vram,
             vram_free_before_bytes=before.free if before else None, ram_available_before_bytes=ram_before,
             env=Environment(**env.__dict__), started_at=started)

@@ -80,9 +80,9 @@ def result_of(trial: FrozenTrial) -> TrialResult | None:
 
 
 def measured_trials(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
-    """Completed trials that measured their configuration (not copies of an earlier one)."""
+    """Completed trials that measured their configuration (not copies, not skipped as too big)."""
     return [t for t in trials if t.state == TrialState.COMPLETE and RESULT_ATTR in t.user_attrs
-            and REUSED_ATTR not in t.user_attrs]
+            and REUSED_ATTR not in t.user_attrs and "skipped" not in t.user_attrs]
 
 
 def worst_rates(trials: Iterable[FrozenTrial]) -> tuple[float, float] | None:

@@ -102,6 +102,8 @@ class TrialResult:
     vram_free_before_bytes: int | None = None
     ram_available_before_bytes: int | None = None
     predicted_peak_bytes: int | None = None
+    buffers: dict[str, dict[str, int]] | None = None
+    base_rss_bytes: int | None = None
     env: Environment = field(default_factory=Environment)
     started_at: str = ""
 
@@ -120,12 +122,37 @@ class TrialResult:
         """Mean prompt-processing rate (t/s), if measured."""
         return self.pp.mean if self.pp and self.pp.samples_ns else None
 
+    def allocated_bytes(self, device: str) -> int | None:
+        """What llama.cpp allocated on ``device`` ("gpu" or "host"): model, KV and compute buffers."""
+        if not self.buffers:
+            return None
+        total = 0
+        for kind in self.buffers.values():
+            for name, size in kind.items():
+                on_gpu = name.startswith(("CUDA", "ROCm", "Vulkan", "Metal", "SYCL")) and "Host" not in name
+                total += size if on_gpu == (device == "gpu") else 0
+        return total
+
+    @property
+    def committed_rss_bytes(self) -> int | None:
+        """RSS once every host buffer is in use: the interpreter's baseline plus llama.cpp's host buffers.
+
+        A benchmark at depth 0 touches little of a large KV cache, so its peak RSS
+        understates what the context needs once it fills; this figure does not.
+        """
+        host = self.allocated_bytes("host")
+        return None if host is None or self.base_rss_bytes is None else self.base_rss_bytes + host
+
     @property
     def peak_memory_bytes(self) -> int | None:
-        """The memory that limits this machine: VRAM where a GPU was used, else RSS."""
+        """The memory that limits this machine: VRAM where a GPU was used, else RAM.
+
+        RAM is the larger of the measured peak RSS and the committed RSS (see above).
+        """
         if self.peak_vram_bytes is not None and self.env.gpu_name:
             return self.peak_vram_bytes
-        return self.peak_rss_bytes
+        values = [v for v in (self.peak_rss_bytes, self.committed_rss_bytes) if v is not None]
+        return max(values) if values else None
 
     @property
     def headroom_bytes(self) -> int | None:

@@ -33,7 +33,8 @@ from tuner.model_info import ModelInfo
 from tuner.probe import host_name
 from tuner.records import (BASELINE_ATTR, IMPUTED_ATTR, RESULT_ATTR, REUSED_ATTR, Limits, constraints,
                            measured_trials, objective_values, result_of, worst_rates)
-from tuner.result import Environment, TrialResult
+from tuner.memory import MemoryModel, model_facts
+from tuner.result import Environment, Status, TrialResult
 from tuner.space import SearchSpace
 from tuner.tracking import RUN_ID_ATTR, Tracker
 
@@ -44,6 +45,8 @@ FINGERPRINT_ATTR = "fingerprint"
 RETRY_ATTR = "retry_of"
 SURPLUS_ATTR = "surplus"
 SETTINGS_ATTR = "settings_key"
+SKIPPED_ATTR = "skipped"  # predicted not to fit the budget; never loaded
+SKIP_MARGIN_PRIOR, SKIP_MARGIN_FITTED = 0.15, 0.05
 CONFIRM_PREFIX = "confirm:"
 MAX_CONSECUTIVE_REPEATS = 30
 HEARTBEAT_S, GRACE_S = 10, 60
@@ -137,11 +140,13 @@ class Tuner:
         self.observers = observers or []
         self.clock = clock
         self.reconnect_s = 60.0
+        self.memory = MemoryModel(model_facts(model), on_gpu=bool(env.gpu_name and env.gpu_offload))
         self.study = optuna.create_study(
             study_name=study_name, storage=storage, load_if_exists=True, directions=["maximize"] * 3,
             sampler=make_sampler(settings.sampler, settings.seed, settings.trials))
         self._check_identity()
         self._repeats = 0
+        self._surplus_seen = False
 
     # -- identity and resume ------------------------------------------------
     def _check_identity(self) -> None:
@@ -168,7 +173,9 @@ class Tuner:
         retried = []
         trials = self.study.get_trials(deepcopy=False)
         already = {t.user_attrs.get(RETRY_ATTR) for t in trials}
-        already |= {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            already |= {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
         host = host_name()
         for t in trials:
             w = t.user_attrs.get(WORKER_ATTR) or {}
@@ -214,8 +221,10 @@ class Tuner:
                 break
             if self._repeats >= MAX_CONSECUTIVE_REPEATS:
                 break  # the sampler keeps proposing measured points: the space is exhausted
-            self._with_storage(lambda: self.study.optimize(self._objective, n_trials=1, catch=(SurplusTrial,),
-                                                           callbacks=[self._finished]))
+            self._surplus_seen = False
+            self._with_storage(self._run_one)
+            if self._surplus_seen:  # others hold the last trials: wait for them (or for them to go stale)
+                time.sleep(1.0)
 
     def _with_storage(self, fn: Callable[[], Any]) -> Any:
         """Call ``fn``, riding out a storage outage (a database restart) for up to ``reconnect_s``."""
@@ -233,6 +242,40 @@ class Tuner:
                 time.sleep(delay)
                 waited += delay
                 delay = min(delay * 2, 5.0)
+
+    def _run_one(self) -> None:
+        """One trial: ask, measure with a heartbeat, tell (retried through a storage outage).
+
+        Optuna's ``study.optimize`` masks a storage error during its final bookkeeping
+        with an UnboundLocalError (optuna 5.0), so the trial loop is ours; it keeps
+        Optuna's stale-trial check and heartbeat thread.
+        """
+        from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
+
+        if is_heartbeat_enabled(self.storage):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(self.study)
+        with warnings.catch_warnings():  # we do run Optuna's heartbeat thread, just not via optimize()
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+            trial = self.study.ask()
+        values, state = None, TrialState.COMPLETE
+        with get_heartbeat_thread(trial._trial_id, self.storage):
+            try:
+                values = self._objective(trial)
+            except SurplusTrial:
+                state = TrialState.FAIL
+            except KeyboardInterrupt:
+                self._tell(trial, None, TrialState.FAIL)
+                raise
+        self._with_storage(lambda: self._tell(trial, values, state))
+        self._finished(self.study, self.storage.get_trial(trial._trial_id))
+
+    def _tell(self, trial: Trial, values, state: TrialState) -> None:
+        try:
+            self.study.tell(trial, values, state=state)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # an earlier attempt did land before the connection broke
 
     def _finished(self, study: optuna.Study, trial: FrozenTrial) -> None:
         result = result_of(trial)
@@ -261,16 +304,24 @@ class Tuner:
             cfg = BenchConfig.from_dict(trial.user_attrs[CONFIG_ATTR])
         trial.set_user_attr(SETTINGS_ATTR, cfg.settings_key())
         if self._surplus(trial):
+            self._surplus_seen = True
             trial.set_user_attr(SURPLUS_ATTR, True)
             raise SurplusTrial("enough configurations are measured or being measured")
         self._wait_for_twin(trial, cfg.settings_key())
         hit = self._cache().get(cfg.settings_key())
         for o in self.observers:
             o.trial_started(trial.number, cfg)
+        predicted = self.memory.predict(cfg)
         if hit is not None:
             self._repeats += 1
             number, result = hit
             trial.set_user_attr(REUSED_ATTR, number)
+        elif BASELINE_ATTR not in trial.user_attrs and self._too_big(predicted):
+            self._repeats += 1
+            trial.set_user_attr(SKIPPED_ATTR, True)
+            result = TrialResult(Status.INVALID, cfg, self.model.path, predicted_peak_bytes=predicted, env=self.env,
+                                 reason=f"predicted peak {predicted / 2**30:.2f} GiB exceeds the budget "
+                                        f"{self.limits.budget_bytes / 2**30:.2f} GiB; not loaded")
         else:
             self._repeats = 0
             try:
@@ -278,6 +329,8 @@ class Tuner:
             except KeyboardInterrupt:
                 trial.set_user_attr(INTERRUPTED_ATTR, True)
                 raise
+            result.predicted_peak_bytes = predicted  # made before measuring, to judge the model honestly
+            self._refit_memory(result)
         trial.set_user_attr(RESULT_ATTR, result.to_dict())
         cons = constraints(result, self.limits)
         for key, value in cons.items():
@@ -289,6 +342,15 @@ class Tuner:
         if imputed:
             trial.set_user_attr(IMPUTED_ATTR, True)
         return values
+
+    def _too_big(self, predicted: int) -> bool:
+        """True when even a generous error of the memory model would not bring the config within budget."""
+        margin = SKIP_MARGIN_FITTED if self.memory.correction is not None else SKIP_MARGIN_PRIOR
+        return predicted > self.limits.budget_bytes * (1 + margin)
+
+    def _refit_memory(self, latest: TrialResult) -> None:
+        measured = [r for r in (result_of(t) for t in measured_trials(self.study.get_trials(deepcopy=False))) if r]
+        self.memory.fit(measured + [latest])
 
     def _wait_for_twin(self, trial: Trial, key: str) -> None:
         """If another worker is measuring the same settings right now, wait for its result."""
@@ -323,17 +385,6 @@ class Tuner:
             self.study.set_user_attr(key, result.to_dict())
             out[number] = result
         return out
-
-
-def model_facts(model: ModelInfo) -> dict[str, Any]:
-    """What reports need of the model once the study exists (the file may move or vanish)."""
-    kv = {t: {"full": model.kv_bytes_per_token(t, t, swa=False), "swa": model.kv_bytes_per_token(t, t, swa=True)}
-          for t in ("f16", "q8_0", "q4_0")}
-    return {"architecture": model.architecture, "quant": model.quant, "name": model.name,
-            "n_params": model.n_params, "file_size": model.file_size, "n_layer": model.n_layer,
-            "layer_bytes": model.layer_bytes, "output_bytes": model.output_bytes,
-            "token_embd_bytes": model.token_embd_bytes, "n_embd": model.n_embd, "n_swa": model.n_swa,
-            "kv_bytes_per_token": kv}
 
 
 def _alive(pid: Any) -> bool:

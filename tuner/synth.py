@@ -229,6 +229,25 @@ def write_synthetic_gguf(path: str | os.PathLike, shape: Shape, quant: str, seed
     return out
 
 
+def describe_shape(shape: Shape, quant: str, name: str = "twin.gguf"):
+    """The ModelInfo a written twin would have, without writing it (for plans of multi-GB twins)."""
+    from tuner.gguf_header import GGUFHeader, LongArray, TensorInfo
+    from tuner.model_info import model_info_from_header
+
+    tensors, offset = [], 0
+    for t in plan_tensors(shape, quant):
+        tensors.append(TensorInfo(t.name, t.type_name, t.shape, offset, t.n_bytes))
+        offset += t.n_bytes
+    a = shape.arch
+    metadata = {"general.architecture": a, "general.name": name, "general.file_type": int(QUANTS[quant]),
+                f"{a}.block_count": shape.n_layer, f"{a}.context_length": shape.n_ctx_train,
+                f"{a}.embedding_length": shape.n_embd, f"{a}.feed_forward_length": shape.n_ff,
+                f"{a}.attention.head_count": shape.n_head, f"{a}.attention.head_count_kv": shape.n_head_kv,
+                f"{a}.attention.key_length": shape.head_dim, f"{a}.attention.value_length": shape.head_dim,
+                "tokenizer.ggml.tokens": LongArray("STRING", shape.n_vocab)}
+    return model_info_from_header(name, GGUFHeader(3, metadata, tensors, 0, offset))
+
+
 def resolve_shape(like: str | None, **overrides: int | str | None) -> Shape:
     """A named shape with any given fields replaced, or a custom one from fields alone."""
     given = {k: v for k, v in overrides.items() if v is not None}

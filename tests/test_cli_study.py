@@ -1,0 +1,55 @@
+"""The tune / report / export commands end to end, and their one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import assert_one_line_error
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--trials", "0"), "--trials 0 measures nothing"),
+    (("--vram-budget", "abc"), "--vram-budget 'abc' is not a size"),
+    (("--set", "nosuch=1"), "unknown setting 'nosuch'"),
+    (("--set", "n_threads"), "is not KEY=VALUE"),
+    (("--range", "n_ctx=big"), "is not LO:HI"),
+    (("--timeout", "soon"), "is not a duration"),
+    (("--baseline", "-c 2048 --weird-flag"), "unsupported llama-server flag --weird-flag"),
+    (("--min-ctx", "99999999"), "exceeds the model's training context"),
+    (("--sampler", "annealing"), "invalid value for '--sampler'"),
+])
+def test_tune_bad_input_is_one_line(run_cli, tiny_model, tmp_path, args, needle):
+    r = run_cli("tune", tiny_model, "--storage", f"sqlite:///{tmp_path}/s.db", "--no-mlflow", *args)
+    assert_one_line_error(r, needle)
+
+
+def test_tune_refuses_a_non_gguf_model(run_cli, bad_files, tmp_path):
+    r = run_cli("tune", bad_files["not_gguf"], "--storage", f"sqlite:///{tmp_path}/s.db", "--no-mlflow")
+    assert_one_line_error(r, "not a GGUF file")
+
+
+def test_report_and_export_of_a_missing_study_name_the_existing_ones(run_cli, tmp_path):
+    r = run_cli("report", "nope", "--storage", f"sqlite:///{tmp_path}/s.db")
+    assert_one_line_error(r, "no study named 'nope'")
+
+
+@pytest.mark.slow
+def test_tune_report_export_on_a_tiny_model(run_cli, tiny_model, tmp_path):
+    storage = f"sqlite:///{tmp_path}/s.db"
+    common = ("--storage", storage, "--no-mlflow", "--min-ctx", "512", "--set", "n_prompt=64", "--set", "n_gen=16",
+              "--set", "repetitions=2")
+    r = run_cli("tune", tiny_model, "--study", "t", "--trials", "6", "--baseline", "-c 1024 -b 512 -t 1", *common)
+    assert r.code == 0, r.err
+    assert "presets:" in r.out and "llama-server (fastest):" in r.out and "tg vs yours" in r.out
+    again = run_cli("tune", tiny_model, "--study", "t", "--trials", "6", "--baseline", "-c 1024 -b 512 -t 1",
+                    *common)
+    assert again.code == 0 and "6 configurations measured" in again.out  # resumed, nothing new
+    report = run_cli("report", "t", "--storage", storage)
+    assert report.code == 0 and "baseline: yours" in report.out and "baseline: llama.cpp defaults" in report.out
+    for fmt in ("llama-server", "llama-cpp-python", "ollama", "json"):
+        e = run_cli("export", "t", "--format", fmt, "--preset", "max-context", "--storage", storage)
+        assert e.code == 0, e.err
+    data = json.loads(run_cli("export", "t", "--format", "json", "--storage", storage).out)
+    assert data["measured"]["tg_tps"] > 0 and set(data["gain_over_baselines"]) == {"llama.cpp defaults", "yours"}
