@@ -139,6 +139,9 @@ def test_presets_break_noise_ties_toward_less_memory():
     assert p["balanced"].candidate is d
     assert choose_presets([a, b, c, d], "pp")["fastest"].candidate is d
     assert choose_presets([], "tg") == {}
+    base = Candidate(5, _result(tg=99.0, peak=12 << 30, ctx=4096, sd=2.0), baseline="yours")
+    p = choose_presets([a, b, base], "tg")  # b uses less memory but is slower than the tied baseline
+    assert p["fastest"].candidate is a
 
 
 # -- the study loop ---------------------------------------------------------------

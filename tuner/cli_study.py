@@ -87,6 +87,9 @@ def run_and_print(tuner, confirm: bool) -> None:
     from tuner.study_view import StudyView
 
     already = tuner.measured_count()
+    if already:
+        click.echo(f"resuming study {tuner.study.study_name}: {already} of {tuner.settings.trials} configurations "
+                   "already measured", err=True)
     progress = LiveProgress(tuner.settings.trials, already)
     tuner.observers.append(progress)
     try:

@@ -52,4 +52,7 @@ def build_environment(probe: GpuProbe, gpu_index: int | None) -> Environment:
     info = json.loads(p.stdout)
     env.llama_cpp_python, env.llama_cpp_build = info["llama_cpp_python"], info["llama_cpp_build"]
     env.gpu_offload, env.system_info = info["gpu_offload"], info["system_info"]
+    from tuner.bandwidth import measure_host_read_gbs
+
+    env.host_read_gbs = round(measure_host_read_gbs(env.physical_cores), 1)
     return env

@@ -66,6 +66,10 @@ def _break_ties(ranked: list[Candidate], objective: str) -> tuple[Candidate, lis
     best_mean, best_sd = speed(ranked[0].figures, objective)
     tied = [c for c in ranked
             if best_mean - speed(c.figures, objective)[0] <= TIE_SIGMAS * max(best_sd, speed(c.figures, objective)[1])]
+    # Never trade below a baseline in the tie: a preset is not slower than what the user runs today.
+    floor = max((speed(c.figures, objective)[0] for c in tied if c.baseline), default=None)
+    if floor is not None:
+        tied = [c for c in tied if speed(c.figures, objective)[0] >= floor]
     choice = min(tied, key=lambda c: (c.memory, -speed(c.figures, objective)[0]))
     return choice, [c.trial for c in tied if c is not choice]
 

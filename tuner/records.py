@@ -30,6 +30,7 @@ RESULT_ATTR = "result"
 REUSED_ATTR = "reused_from"
 IMPUTED_ATTR = "imputed_values"
 BASELINE_ATTR = "baseline"
+SKIPPED_ATTR = "skipped"  # predicted not to fit the budget; never loaded
 OBJECTIVE_NAMES = ("tg_tps", "pp_tps", "n_ctx")
 
 
@@ -82,7 +83,7 @@ def result_of(trial: FrozenTrial) -> TrialResult | None:
 def measured_trials(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
     """Completed trials that measured their configuration (not copies, not skipped as too big)."""
     return [t for t in trials if t.state == TrialState.COMPLETE and RESULT_ATTR in t.user_attrs
-            and REUSED_ATTR not in t.user_attrs and "skipped" not in t.user_attrs]
+            and REUSED_ATTR not in t.user_attrs and SKIPPED_ATTR not in t.user_attrs]
 
 
 def worst_rates(trials: Iterable[FrozenTrial]) -> tuple[float, float] | None:

@@ -9,7 +9,7 @@ from tuner.sweep import markdown_table
 from tuner.units import format_size
 
 TRIAL_COLUMNS = ("#", "status", "ngl", "n_ctx", "batch", "ubatch", "threads", "fa", "K/V", "tg t/s", "pp t/s",
-                 "peak mem", "headroom", "feasible", "note")
+                 "GB/s", "peak mem", "predicted", "headroom", "feasible", "note")
 PRESET_COLUMNS = ("preset", "trial", "ngl", "n_ctx", "batch", "ubatch", "threads", "fa", "K/V", "tg t/s",
                   "pp t/s", "peak mem", "headroom")
 
@@ -46,9 +46,13 @@ def trials_table(view: StudyView) -> str:
         if not r.ok:
             notes.append(r.reason[:70])
         feasible = all(v <= 0 for v in t.constraints.values())
-        rows.append([str(t.number), r.status.value, *_settings(r.config), _rate(r.tg), _rate(r.pp),
-                     format_size(r.peak_memory_bytes), format_size(r.headroom_bytes), "yes" if feasible else "no",
-                     "; ".join(notes)])
+        bw = r.bandwidth or {}
+        gbs = f"{bw['achieved_gbs']:.1f}" if "achieved_gbs" in bw else "-"
+        if "bandwidth_share" in bw:
+            gbs += f" ({100 * bw['bandwidth_share']:.0f}%)"
+        rows.append([str(t.number), r.status.value, *_settings(r.config), _rate(r.tg), _rate(r.pp), gbs,
+                     format_size(r.peak_memory_bytes), format_size(r.predicted_peak_bytes),
+                     format_size(r.headroom_bytes), "yes" if feasible else "no", "; ".join(notes)])
     return markdown_table(rows, TRIAL_COLUMNS)
 
 

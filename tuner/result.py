@@ -69,13 +69,15 @@ class Environment:
     gpu_driver: str | None = None
     vram_total_bytes: int | None = None
     gpu_peak_bandwidth_gbs: float | None = None
+    host_read_gbs: float | None = None
     llama_cpp_python: str = ""
     llama_cpp_build: str = ""
     gpu_offload: bool = False
     system_info: str = ""
 
     def hardware_key(self) -> str:
-        """What makes two machines measure alike: GPU model and memory, else the CPU."""
+        """What makes two machines measure alike: GPU model and memory, else the CPU (not the
+        measured bandwidth, which varies from run to run)."""
         if self.gpu_name:
             return f"gpu:{self.gpu_name}:{self.vram_total_bytes}"
         return f"cpu:{self.cpu}:{self.physical_cores}"
@@ -104,6 +106,7 @@ class TrialResult:
     predicted_peak_bytes: int | None = None
     buffers: dict[str, dict[str, int]] | None = None
     base_rss_bytes: int | None = None
+    bandwidth: dict[str, float] | None = None
     env: Environment = field(default_factory=Environment)
     started_at: str = ""
 

@@ -10,7 +10,7 @@ the TrialResult on the trial and tells Optuna the objectives and constraints.
 distinct measurements. Trials left RUNNING by a killed process on this host, or
 failed by Ctrl-C, are marked failed on resume and their configuration retried;
 trials of dead workers elsewhere are failed by Optuna's RDB heartbeat and retried
-by ``RetryFailedTrialCallback``.
+by ``RetryHeartbeatStaleTrialCallback``.
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ from tuner.errors import UserError
 from tuner.launcher import Launcher
 from tuner.model_info import ModelInfo
 from tuner.probe import host_name
-from tuner.records import (BASELINE_ATTR, IMPUTED_ATTR, RESULT_ATTR, REUSED_ATTR, Limits, constraints,
-                           measured_trials, objective_values, result_of, worst_rates)
+from tuner.bandwidth import bandwidth_of
 from tuner.memory import MemoryModel, model_facts
+from tuner.optuna_setup import GRACE_S, make_sampler, make_storage  # noqa: F401 - make_storage is re-exported
+from tuner.records import (BASELINE_ATTR, IMPUTED_ATTR, RESULT_ATTR, REUSED_ATTR, SKIPPED_ATTR, Limits,
+                           constraints, measured_trials, objective_values, result_of, worst_rates)
 from tuner.result import Environment, Status, TrialResult
 from tuner.space import SearchSpace
 from tuner.tracking import RUN_ID_ATTR, Tracker
@@ -45,11 +47,9 @@ FINGERPRINT_ATTR = "fingerprint"
 RETRY_ATTR = "retry_of"
 SURPLUS_ATTR = "surplus"
 SETTINGS_ATTR = "settings_key"
-SKIPPED_ATTR = "skipped"  # predicted not to fit the budget; never loaded
 SKIP_MARGIN_PRIOR, SKIP_MARGIN_FITTED = 0.15, 0.05
 CONFIRM_PREFIX = "confirm:"
 MAX_CONSECUTIVE_REPEATS = 30
-HEARTBEAT_S, GRACE_S = 10, 60
 
 
 @dataclass
@@ -87,43 +87,6 @@ class Fingerprint:
     test: dict[str, int] = field(default_factory=dict)
 
 
-def make_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S) -> optuna.storages.BaseStorage:
-    """An Optuna RDB storage with heartbeats, so trials of dead workers are failed and retried.
-
-    Connections are checked before use (``pool_pre_ping``), so a restarted
-    PostgreSQL server is reconnected to instead of failing the worker.
-    """
-    if url.startswith("sqlite:///"):
-        path = url.removeprefix("sqlite:///")
-        if path and os.path.dirname(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, but they are what we need
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=heartbeat_s, grace_period=grace_s,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds for a bad URL
-        raise UserError(f"cannot open study storage {url}: {str(exc).splitlines()[0]}",
-                        "check --storage (e.g. sqlite:///studies/llama-tuner.db or postgresql://...)") from None
-
-
-def make_sampler(name: str, seed: int | None, trials: int) -> optuna.samplers.BaseSampler:
-    """The sampler for ``--sampler``: tpe (default), random, or gp (needs PyTorch)."""
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
-                                          n_startup_trials=max(5, min(10, trials // 4)))
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "gp":
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            raise UserError("--sampler gp needs PyTorch", "pip install 'llama-tuner[gp]', or use tpe") from None
-        return optuna.samplers.GPSampler(seed=seed)
-    raise UserError(f"unknown sampler {name!r}", "use tpe, random or gp")
-
-
 class Tuner:
     """Runs (or resumes) one study; see the module docstring."""
 
@@ -147,6 +110,7 @@ class Tuner:
         self._check_identity()
         self._repeats = 0
         self._surplus_seen = False
+        self._other_studies: dict[str, tuple[int, TrialResult]] | None = None
 
     # -- identity and resume ------------------------------------------------
     def _check_identity(self) -> None:
@@ -284,17 +248,16 @@ class Tuner:
                 o.trial_finished(trial, result, REUSED_ATTR in trial.user_attrs)
 
     def _cache(self) -> dict[str, tuple[int, TrialResult]]:
-        """Measured results by settings key, from this study and studies with the same fingerprint."""
-        cache: dict[str, tuple[int, TrialResult]] = {}
-        fp = asdict(self.fingerprint)
-        for summary in optuna.get_all_study_summaries(storage=self.storage, include_best_trial=False):
-            if summary.study_name != self.study.study_name and summary.user_attrs.get("fingerprint") != fp:
-                continue
-            study = optuna.load_study(study_name=summary.study_name, storage=self.storage)
-            for t in measured_trials(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))):
-                r = result_of(t)
-                cache.setdefault(r.config.settings_key(), (t.number, r))
-        return cache
+        """Measured results by settings key: this study's (read afresh, other workers add to it), then
+        those of other studies with the same fingerprint (read once per run)."""
+        if self._other_studies is None:
+            self._other_studies = {}
+            fp = asdict(self.fingerprint)
+            for summary in optuna.get_all_study_summaries(storage=self.storage, include_best_trial=False):
+                if summary.study_name != self.study.study_name and summary.user_attrs.get("fingerprint") == fp:
+                    other = optuna.load_study(study_name=summary.study_name, storage=self.storage)
+                    self._other_studies.update(_results_by_key(other))
+        return {**self._other_studies, **_results_by_key(self.study)}
 
     def _objective(self, trial: Trial) -> list[float]:
         trial.set_user_attr(WORKER_ATTR, {"host": host_name(), "pid": os.getpid(), "gpu": self.env.gpu_name,
@@ -330,6 +293,7 @@ class Tuner:
                 trial.set_user_attr(INTERRUPTED_ATTR, True)
                 raise
             result.predicted_peak_bytes = predicted  # made before measuring, to judge the model honestly
+            result.bandwidth = bandwidth_of(result, self.memory.facts, self.env)
             self._refit_memory(result)
         trial.set_user_attr(RESULT_ATTR, result.to_dict())
         cons = constraints(result, self.limits)
@@ -385,6 +349,14 @@ class Tuner:
             self.study.set_user_attr(key, result.to_dict())
             out[number] = result
         return out
+
+
+def _results_by_key(study: optuna.Study) -> dict[str, tuple[int, TrialResult]]:
+    out: dict[str, tuple[int, TrialResult]] = {}
+    for t in measured_trials(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))):
+        r = result_of(t)
+        out.setdefault(r.config.settings_key(), (t.number, r))
+    return out
 
 
 def _alive(pid: Any) -> bool:

@@ -200,6 +200,7 @@ class MlflowTracker(Tracker):
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()])
+        self.client.set_terminated(self.parent_id, "FINISHED")  # a resumed study may still log to it
 
 
 def trial_tags(number: int, user_attrs: dict[str, Any], result: TrialResult, constraints: dict[str, float],
@@ -231,6 +232,9 @@ def trial_metrics(result: TrialResult) -> dict[str, float]:
            "peak_vram_bytes": result.peak_vram_bytes, "peak_rss_bytes": result.peak_rss_bytes,
            "headroom_bytes": result.headroom_bytes, "load_time_s": result.load_time_s,
            "context_time_s": result.context_time_s, "wall_time_s": result.wall_time_s}
+    out.update(result.bandwidth or {})
+    if result.predicted_peak_bytes is not None:
+        out["predicted_peak_bytes"] = result.predicted_peak_bytes
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -18,7 +18,8 @@ from tuner.launcher import Launcher, SubprocessLauncher
 from tuner.probe import GpuProbe, detect_probe
 from tuner.result import Environment
 from tuner.session import REQUEST_ATTR, StudyRequest, open_tuner
-from tuner.study import FINGERPRINT_ATTR, GRACE_S, HEARTBEAT_S, Tuner, make_storage
+from tuner.optuna_setup import GRACE_S, HEARTBEAT_S, make_storage
+from tuner.study import FINGERPRINT_ATTR, Tuner
 from tuner.tracking import Tracker
 
 
