@@ -15,6 +15,12 @@ from tuner.synth import SHAPES, Shape, write_synthetic_gguf
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_hash_cache(tmp_path_factory):
+    """Keep the model-hash cache of tests (and of the CLI processes they start) out of the user's."""
+    os.environ["LLAMA_TUNER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip tests marked ``gpu`` where no NVIDIA GPU is visible."""
     from tuner.probe import NoGpuProbe, detect_probe

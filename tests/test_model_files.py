@@ -117,3 +117,23 @@ def test_synth_cli_writes_a_loadable_custom_shape(run_cli, tmp_path):
     assert (info.n_layer, info.n_embd, info.n_head_kv[0], info.n_ff, info.n_vocab) == (3, 256, 1, 768, 512)
     assert_one_line_error(run_cli("synth", "--like", "nosuch", "--quant", "q8_0", tmp_path / "x.gguf"), "nosuch")
     assert_one_line_error(run_cli("synth", "--layers", 2, "--quant", "q8_0", tmp_path / "x.gguf"), "--embd")
+
+
+def test_model_hash_cache_is_reused_and_drops_files_that_changed(tmp_path):
+    import json
+
+    from tuner.fingerprint import model_sha256
+
+    cache = tmp_path / "cache.json"
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    a.write_bytes(b"one"), b.write_bytes(b"two")
+    first = model_sha256(a, cache)
+    model_sha256(b, cache)
+    assert first == "7692c3ad3540bb803c020b3aee66cd8887123234ea0c6e7143c0add73ff431ed"  # sha256("one")
+    key = next(k for k in json.loads(cache.read_text()) if k.startswith(str(a)))
+    cache.write_text(json.dumps({**json.loads(cache.read_text()), key: "from-cache"}))
+    assert model_sha256(a, cache) == "from-cache"  # same path, size and mtime: not hashed again
+    b.unlink()
+    a.write_bytes(b"changed")
+    assert model_sha256(a, cache) != first
+    assert [k.split("|")[0] for k in json.loads(cache.read_text())] == [str(a)]

@@ -14,11 +14,17 @@ from tuner.launcher import machine_environment
 from tuner.probe import GpuProbe
 from tuner.result import Environment
 
-HASH_CACHE = Path("studies") / "sha256-cache.json"
 
 
-def model_sha256(path: str | os.PathLike, cache_file: Path = HASH_CACHE) -> str:
+def hash_cache_file() -> Path:
+    """Where model hashes are cached: $LLAMA_TUNER_CACHE, else the user's cache directory."""
+    root = os.environ.get("LLAMA_TUNER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama-tuner"
+    return Path(root) / "sha256-cache.json"
+
+
+def model_sha256(path: str | os.PathLike, cache_file: Path | None = None) -> str:
     """SHA-256 of the model file, cached by (absolute path, size, mtime) because big files take long."""
+    cache_file = cache_file or hash_cache_file()
     p = Path(path).resolve()
     st = p.stat()
     key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
@@ -32,6 +38,8 @@ def model_sha256(path: str | os.PathLike, cache_file: Path = HASH_CACHE) -> str:
     with open(p, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
+    # Entries of files that are gone or changed are dropped, so the cache does not grow forever.
+    cache = {k: v for k, v in cache.items() if _still_current(k)}
     cache[key] = h.hexdigest()
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -39,6 +47,15 @@ def model_sha256(path: str | os.PathLike, cache_file: Path = HASH_CACHE) -> str:
     except OSError:
         pass  # a read-only checkout still works, it just hashes again
     return cache[key]
+
+
+def _still_current(key: str) -> bool:
+    path, size, mtime = key.rsplit("|", 2)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return f"{st.st_size}|{st.st_mtime_ns}" == f"{size}|{mtime}"
 
 
 def build_environment(probe: GpuProbe, gpu_index: int | None) -> Environment:
