@@ -102,12 +102,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="at least this many paired rounds")
     ap.add_argument("--max-rounds", type=int, default=15)
     ap.add_argument("--model", type=Path)
+    ap.add_argument("--only", action="append", metavar="T,B,FA",
+                    help="measure only this configuration (threads,batch,flash-attn 0/1); repeatable")
+    ap.add_argument("--out", default="fidelity.json", help="results file name under bench/results/")
     args = ap.parse_args()
+    configs = CONFIGS
+    if args.only:
+        wanted = {tuple(int(x) for x in o.split(",")) for o in args.only}
+        configs = [c for c in CONFIGS if (c["n_threads"], c["n_batch"], int(c["flash_attn"])) in wanted]
+        if len(configs) != len(wanted):
+            ap.error(f"--only takes threads (1|2), batch (128|512), fa (0|1), e.g. 1,512,0; got {args.only}")
     model = args.model or demo_model()
     binary = llama_bench_binary()
     launcher = SubprocessLauncher(detect_probe(), timeout_s=900)
     rows = []
-    for c in CONFIGS:
+    for c in configs:
         lb, ours = [], []
         for i in range(args.max_rounds):
             # Alternate who goes first, so slow drift of the machine hits both alike.
@@ -139,7 +148,7 @@ def main() -> None:
                "date": time.strftime("%Y-%m-%d"), "worst_abs_diff_pct": worst, "pass_3pct": worst <= 3.0,
                "max_tg_cv_pct": max(r["ours_tg_cv_pct"] for r in rows), "launch_overhead": overhead, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fidelity.json").write_text(json.dumps(summary, indent=2))
+    (RESULTS / args.out).write_text(json.dumps(summary, indent=2))
     print("\n| threads | batch | fa | rounds | pp llama-bench | pp llama-tuner | pp diff [95% CI] | tg llama-bench "
           "| tg llama-tuner | tg diff [95% CI] | tg CV (5 reps) |")
     print("| --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |")

@@ -17,7 +17,7 @@ from tuner.result import Environment, Rates, Status, TrialResult
 from tuner.session import StudyRequest, open_tuner
 from tuner.space import Machine, SearchSpace, SpaceOptions
 from tuner.study import INTERRUPTED_ATTR, WORKER_ATTR
-from tuner.study_view import StudyView
+from tuner.study_view import StudyView, confirm_leaders
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 ENV = Environment(host="fakehost", cpu="Fake CPU", physical_cores=8, ram_total_bytes=32 << 30,
@@ -144,6 +144,14 @@ def test_presets_break_noise_ties_toward_less_memory():
     assert p["fastest"].candidate is a
 
 
+def test_one_noisy_candidate_does_not_widen_the_ties_of_the_others():
+    steady = Candidate(1, _result(tg=100.0, peak=10 << 30, sd=1.0))
+    noisy = Candidate(2, _result(tg=85.0, peak=4 << 30, sd=8.0))  # 15 t/s slower, each repetition +-8
+    assert choose_presets([steady, noisy], "tg")["fastest"].candidate is steady
+    close = Candidate(3, _result(tg=91.0, peak=4 << 30, sd=8.0))  # 9 t/s slower: within the noise of the gap
+    assert choose_presets([steady, close], "tg")["fastest"].candidate is close
+
+
 # -- the study loop ---------------------------------------------------------------
 
 def test_a_study_measures_n_distinct_configs_and_baselines_first(long_context_model, tmp_path):
@@ -236,3 +244,23 @@ def test_the_timeout_stops_starting_trials(long_context_model, tmp_path):
     t.clock = lambda: next(clock)
     t.run()
     assert 1 <= t.measured_count() <= 3
+
+
+class LuckyFirstLauncher(FakeLauncher):
+    """Configurations without flash attention read 10x too fast the first time, and true on re-measurement."""
+
+    def speeds(self, c: BenchConfig) -> tuple[float, float]:
+        tg, pp = super().speeds(c)
+        return (tg * 10, pp) if not c.flash_attn and c.repetitions < 10 else (tg, pp)
+
+
+def test_leaders_are_confirmed_until_a_lucky_measurement_no_longer_leads(long_context_model, tmp_path):
+    t = tuner_for(long_context_model, tmp_path, LuckyFirstLauncher(env=ENV, noise=0.0), trials=16)
+    t.run()
+    lucky = [c for c in StudyView(t.study).candidates if not c.result.config.flash_attn]
+    assert len(lucky) > t.settings.confirm_top  # one round of confirmations cannot clear them all
+    confirm_leaders(t, passes=10)
+    view = StudyView(t.study)
+    fastest = view.presets["fastest"].candidate
+    assert fastest.confirm is not None and fastest.figures.config.flash_attn
+    assert all(n in view.confirmations for n in view.top(t.settings.confirm_top))

@@ -84,7 +84,7 @@ def run_and_print(tuner, confirm: bool) -> None:
     from tuner.export import llama_server_command
     from tuner.progress import LiveProgress
     from tuner.report import header, presets_table, why_lines
-    from tuner.study_view import StudyView
+    from tuner.study_view import StudyView, confirm_leaders
 
     already = tuner.measured_count()
     if already:
@@ -97,7 +97,7 @@ def run_and_print(tuner, confirm: bool) -> None:
             tuner.run()
             view = StudyView(tuner.study)
             if confirm and view.candidates:
-                tuner.confirm(view.top(tuner.settings.confirm_top))
+                confirm_leaders(tuner)
             tuner.tracker.study_finished(StudyView(tuner.study))
     except KeyboardInterrupt:
         raise UserError(f"interrupted after {tuner.measured_count()} measured configurations (all saved)",

@@ -1,9 +1,11 @@
 """Choosing presets from measured candidates: fastest, max-context, balanced.
 
 "Speed" follows the study's ``--objective``: generation rate (tg), prompt rate
-(pp) or their geometric mean (balanced). Two candidates whose speeds differ by
-less than two standard deviations are a tie, and a tie goes to the one using
-less memory: on a shared GPU, headroom is worth more than noise.
+(pp) or their geometric mean (balanced). Two candidates whose mean speeds differ
+by less than two standard deviations of that difference (from each one's
+repetitions: sqrt(sd1^2/n1 + sd2^2/n2)) are a tie, and a tie goes to the one
+using less memory: on a shared GPU, headroom is worth more than noise. One
+noisy measurement widens only its own ties, not those of every other candidate.
 """
 
 from __future__ import annotations
@@ -51,6 +53,19 @@ def speed(result: TrialResult, objective: str) -> tuple[float, float]:
     return mean, mean * rel
 
 
+def standard_error(result: TrialResult, objective: str) -> float:
+    """Standard error of the mean speed: its standard deviation over the square root of the repetitions."""
+    tests = {"tg": [result.tg], "pp": [result.pp], "balanced": [result.tg, result.pp]}[objective]
+    n = min((len(r.samples_ns) if r else 0) for r in tests)
+    return speed(result, objective)[1] / math.sqrt(n) if n > 1 else 0.0
+
+
+def tied(a: TrialResult, b: TrialResult, objective: str) -> bool:
+    """True when the two mean speeds differ by at most TIE_SIGMAS standard deviations of their difference."""
+    gap = abs(speed(a, objective)[0] - speed(b, objective)[0])
+    return gap <= TIE_SIGMAS * math.hypot(standard_error(a, objective), standard_error(b, objective))
+
+
 @dataclass
 class Preset:
     """A chosen configuration with the reason it was chosen."""
@@ -63,15 +78,13 @@ class Preset:
 
 def _break_ties(ranked: list[Candidate], objective: str) -> tuple[Candidate, list[int]]:
     """The least-memory candidate among those tied with the fastest of ``ranked``."""
-    best_mean, best_sd = speed(ranked[0].figures, objective)
-    tied = [c for c in ranked
-            if best_mean - speed(c.figures, objective)[0] <= TIE_SIGMAS * max(best_sd, speed(c.figures, objective)[1])]
+    ties = [c for c in ranked if c is ranked[0] or tied(ranked[0].figures, c.figures, objective)]
     # Never trade below a baseline in the tie: a preset is not slower than what the user runs today.
-    floor = max((speed(c.figures, objective)[0] for c in tied if c.baseline), default=None)
+    floor = max((speed(c.figures, objective)[0] for c in ties if c.baseline), default=None)
     if floor is not None:
-        tied = [c for c in tied if speed(c.figures, objective)[0] >= floor]
-    choice = min(tied, key=lambda c: (c.memory, -speed(c.figures, objective)[0]))
-    return choice, [c.trial for c in tied if c is not choice]
+        ties = [c for c in ties if speed(c.figures, objective)[0] >= floor]
+    choice = min(ties, key=lambda c: (c.memory, -speed(c.figures, objective)[0]))
+    return choice, [c.trial for c in ties if c is not choice]
 
 
 def rank(candidates: list[Candidate], objective: str) -> list[Candidate]:

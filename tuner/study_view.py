@@ -105,3 +105,17 @@ class StudyView:
     def presets(self) -> dict[str, Preset]:
         """fastest, max-context and balanced (empty if nothing feasible was measured)."""
         return choose_presets(self.candidates, self.objective)
+
+
+def confirm_leaders(tuner, passes: int = 3) -> None:
+    """Re-measure the fastest candidates until the leaders are all confirmed (at most ``passes`` rounds).
+
+    A single measurement that was lucky falls back when measured again, and the
+    candidate next in line must then be confirmed too before presets are chosen.
+    """
+    for _ in range(passes):
+        view = StudyView(tuner.study)
+        todo = [n for n in view.top(tuner.settings.confirm_top) if n not in view.confirmations]
+        if not todo:
+            return
+        tuner.confirm(todo)
