@@ -65,9 +65,12 @@ class GridLauncher(Launcher):
         for cfg in configs:
             self.asked += 1
             key = cfg.resolved().settings_key()
-            if key not in self.grid and key not in self.confirmed:
+            if cfg.repetitions == self.grid[key].config.repetitions:
+                yield self.grid[key]
+                continue
+            if key not in self.confirmed:
                 [self.confirmed[key]] = self.real.measure(model_path, [cfg])
-            yield self.grid.get(key) or self.confirmed[key]
+            yield self.confirmed[key]
 
 
 def measure_grid(request: StudyRequest, env) -> dict:
