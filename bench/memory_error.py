@@ -32,7 +32,7 @@ GRID_FILE = Path(__file__).resolve().parent / "results" / "efficiency-grid.json"
 def summary(errors: list[float]) -> str:
     """Median and max of |error| in %, and the signed range."""
     a = [abs(e) for e in errors]
-    return (f"median {statistics.median(a):.1f}%, max {max(a):.1f}% "
+    return (f"median {statistics.median(a):.2f}%, max {max(a):.2f}% "
             f"(from {min(errors):+.1f}% to {max(errors):+.1f}%, n={len(errors)})")
 
 
