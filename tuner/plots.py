@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -68,7 +69,9 @@ def importance(view, path: Path) -> bool:
     target is the negated generation rate.
     """
     try:
-        imp = optuna.importance.get_param_importances(view.study, target=lambda t: -t.values[0])
+        with warnings.catch_warnings():  # its reminder that low is good: the negation above handles it
+            warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")
+            imp = optuna.importance.get_param_importances(view.study, target=lambda t: -t.values[0])
     except (RuntimeError, ValueError, ZeroDivisionError):
         return False
     if not imp:
