@@ -7,13 +7,15 @@ the cost our measuring loop adds over llama-bench's C++ loop.
 Usage: python bench/python_overhead.py [MODEL]
 """
 import sys
+from pathlib import Path
 
-sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llama_cpp import llama_cpp as C  # noqa: E402
+
+from tuner import child  # noqa: E402
+
 MODEL = sys.argv[1] if len(sys.argv) > 1 else "models/gemma-3-270m-Q4_K_M.gguf"
-import json, time
-import llama_cpp
-from llama_cpp import llama_cpp as C
-from tuner import child
 C.llama_log_set(child._LOG_CALLBACK, None)
 C.llama_backend_init()
 model, _ = child.load_model(MODEL, {"n_gpu_layers": 0, "use_mmap": True})

@@ -26,7 +26,8 @@ from tuner.fakes import FakeLauncher
 from tuner.records import BASELINE_ATTR, REUSED_ATTR, measured_trials
 from tuner.result import Environment
 from tuner.session import StudyRequest, open_tuner
-from tuner.study import RETRY_ATTR, make_storage
+from tuner.optuna_setup import make_storage
+from tuner.study import RETRY_ATTR
 from tuner.worker import join_study
 from test_study import ENV
 

@@ -142,7 +142,7 @@ def worker(study_name: str, storage: str, gpu: int | None, model: str | None, tr
 def _study_attr(storage: str, study_name: str, key: str):
     import optuna
 
-    from tuner.study import make_storage
+    from tuner.optuna_setup import make_storage
 
     try:
         return optuna.load_study(study_name=study_name, storage=make_storage(storage)).user_attrs.get(key)
@@ -161,7 +161,7 @@ def export(study: str, preset: str, fmt: str, storage: str) -> None:
     """Print a preset of STUDY as a llama-server command, Python kwargs, an Ollama Modelfile or JSON."""
     from tuner.export import render
     from tuner.presets import gain
-    from tuner.study import make_storage
+    from tuner.optuna_setup import make_storage
     from tuner.study_view import StudyView
 
     view = StudyView.load(make_storage(storage), study)
@@ -181,7 +181,7 @@ def export(study: str, preset: str, fmt: str, storage: str) -> None:
 def report(study: str, storage: str) -> None:
     """Print STUDY's trials and presets, with each preset's gain over the baselines."""
     from tuner.report import full_report
-    from tuner.study import make_storage
+    from tuner.optuna_setup import make_storage
     from tuner.study_view import StudyView
 
     click.echo(full_report(StudyView.load(make_storage(storage), study)))

@@ -33,7 +33,7 @@ def make_tracker(tracking_uri: str | None, no_mlflow: bool):
 @click.option("--tracking-uri", help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI}).")
 def sync(study: str, storage: str, tracking_uri: str | None) -> None:
     """Write STUDY's trials that MLflow lacks (after MLflow was unreachable); never duplicates."""
-    from tuner.study import make_storage
+    from tuner.optuna_setup import make_storage
     from tuner.study_view import StudyView
     from tuner.tracking import MlflowTracker
 
@@ -85,7 +85,7 @@ def ui(port: int, dashboard: bool, storage: str, tracking_uri: str | None) -> No
 def compare(studies: tuple[str, ...], preset: str, storage: str) -> None:
     """Compare the presets of several studies (models) and explain their speed."""
     from tuner.compare import compare_text, row_for
-    from tuner.study import make_storage
+    from tuner.optuna_setup import make_storage
     from tuner.study_view import StudyView
 
     store = make_storage(storage)

@@ -15,11 +15,12 @@ from tuner.probe import GpuProbe
 from tuner.result import Environment
 
 
-
 def hash_cache_file() -> Path:
     """Where model hashes are cached: $LLAMA_TUNER_CACHE, else the user's cache directory."""
-    root = os.environ.get("LLAMA_TUNER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama-tuner"
-    return Path(root) / "sha256-cache.json"
+    if os.environ.get("LLAMA_TUNER_CACHE"):
+        return Path(os.environ["LLAMA_TUNER_CACHE"]) / "sha256-cache.json"
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache_home / "llama-tuner" / "sha256-cache.json"
 
 
 def model_sha256(path: str | os.PathLike, cache_file: Path | None = None) -> str:

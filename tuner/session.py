@@ -12,11 +12,12 @@ from tuner.errors import UserError
 from tuner.fingerprint import build_environment, model_sha256
 from tuner.launcher import Launcher, SubprocessLauncher
 from tuner.model_info import ModelInfo, load_model_info
+from tuner.optuna_setup import make_storage
 from tuner.probe import GpuProbe, detect_probe, visible_gpu_index
 from tuner.records import Limits
 from tuner.result import Environment
 from tuner.space import STUDY_TEST, Machine, SearchSpace, SpaceOptions
-from tuner.study import Fingerprint, StudySettings, Tuner, make_storage
+from tuner.study import Fingerprint, StudySettings, Tuner
 from tuner.tracking import Tracker
 
 REQUEST_ATTR = "request"

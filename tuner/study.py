@@ -33,7 +33,7 @@ from tuner.model_info import ModelInfo
 from tuner.probe import host_name
 from tuner.bandwidth import bandwidth_of
 from tuner.memory import MemoryModel, model_facts
-from tuner.optuna_setup import GRACE_S, make_sampler, make_storage  # noqa: F401 - make_storage is re-exported
+from tuner.optuna_setup import GRACE_S, make_sampler
 from tuner.records import (BASELINE_ATTR, IMPUTED_ATTR, RESULT_ATTR, REUSED_ATTR, SKIPPED_ATTR, Limits,
                            constraints, measured_trials, objective_values, result_of, worst_rates)
 from tuner.result import Environment, Status, TrialResult

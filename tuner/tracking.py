@@ -9,7 +9,6 @@ or after a crash between creating a run and recording its id, never duplicates.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
