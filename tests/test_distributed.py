@@ -139,7 +139,7 @@ def test_three_workers_measure_exactly_the_study_count(postgres, long_context_mo
 @pytest.mark.slow
 def test_a_worker_killed_mid_trial_has_its_trial_retried(postgres, long_context_model, tmp_path):
     url = postgres.new_database("killed")
-    create_study(long_context_model, url, "killed", trials=30)
+    create_study(long_context_model, url, "killed", trials=20)
     record = tmp_path / "record"
     procs = start_workers(3, "killed", url, record, 0.8)
     victim = procs[0]
@@ -162,7 +162,7 @@ def test_a_worker_killed_mid_trial_has_its_trial_retried(postgres, long_context_
         retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in study.trials}
     retried |= {t.user_attrs.get(RETRY_ATTR) for t in study.trials}
     assert dead[0].number in retried  # ... and its configuration was queued again
-    assert len(measured_trials(study.trials)) == 30
+    assert len(measured_trials(study.trials)) == 20
 
 
 @pytest.mark.slow
