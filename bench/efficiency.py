@@ -8,6 +8,7 @@
    the grid) with TPE for several seeds, and random search with the same seeds
    and trial count; the baselines are measured first in both, as in ``tune``.
 
+   The leaders are confirmed for real, together and taking turns, as ``tune`` does.
 3. Each configuration measured once is noisy (3-4% per run on this VM, and the
    machine drifts by up to 10% over the hour the grid takes), so the maximum of
    288 single measurements overstates the best. The verdict therefore uses a
@@ -54,24 +55,24 @@ GRID_FILE = RESULTS / "efficiency-grid.json"
 
 
 class GridLauncher(Launcher):
-    """Answers trials from measured grid results; confirmations (more repetitions) are measured for real,
-    as ``tune`` does, and kept in ``confirmed`` so seeds that confirm the same configuration share it."""
+    """Answers trials (one configuration per call) from the measured grid. A confirmation (several
+    configurations in turns, see ``Tuner.confirm``) is measured for real, as ``tune`` does, and kept in
+    ``confirmed`` so seeds that confirm the same leaders share the whole batch."""
 
-    def __init__(self, grid: dict[str, TrialResult], confirmed: dict[str, TrialResult] | None = None):
+    def __init__(self, grid: dict[str, TrialResult], confirmed: dict[str, list[TrialResult]] | None = None):
         self.grid, self.asked = grid, 0
         self.confirmed = {} if confirmed is None else confirmed
         self.real = SubprocessLauncher(detect_probe(), timeout_s=900)
 
     def measure(self, model_path: str, configs: Sequence[BenchConfig]) -> Iterator[TrialResult]:
-        for cfg in configs:
-            self.asked += 1
-            key = cfg.resolved().settings_key()
-            if cfg.repetitions == self.grid[key].config.repetitions:
-                yield self.grid[key]
-                continue
-            if key not in self.confirmed:
-                [self.confirmed[key]] = self.real.measure(model_path, [cfg])
-            yield self.confirmed[key]
+        self.asked += len(configs)
+        if len(configs) == 1:
+            yield self.grid[configs[0].resolved().settings_key()]
+            return
+        batch = json.dumps([c.to_dict() for c in configs], sort_keys=True)
+        if batch not in self.confirmed:
+            self.confirmed[batch] = list(self.real.measure(model_path, configs))
+        yield from self.confirmed[batch]
 
 
 def measure_grid(request: StudyRequest, env) -> dict:
@@ -175,7 +176,7 @@ def main() -> None:
     for sampler in ("tpe", "random"):
         rows[sampler] = [replay(request, env, grid, sampler, seed, trials, confirmed)
                          for seed in range(1, args.seeds + 1)]
-    print(f"{len(confirmed)} confirmations measured", flush=True)
+    print(f"{len(confirmed)} confirmation batches measured", flush=True)
     with tempfile.TemporaryDirectory() as tmp:  # the limits, as the study computes them
         limits = open_tuner(StudyRequest(**{**request.__dict__, "storage": f"sqlite:///{tmp}/s.db"}),
                             launcher=GridLauncher(grid), env=env).limits

@@ -12,11 +12,12 @@ from tuner.errors import UserError
 from tuner.fakes import FakeLauncher
 from tuner.model_info import load_model_info
 from tuner.presets import Candidate, choose_presets
-from tuner.records import RESULT_ATTR, REUSED_ATTR, Limits, constraints, measured_trials
-from tuner.result import Environment, Rates, Status, TrialResult
+from tuner.records import RESULT_ATTR, REUSED_ATTR, Limits, constraints, measured_trials, result_of
+from tuner.result import Environment, Interleaved, Rates, Status, TrialResult
 from tuner.session import StudyRequest, open_tuner
 from tuner.space import Machine, SearchSpace, SpaceOptions
-from tuner.study import INTERRUPTED_ATTR, WORKER_ATTR
+from tuner.coordination import WORKER_ATTR
+from tuner.study import INTERRUPTED_ATTR
 from tuner.study_view import StudyView, confirm_leaders
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -152,6 +153,25 @@ def test_one_noisy_candidate_does_not_widen_the_ties_of_the_others():
     assert choose_presets([steady, close], "tg")["fastest"].candidate is close
 
 
+def _drifting(tg: float, peak: int, batch: str | None) -> Candidate:
+    """10 tg repetitions in 5 rounds of 2; the machine drifts by up to 12% between rounds."""
+    drift = (0.90, 1.02, 1.12, 0.95, 1.0)
+    ns = [int(1e9 * 128 / (tg * d * (1 + e))) for d in drift for e in (-0.003, 0.003)]
+    cfg = BenchConfig(n_ctx=8192, n_batch=512, n_ubatch=512, n_threads=4, n_threads_batch=4, repetitions=10)
+    r = TrialResult(Status.OK, cfg, "/m.gguf", tg=Rates(128, ns), pp=Rates(512, [10**9] * 10), peak_rss_bytes=peak,
+                    interleaved=Interleaved(batch, 2) if batch else None)
+    return Candidate(int(tg), r, r)
+
+
+def test_candidates_confirmed_in_turns_are_compared_round_by_round():
+    faster, leaner = _drifting(100.0, 10 << 30, "b1"), _drifting(97.0, 8 << 30, "b1")
+    assert choose_presets([faster, leaner], "tg")["fastest"].candidate is faster  # 3% in every round: no tie
+    apart = [_drifting(100.0, 10 << 30, None), _drifting(97.0, 8 << 30, None)]  # drift hides 3%: a tie
+    assert choose_presets(apart, "tg")["fastest"].candidate is apart[1]
+    other = [_drifting(100.0, 10 << 30, "b1"), _drifting(97.0, 8 << 30, "b2")]  # different batches: not paired
+    assert choose_presets(other, "tg")["fastest"].candidate is other[1]
+
+
 # -- the study loop ---------------------------------------------------------------
 
 def test_a_study_measures_n_distinct_configs_and_baselines_first(long_context_model, tmp_path):
@@ -251,7 +271,8 @@ class LuckyFirstLauncher(FakeLauncher):
 
     def speeds(self, c: BenchConfig) -> tuple[float, float]:
         tg, pp = super().speeds(c)
-        return (tg * 10, pp) if not c.flash_attn and c.repetitions < 10 else (tg, pp)
+        first = [m.settings_key() for m in self.measured].count(c.settings_key()) == 1
+        return (tg * 10, pp) if not c.flash_attn and first else (tg, pp)
 
 
 def test_leaders_are_confirmed_until_a_lucky_measurement_no_longer_leads(long_context_model, tmp_path):
@@ -264,3 +285,22 @@ def test_leaders_are_confirmed_until_a_lucky_measurement_no_longer_leads(long_co
     fastest = view.presets["fastest"].candidate
     assert fastest.confirm is not None and fastest.figures.config.flash_attn
     assert all(n in view.confirmations for n in view.top(t.settings.confirm_top))
+
+
+def test_leaders_are_confirmed_together_taking_turns(long_context_model, tmp_path):
+    t = tuner_for(long_context_model, tmp_path, trials=10)
+    t.run()
+    top = StudyView(t.study).top(3)
+    calls = len(t.launcher.measured)
+    out = t.confirm(top)
+    plan = t.launcher.measured[calls:]
+    keys = {n: result_of(t.study.trials[n]).config.settings_key() for n in top}
+    assert len(plan) == 15 and all(c.repetitions == 2 for c in plan)  # 10 repetitions, 2 at a time
+    rounds = [[c.settings_key() for c in plan[i:i + 3]] for i in range(0, 15, 3)]
+    assert all(sorted(r) == sorted(keys.values()) for r in rounds)  # every round measures every candidate
+    assert rounds[0] != rounds[1]  # the order rotates
+    assert all(len(r.tg.samples_ns) == 10 and r.config.repetitions == 10 for r in out.values())
+    assert len({r.interleaved for r in out.values()}) == 1
+    assert StudyView(t.study).confirmations.keys() == set(top)
+    confirm_leaders(t)  # the leaders are one confirmed batch already: nothing is measured
+    assert len(t.launcher.measured) == calls + 15

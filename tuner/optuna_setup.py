@@ -6,8 +6,7 @@ import os
 import warnings
 
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback
-
+from tuner.coordination import RetryStaleTrial
 from tuner.errors import UserError
 
 HEARTBEAT_S, GRACE_S = 10, 60
@@ -28,7 +27,7 @@ def make_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
                 url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=heartbeat_s, grace_period=grace_s,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+                heartbeat_stale_trial_callback=RetryStaleTrial())
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds for a bad URL
         raise UserError(f"cannot open study storage {url}: {str(exc).splitlines()[0]}",
                         "check --storage (e.g. sqlite:///studies/llama-tuner.db or postgresql://...)") from None

@@ -6,11 +6,15 @@ by less than two standard deviations of that difference (from each one's
 repetitions: sqrt(sd1^2/n1 + sd2^2/n2)) are a tie, and a tie goes to the one
 using less memory: on a shared GPU, headroom is worth more than noise. One
 noisy measurement widens only its own ties, not those of every other candidate.
+Candidates confirmed together, taking turns (``TrialResult.interleaved``), are
+compared round by round instead: the standard error is that of the per-round
+differences, so drift of the machine, which hits both alike, cancels out.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 
 from tuner.result import Rates, TrialResult
@@ -60,9 +64,24 @@ def standard_error(result: TrialResult, objective: str) -> float:
     return speed(result, objective)[1] / math.sqrt(n) if n > 1 else 0.0
 
 
+def round_speeds(result: TrialResult, objective: str) -> list[float]:
+    """The speed of each round of an interleaved confirmation (empty for other results)."""
+    step = result.interleaved.per_round if result.interleaved else 0
+    tests = {"tg": [result.tg], "pp": [result.pp], "balanced": [result.tg, result.pp]}[objective]
+    if not step or any(r is None for r in tests):
+        return []
+    per_test = [[statistics.fmean(r.rates[i:i + step]) for i in range(0, len(r.rates), step)] for r in tests]
+    return [math.prod(values) ** (1 / len(values)) for values in zip(*per_test)]
+
+
 def tied(a: TrialResult, b: TrialResult, objective: str) -> bool:
-    """True when the two mean speeds differ by at most TIE_SIGMAS standard deviations of their difference."""
+    """True when the two mean speeds differ by at most TIE_SIGMAS standard errors of their difference
+    (paired by round when both were confirmed in the same interleaved batch)."""
     gap = abs(speed(a, objective)[0] - speed(b, objective)[0])
+    ra, rb = round_speeds(a, objective), round_speeds(b, objective)
+    if a.interleaved is not None and a.interleaved == b.interleaved and len(ra) == len(rb) >= 3:
+        diffs = [x - y for x, y in zip(ra, rb)]
+        return gap <= TIE_SIGMAS * statistics.stdev(diffs) / math.sqrt(len(diffs))
     return gap <= TIE_SIGMAS * math.hypot(standard_error(a, objective), standard_error(b, objective))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -83,6 +83,16 @@ class Environment:
         return f"cpu:{self.cpu}:{self.physical_cores}"
 
 
+@dataclass(frozen=True)
+class Interleaved:
+    """How a confirmation was measured: in ``batch`` with other candidates, ``per_round`` repetitions at a
+    time, taking turns. Samples ``[r * per_round, (r + 1) * per_round)`` of every member of a batch were
+    measured in the same round r, so a slow or fast period of the machine hits them all alike."""
+
+    batch: str
+    per_round: int
+
+
 @dataclass
 class TrialResult:
     """The outcome of measuring one BenchConfig on one model file."""
@@ -109,6 +119,7 @@ class TrialResult:
     bandwidth: dict[str, float] | None = None
     env: Environment = field(default_factory=Environment)
     started_at: str = ""
+    interleaved: Interleaved | None = None
 
     @property
     def ok(self) -> bool:
@@ -182,4 +193,34 @@ class TrialResult:
             if d.get(key) is not None:
                 d[key] = Rates(**d[key])
         d["env"] = Environment(**d.get("env", {}))
+        if d.get("interleaved"):
+            d["interleaved"] = Interleaved(**d["interleaved"])
         return cls(**d)
+
+
+def merge_rounds(parts: list[TrialResult], interleaved: Interleaved) -> TrialResult:
+    """One result from the rounds of one configuration measured in turns with others (see Interleaved).
+
+    Samples are concatenated in round order and peaks are the largest seen. If any round
+    did not complete, that failure is the result: a configuration that crashes once is
+    not confirmed.
+    """
+    failed = next((p for p in parts if not p.ok), None)
+    if failed is not None:
+        return replace(failed, interleaved=interleaved)
+
+    def joined(name: str) -> Rates | None:
+        rates = [getattr(p, name) for p in parts]
+        if any(r is None for r in rates):
+            return None
+        return Rates(rates[0].n_tokens, [ns for r in rates for ns in r.samples_ns])
+
+    def largest(name: str) -> int | None:
+        values = [getattr(p, name) for p in parts if getattr(p, name) is not None]
+        return max(values) if values else None
+
+    first = parts[0]
+    return replace(first, config=replace(first.config, repetitions=sum(p.config.repetitions for p in parts)),
+                   pp=joined("pp"), tg=joined("tg"), peak_rss_bytes=largest("peak_rss_bytes"),
+                   peak_vram_bytes=largest("peak_vram_bytes"),
+                   wall_time_s=sum(p.wall_time_s or 0.0 for p in parts), interleaved=interleaved)

@@ -10,11 +10,12 @@ the TrialResult on the trial and tells Optuna the objectives and constraints.
 distinct measurements. Trials left RUNNING by a killed process on this host, or
 failed by Ctrl-C, are marked failed on resume and their configuration retried;
 trials of dead workers elsewhere are failed by Optuna's RDB heartbeat and retried
-by ``RetryHeartbeatStaleTrialCallback``.
+(:mod:`tuner.coordination` keeps workers from losing or repeating measurements).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -23,7 +24,6 @@ from typing import Any, Callable, Protocol
 
 import optuna
 import psutil
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from tuner.config import BenchConfig
@@ -32,23 +32,21 @@ from tuner.launcher import Launcher
 from tuner.model_info import ModelInfo
 from tuner.probe import host_name
 from tuner.bandwidth import bandwidth_of
+from tuner.coordination import (CONFIG_ATTR, SETTINGS_ATTR, SURPLUS_ATTR, WORKER_ATTR, Heartbeat,
+                                OrphanSweeper, fail_stale, grace_period, requeue, retried_numbers, twins_ahead)
 from tuner.memory import MemoryModel, model_facts
 from tuner.optuna_setup import GRACE_S, make_sampler
 from tuner.records import (BASELINE_ATTR, IMPUTED_ATTR, RESULT_ATTR, REUSED_ATTR, SKIPPED_ATTR, Limits,
                            constraints, measured_trials, objective_values, result_of, worst_rates)
-from tuner.result import Environment, Status, TrialResult
+from tuner.result import Environment, Interleaved, Status, TrialResult, merge_rounds
 from tuner.space import SearchSpace
 from tuner.tracking import RUN_ID_ATTR, Tracker
 
-WORKER_ATTR = "worker"
 INTERRUPTED_ATTR = "interrupted"
-CONFIG_ATTR = "config"  # a baseline's exact configuration
 FINGERPRINT_ATTR = "fingerprint"
-RETRY_ATTR = "retry_of"
-SURPLUS_ATTR = "surplus"
-SETTINGS_ATTR = "settings_key"
 SKIP_MARGIN_PRIOR, SKIP_MARGIN_FITTED = 0.15, 0.05
 CONFIRM_PREFIX = "confirm:"
+CONFIRM_PER_ROUND = 2
 MAX_CONSECUTIVE_REPEATS = 30
 
 
@@ -111,6 +109,7 @@ class Tuner:
         self._repeats = 0
         self._surplus_seen = False
         self._other_studies: dict[str, tuple[int, TrialResult]] | None = None
+        self._orphans = OrphanSweeper(grace_period(storage, GRACE_S))
 
     # -- identity and resume ------------------------------------------------
     def _check_identity(self) -> None:
@@ -136,10 +135,7 @@ class Tuner:
         """Fail this host's trials whose process is gone, and those cut by Ctrl-C; retry their configs."""
         retried = []
         trials = self.study.get_trials(deepcopy=False)
-        already = {t.user_attrs.get(RETRY_ATTR) for t in trials}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            already |= {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
+        already = retried_numbers(trials)
         host = host_name()
         for t in trials:
             w = t.user_attrs.get(WORKER_ATTR) or {}
@@ -147,13 +143,7 @@ class Tuner:
             if dead:
                 self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             cut = dead or (t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR))
-            # A retry that is cut again is not retried once more: its config may be what kills the run.
-            if cut and t.number not in already and t.params and RETRY_ATTR not in t.user_attrs:
-                attrs = {RETRY_ATTR: t.number}
-                for key in (BASELINE_ATTR, CONFIG_ATTR):
-                    if key in t.user_attrs:
-                        attrs[key] = t.user_attrs[key]
-                self.study.enqueue_trial(t.params, user_attrs=attrs)
+            if cut and t.number not in already and requeue(self.study, t):
                 retried.append(t.number)
         return retried
 
@@ -212,34 +202,38 @@ class Tuner:
 
         Optuna's ``study.optimize`` masks a storage error during its final bookkeeping
         with an UnboundLocalError (optuna 5.0), so the trial loop is ours; it keeps
-        Optuna's stale-trial check and heartbeat thread.
+        Optuna's stale-trial check, with a heartbeat that survives a database restart.
         """
-        from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
-
-        if is_heartbeat_enabled(self.storage):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(self.study)
-        with warnings.catch_warnings():  # we do run Optuna's heartbeat thread, just not via optimize()
+        self._clear_dead()
+        with warnings.catch_warnings():  # we do beat (coordination.Heartbeat), just not via optimize()
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
             trial = self.study.ask()
         values, state = None, TrialState.COMPLETE
-        with get_heartbeat_thread(trial._trial_id, self.storage):
+        with Heartbeat(self.storage, trial._trial_id, first_beat=self._with_storage):
             try:
                 values = self._objective(trial)
             except SurplusTrial:
                 state = TrialState.FAIL
+            except optuna.exceptions.UpdateFinishedTrialError:
+                return  # failed by another worker while we were cut off from the database; it was requeued
             except KeyboardInterrupt:
                 self._tell(trial, None, TrialState.FAIL)
                 raise
         self._with_storage(lambda: self._tell(trial, values, state))
-        self._finished(self.study, self.storage.get_trial(trial._trial_id))
+        self._finished(self.study, self._with_storage(lambda: self.storage.get_trial(trial._trial_id)))
+
+    def _clear_dead(self) -> None:
+        """Fail the trials of silent workers and the orphans of interrupted asks, so no slot is held forever."""
+        fail_stale(self.study)
+        self._orphans.sweep(self.study)
 
     def _tell(self, trial: Trial, values, state: TrialState) -> None:
+        # Finished already: an earlier attempt landed before the connection broke, or the database was
+        # away for longer than the grace period and another worker failed (and requeued) the trial.
         try:
-            self.study.tell(trial, values, state=state)
+            self.study.tell(trial, values, state=state, skip_if_finished=True)
         except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # an earlier attempt did land before the connection broke
+            pass
 
     def _finished(self, study: optuna.Study, trial: FrozenTrial) -> None:
         result = result_of(trial)
@@ -317,15 +311,16 @@ class Tuner:
         self.memory.fit(measured + [latest])
 
     def _wait_for_twin(self, trial: Trial, key: str) -> None:
-        """If another worker is measuring the same settings right now, wait for its result."""
-        deadline = time.monotonic() + self.settings.trial_timeout_s + GRACE_S
+        """If an earlier trial measures the same settings right now (or may: it has not said yet), wait for it."""
+        deadline = time.monotonic() + self.settings.trial_timeout_s + grace_period(self.storage, GRACE_S)
+        delay = 0.02
         while time.monotonic() < deadline:
-            twins = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                     if t.number < trial.number and t.user_attrs.get(SETTINGS_ATTR) == key
-                     and not t.user_attrs.get(SURPLUS_ATTR)]
-            if not twins:
+            if not twins_ahead(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)), trial.number, key):
                 return
-            time.sleep(0.5)
+            time.sleep(delay)
+            delay = min(2 * delay, 1.0)
+            if delay >= 1.0:
+                self._clear_dead()
 
     def _surplus(self, trial: Trial) -> bool:
         """True when measured trials plus earlier running ones already reach the target."""
@@ -336,18 +331,30 @@ class Tuner:
 
     # -- noise: confirm the best candidates ---------------------------------
     def confirm(self, trial_numbers: list[int]) -> dict[int, TrialResult]:
-        """Re-measure the given trials with more repetitions (once per study), returning all confirmations."""
-        out = {}
-        for number in trial_numbers:
-            key = f"{CONFIRM_PREFIX}{number}"
-            if key in self.study.user_attrs:
-                out[number] = TrialResult.from_dict(self.study.user_attrs[key])
-                continue
-            base = result_of(self.study.trials[number])
-            cfg = BenchConfig(**{**base.config.to_dict(), "repetitions": self.settings.confirm_repetitions})
-            [result] = list(self.launcher.measure(self.model.path, [cfg]))
-            self.study.set_user_attr(key, result.to_dict())
-            out[number] = result
+        """Re-measure the given trials together, taking turns, and store the confirmations.
+
+        Each configuration gets ``confirm_repetitions`` more repetitions, measured
+        CONFIRM_PER_ROUND at a time in rounds (the order rotates each round), so that
+        drift of the machine during the confirmation hits every candidate alike and
+        :func:`tuner.presets.tied` can compare them round by round. On a GPU, where
+        candidates may differ in offload and so need a model load each, there are
+        two rounds instead of one per CONFIRM_PER_ROUND repetitions.
+        """
+        bases = {n: result_of(self.study.trials[n]) for n in trial_numbers}
+        total = self.settings.confirm_repetitions
+        one_model = len({json.dumps(r.config.model_params(), sort_keys=True) for r in bases.values()}) == 1
+        per_round = min(CONFIRM_PER_ROUND, total) if one_model else max(1, -(-total // 2))
+        rounds = -(-total // per_round)
+        order = list(trial_numbers)
+        plan = [order[(i + r) % len(order)] for r in range(rounds) for i in range(len(order))]
+        configs = [BenchConfig(**{**bases[n].config.to_dict(), "repetitions": per_round}) for n in plan]
+        parts: dict[int, list[TrialResult]] = {n: [] for n in order}
+        for n, result in zip(plan, self.launcher.measure(self.model.path, configs)):
+            parts[n].append(result)
+        batch = Interleaved(f"{self.study.study_name}:{time.time():.3f}:{','.join(map(str, order))}", per_round)
+        out = {n: merge_rounds(parts[n], batch) for n in order}
+        for n, result in out.items():
+            self.study.set_user_attr(f"{CONFIRM_PREFIX}{n}", result.to_dict())
         return out
 
 

@@ -108,14 +108,16 @@ class StudyView:
 
 
 def confirm_leaders(tuner, passes: int = 3) -> None:
-    """Re-measure the fastest candidates until the leaders are all confirmed (at most ``passes`` rounds).
+    """Re-measure the fastest candidates together until the leaders are one confirmed batch (at most ``passes``).
 
     A single measurement that was lucky falls back when measured again, and the
-    candidate next in line must then be confirmed too before presets are chosen.
+    candidate next in line must then be confirmed too; it is confirmed together with
+    the others still in the lead, so all leaders are compared round by round.
     """
     for _ in range(passes):
         view = StudyView(tuner.study)
-        todo = [n for n in view.top(tuner.settings.confirm_top) if n not in view.confirmations]
-        if not todo:
+        top = view.top(tuner.settings.confirm_top)
+        batches = {getattr(view.confirmations.get(n), "interleaved", None) for n in top}
+        if not top or (len(batches) == 1 and None not in batches):
             return
-        tuner.confirm(todo)
+        tuner.confirm(top)
