@@ -174,8 +174,12 @@ def main() -> None:
     trials = int(args.share * cache["n_configs"])
     rows, confirmed = {}, {}
     for sampler in ("tpe", "random"):
-        rows[sampler] = [replay(request, env, grid, sampler, seed, trials, confirmed)
-                         for seed in range(1, args.seeds + 1)]
+        rows[sampler] = []
+        for seed in range(1, args.seeds + 1):
+            t0 = time.monotonic()
+            rows[sampler].append(replay(request, env, grid, sampler, seed, trials, confirmed))
+            print(f"  {sampler} seed {seed}: fastest preset {describe(rows[sampler][-1]['fastest_config'])}, "
+                  f"{time.monotonic() - t0:.0f} s", flush=True)
     print(f"{len(confirmed)} confirmation batches measured", flush=True)
     with tempfile.TemporaryDirectory() as tmp:  # the limits, as the study computes them
         limits = open_tuner(StudyRequest(**{**request.__dict__, "storage": f"sqlite:///{tmp}/s.db"}),
