@@ -60,12 +60,11 @@ class GridLauncher(Launcher):
     ``confirmed`` so seeds that confirm the same leaders share the whole batch."""
 
     def __init__(self, grid: dict[str, TrialResult], confirmed: dict[str, list[TrialResult]] | None = None):
-        self.grid, self.asked = grid, 0
+        self.grid = grid
         self.confirmed = {} if confirmed is None else confirmed
         self.real = SubprocessLauncher(detect_probe(), timeout_s=900)
 
     def measure(self, model_path: str, configs: Sequence[BenchConfig]) -> Iterator[TrialResult]:
-        self.asked += len(configs)
         if len(configs) == 1:
             yield self.grid[configs[0].resolved().settings_key()]
             return

@@ -57,9 +57,14 @@ def speed(result: TrialResult, objective: str) -> tuple[float, float]:
     return mean, mean * rel
 
 
+def _tests(result: TrialResult, objective: str) -> list[Rates | None]:
+    """The tests whose rates make up ``objective``'s speed."""
+    return {"tg": [result.tg], "pp": [result.pp], "balanced": [result.tg, result.pp]}[objective]
+
+
 def standard_error(result: TrialResult, objective: str) -> float:
     """Standard error of the mean speed: its standard deviation over the square root of the repetitions."""
-    tests = {"tg": [result.tg], "pp": [result.pp], "balanced": [result.tg, result.pp]}[objective]
+    tests = _tests(result, objective)
     n = min((len(r.samples_ns) if r else 0) for r in tests)
     return speed(result, objective)[1] / math.sqrt(n) if n > 1 else 0.0
 
@@ -67,7 +72,7 @@ def standard_error(result: TrialResult, objective: str) -> float:
 def round_speeds(result: TrialResult, objective: str) -> list[float]:
     """The speed of each round of an interleaved confirmation (empty for other results)."""
     step = result.interleaved.per_round if result.interleaved else 0
-    tests = {"tg": [result.tg], "pp": [result.pp], "balanced": [result.tg, result.pp]}[objective]
+    tests = _tests(result, objective)
     if not step or any(r is None for r in tests):
         return []
     per_test = [[statistics.fmean(r.rates[i:i + step]) for i in range(0, len(r.rates), step)] for r in tests]
