@@ -8,7 +8,10 @@
    the grid) with TPE for several seeds, and random search with the same seeds
    and trial count; the baselines are measured first in both, as in ``tune``.
 
-   The leaders are confirmed for real, together and taking turns, as ``tune`` does.
+   The leaders are confirmed for real, together and taking turns, as ``tune`` does;
+   each batch is kept in ``bench/results/efficiency-confirmations.json`` under the
+   grid's key, so a later run (say, after a change to how presets are chosen)
+   replays the same measurements and measures only batches it has not seen.
 3. Each configuration measured once is noisy (3-4% per run on this VM, and the
    machine drifts by up to 10% over the hour the grid takes), so the maximum of
    288 single measurements overstates the best. The verdict therefore uses a
@@ -52,6 +55,7 @@ from tuner.study_view import StudyView, confirm_leaders  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRID_FILE = RESULTS / "efficiency-grid.json"
+CONFIRM_FILE = RESULTS / "efficiency-confirmations.json"
 
 
 class GridLauncher(Launcher):
@@ -72,6 +76,20 @@ class GridLauncher(Launcher):
         if batch not in self.confirmed:
             self.confirmed[batch] = list(self.real.measure(model_path, configs))
         yield from self.confirmed[batch]
+
+
+def load_confirmations(key: dict) -> dict[str, list[TrialResult]]:
+    """Confirmation batches measured by earlier runs on the same model, hardware and build."""
+    cache = json.loads(CONFIRM_FILE.read_text()) if CONFIRM_FILE.exists() else {}
+    if cache.get("key") != key:
+        return {}
+    return {b: [TrialResult.from_dict(r) for r in rs] for b, rs in cache["batches"].items()}
+
+
+def save_confirmations(key: dict, confirmed: dict[str, list[TrialResult]]) -> None:
+    """Keep every confirmation batch measured so far."""
+    batches = {b: [r.to_dict() for r in rs] for b, rs in confirmed.items()}
+    CONFIRM_FILE.write_text(json.dumps({"key": key, "batches": batches}))
 
 
 def measure_grid(request: StudyRequest, env) -> dict:
@@ -101,7 +119,7 @@ def measure_grid(request: StudyRequest, env) -> dict:
 
 
 def replay(request: StudyRequest, env, grid: dict[str, TrialResult], sampler: str, seed: int, trials: int,
-           confirmed: dict[str, TrialResult]) -> dict:
+           confirmed: dict[str, list[TrialResult]]) -> dict:
     """One study against the grid; the fastest preset and when the study first came within 3%."""
     with tempfile.TemporaryDirectory() as tmp:
         req = StudyRequest(**{**request.__dict__, "storage": f"sqlite:///{tmp}/s.db", "sampler": sampler,
@@ -110,7 +128,8 @@ def replay(request: StudyRequest, env, grid: dict[str, TrialResult], sampler: st
         tuner.run()
         confirm_leaders(tuner)
         view = StudyView(tuner.study)
-        fastest = view.presets["fastest"].candidate.figures
+        preset = view.presets["fastest"]
+        fastest = preset.candidate.figures
         best_so_far, reached = 0.0, None
         for n, t in enumerate(view.trials, 1):
             r = grid[BenchConfig.from_dict(t.user_attrs["result"]["config"]).settings_key()]
@@ -120,7 +139,7 @@ def replay(request: StudyRequest, env, grid: dict[str, TrialResult], sampler: st
                 reached = n
         baselines = {n: c.figures.tg_mean for n, c in view.baselines.items() if c.figures.ok}
         return {"fastest_tg": fastest.tg_mean, "trials_to_3pct": reached, "baselines": baselines,
-                "fastest_config": fastest.config.to_dict(),
+                "fastest_config": fastest.config.to_dict(), "why": preset.why,
                 "baseline_configs": {n: c.figures.config.to_dict() for n, c in view.baselines.items()}}
 
 
@@ -171,15 +190,17 @@ def main() -> None:
     cache = measure_grid(request, env)
     grid = {k: TrialResult.from_dict(v) for k, v in cache["results"].items()}
     trials = int(args.share * cache["n_configs"])
-    rows, confirmed = {}, {}
+    rows, confirmed = {}, load_confirmations(cache["key"])
+    print(f"{len(confirmed)} confirmation batches from earlier runs", flush=True)
     for sampler in ("tpe", "random"):
         rows[sampler] = []
         for seed in range(1, args.seeds + 1):
             t0 = time.monotonic()
             rows[sampler].append(replay(request, env, grid, sampler, seed, trials, confirmed))
+            save_confirmations(cache["key"], confirmed)
             print(f"  {sampler} seed {seed}: fastest preset {describe(rows[sampler][-1]['fastest_config'])}, "
                   f"{time.monotonic() - t0:.0f} s", flush=True)
-    print(f"{len(confirmed)} confirmation batches measured", flush=True)
+    print(f"{len(confirmed)} confirmation batches in all", flush=True)
     with tempfile.TemporaryDirectory() as tmp:  # the limits, as the study computes them
         limits = open_tuner(StudyRequest(**{**request.__dict__, "storage": f"sqlite:///{tmp}/s.db"}),
                             launcher=GridLauncher(grid), env=env).limits
@@ -198,49 +219,84 @@ def main() -> None:
     report(summary)
 
 
-def drift_free(verified: dict[str, dict]) -> dict[str, float]:
-    """Each configuration's tg relative to its round (the round's median over all configurations),
-    averaged over rounds and scaled back to t/s: a slow or fast period of the machine cancels out."""
+def relative_rounds(verified: dict[str, dict]) -> tuple[dict[str, list[float]], float]:
+    """Each configuration's tg in each round relative to that round's median over all configurations,
+    and the median round in t/s to scale back with: a slow or fast period of the machine cancels out."""
     keys = [k for k, v in verified.items() if v["samples"]]
     rounds = min(len(verified[k]["samples"]) for k in keys)
     refs = [statistics.median(verified[k]["samples"][i] for k in keys) for i in range(rounds)]
-    scale = statistics.median(refs)
-    return {k: scale * statistics.fmean(verified[k]["samples"][i] / refs[i] for i in range(rounds)) for k in keys}
+    return {k: [verified[k]["samples"][i] / refs[i] for i in range(rounds)] for k in keys}, statistics.median(refs)
+
+
+def drift_free(verified: dict[str, dict]) -> dict[str, float]:
+    """Each configuration's drift-free tg: its relative rate averaged over all rounds, in t/s."""
+    rel, scale = relative_rounds(verified)
+    return {k: scale * statistics.fmean(v) for k, v in rel.items()}
+
+
+def held_out_best(verified: dict[str, dict]) -> float:
+    """The best configuration's tg without the winner's curse: the maximum of many noisy means is
+    biased upward, so the best is picked on the odd rounds and measured on the even ones, and the
+    other way round, and the two figures are averaged."""
+    rel, scale = relative_rounds(verified)
+    halves = [slice(0, None, 2), slice(1, None, 2)]
+    figures = []
+    for pick, judge in (halves, halves[::-1]):
+        best = max(rel, key=lambda k: statistics.fmean(rel[k][pick]))
+        figures.append(scale * statistics.fmean(rel[best][judge]))
+    return statistics.fmean(figures)
+
+
+def significantly_below(rel: dict[str, list[float]], a: str, b: str) -> bool:
+    """True when ``a`` is slower than ``b`` by more than 2 standard errors of their per-round differences."""
+    diffs = [x - y for x, y in zip(rel[a], rel[b])]
+    if a == b or len(diffs) < 2:
+        return False
+    return statistics.fmean(diffs) + 2 * statistics.stdev(diffs) / len(diffs) ** 0.5 < 0
 
 
 def report(summary: dict) -> None:
     """Print the verdict table of a summary (also with ``--report``, from bench/results/efficiency.json)."""
     rows, truth = summary["rows"], drift_free(summary["verified"])
+    rel, _ = relative_rounds(summary["verified"])
     key = lambda cfg: BenchConfig.from_dict(cfg).settings_key()  # noqa: E731
-    v_best = max(truth.values())
+    v_best, h_best = max(truth.values()), held_out_best(summary["verified"])
     for r in rows["tpe"] + rows["random"]:
         r["verified_tg"] = truth[key(r["fastest_config"])]
         r["verified_baselines"] = {n: truth[key(c)] for n, c in r["baseline_configs"].items()}
+        best_base = max(r["baseline_configs"].values(), key=lambda c: truth[key(c)])
+        r["below_baseline"] = significantly_below(rel, key(r["fastest_config"]), key(best_base))
     v_base = max(max(r["verified_baselines"].values()) for r in rows["tpe"])
     trials = summary["trials"]
     print(f"\ngrid {summary['grid_size']} configs, single-shot best tg {summary['grid_best_tg']:.2f} t/s; "
           f"study budget {trials} trials ({100 * trials / summary['grid_size']:.0f}%)\n"
-          f"verified ({summary['rounds']} rounds, {len(truth)} configs, drift-free): best tg {v_best:.2f} t/s, "
-          f"best baseline {v_base:.2f} t/s\n")
+          f"verified ({summary['rounds']} rounds, {len(truth)} configs, drift-free): best tg {v_best:.2f} t/s "
+          f"(held out: {h_best:.2f}), best baseline {v_base:.2f} t/s\n")
     print("| sampler | seed | preset tg (single shot) | preset tg (verified) | vs verified best "
-          "| vs best baseline | trials to within 3% (single shot) |")
-    print("| --- | --: | --: | --: | --: | --: | --: |")
+          "| vs held-out best | vs best baseline | trials to within 3% (single shot) |")
+    print("| --- | --: | --: | --: | --: | --: | --: | --: |")
     for sampler, rs in rows.items():
         for seed, r in enumerate(rs, 1):
+            mark = " (below, >2 SE)" if r["below_baseline"] else ""
             print(f"| {sampler} | {seed} | {r['fastest_tg']:.2f} | {r['verified_tg']:.2f} "
-                  f"| {100 * (r['verified_tg'] / v_best - 1):+.1f}% | {100 * (r['verified_tg'] / v_base - 1):+.1f}% "
-                  f"| {r['trials_to_3pct'] or '-'} |")
+                  f"| {100 * (r['verified_tg'] / v_best - 1):+.1f}% | {100 * (r['verified_tg'] / h_best - 1):+.1f}% "
+                  f"| {100 * (r['verified_tg'] / v_base - 1):+.1f}%{mark} | {r['trials_to_3pct'] or '-'} |")
         med = statistics.median(r["verified_tg"] for r in rs)
         print(f"| {sampler} | median | {statistics.median(r['fastest_tg'] for r in rs):.2f} | {med:.2f} "
-              f"| {100 * (med / v_best - 1):+.1f}% | {100 * (med / v_base - 1):+.1f}% "
-              f"| {statistics.median(r['trials_to_3pct'] or trials + 1 for r in rs)} |")
+              f"| {100 * (med / v_best - 1):+.1f}% | {100 * (med / h_best - 1):+.1f}% "
+              f"| {100 * (med / v_base - 1):+.1f}% | {statistics.median(r['trials_to_3pct'] or trials + 1 for r in rs)} |")
     print("\nverified configurations (tg t/s per round, drift-free tg):")
     for k, v in sorted(summary["verified"].items(), key=lambda kv: -truth.get(kv[0], 0)):
         print(f"  {describe(v.get('config')) or k}: {' '.join(f'{x:.1f}' for x in v['samples'])} "
               f"-> {truth.get(k, float('nan')):.2f}")
-    ok = all(r["verified_tg"] >= 0.97 * v_best and r["verified_tg"] >= v_base for r in rows["tpe"])
-    print(f"\ntarget (TPE, every seed within 3% of the verified best, not below the best baseline): "
-          f"{'PASS' if ok else 'FAIL'}")
+    tpe = rows["tpe"]
+    strict = all(r["verified_tg"] >= 0.97 * v_best and r["verified_tg"] >= v_base for r in tpe)
+    held = all(r["verified_tg"] >= 0.97 * h_best and not r["below_baseline"] for r in tpe)
+    print(f"\ntarget, TPE, every seed within 3% of the best and not below the best baseline:\n"
+          f"  strict (maximum of the verified means; any shortfall against the baseline): "
+          f"{'PASS' if strict else 'FAIL'}\n"
+          f"  noise-aware (held-out best; below the baseline only by > 2 SE of paired rounds): "
+          f"{'PASS' if held else 'FAIL'}")
 
 
 if __name__ == "__main__":

@@ -153,6 +153,16 @@ def test_one_noisy_candidate_does_not_widen_the_ties_of_the_others():
     assert choose_presets([steady, close], "tg")["fastest"].candidate is close
 
 
+def test_a_memory_saving_under_one_percent_of_the_budget_does_not_win_a_tie():
+    f16 = Candidate(1, _result(tg=100.0, peak=440 << 20, sd=2.0))
+    q4 = Candidate(2, _result(tg=98.0, peak=380 << 20, sd=2.0))  # tied; saves 60 MiB
+    assert choose_presets([f16, q4], "tg")["fastest"].candidate is q4  # no budget known: any saving counts
+    p = choose_presets([f16, q4], "tg", budget_bytes=24 << 30)  # 60 MiB of 24 GiB: no reason to be slower
+    assert p["fastest"].candidate is f16 and p["fastest"].ties == [2]
+    assert "save under 1%" in p["fastest"].why
+    assert choose_presets([f16, q4], "tg", budget_bytes=4 << 30)["fastest"].candidate is q4  # 1.5% of 4 GiB
+
+
 def _drifting(tg: float, peak: int, batch: str | None) -> Candidate:
     """10 tg repetitions in 5 rounds of 2; the machine drifts by up to 12% between rounds."""
     drift = (0.90, 1.02, 1.12, 0.95, 1.0)

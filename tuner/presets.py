@@ -4,8 +4,12 @@
 (pp) or their geometric mean (balanced). Two candidates whose mean speeds differ
 by less than two standard deviations of that difference (from each one's
 repetitions: sqrt(sd1^2/n1 + sd2^2/n2)) are a tie, and a tie goes to the one
-using less memory: on a shared GPU, headroom is worth more than noise. One
-noisy measurement widens only its own ties, not those of every other candidate.
+using less memory: on a shared GPU, headroom is worth more than noise. Memory
+has a resolution too: a saving smaller than MEMORY_STEP of the budget (say 40 MB
+of a 24 GB RAM budget, from a q4_0 KV cache) is no reason to take a candidate
+whose mean is lower, so among the tied candidates within that step of the
+leanest, the fastest wins. One noisy measurement widens only its own ties, not
+those of every other candidate.
 Candidates confirmed together, taking turns (``TrialResult.interleaved``), are
 compared round by round instead: the standard error is that of the per-round
 differences, so drift of the machine, which hits both alike, cancels out.
@@ -23,6 +27,7 @@ OBJECTIVES = ("tg", "pp", "balanced")
 PRESET_NAMES = ("fastest", "max-context", "balanced")
 MAX_CONTEXT_SHARE = 0.90
 TIE_SIGMAS = 2.0
+MEMORY_STEP = 0.01  # share of the memory budget below which a saving does not count
 
 
 @dataclass
@@ -100,15 +105,27 @@ class Preset:
     ties: list[int] = field(default_factory=list)
 
 
-def _break_ties(ranked: list[Candidate], objective: str) -> tuple[Candidate, list[int]]:
-    """The least-memory candidate among those tied with the fastest of ``ranked``."""
+def _break_ties(ranked: list[Candidate], objective: str, budget_bytes: int | None) -> tuple[Candidate, list[int]]:
+    """Among the candidates tied with the fastest of ``ranked``, the fastest of those whose memory is
+    within MEMORY_STEP of the budget of the leanest (any saving counts when the budget is unknown)."""
     ties = [c for c in ranked if c is ranked[0] or tied(ranked[0].figures, c.figures, objective)]
     # Never trade below a baseline in the tie: a preset is not slower than what the user runs today.
     floor = max((speed(c.figures, objective)[0] for c in ties if c.baseline), default=None)
     if floor is not None:
         ties = [c for c in ties if speed(c.figures, objective)[0] >= floor]
-    choice = min(ties, key=lambda c: (c.memory, -speed(c.figures, objective)[0]))
+    step = MEMORY_STEP * budget_bytes if budget_bytes else 0
+    leanest = min(c.memory for c in ties)
+    lean = [c for c in ties if c.memory - leanest <= step]
+    choice = max(lean, key=lambda c: (speed(c.figures, objective)[0], -c.memory))
     return choice, [c.trial for c in ties if c is not choice]
+
+
+def _tie_note(preset: Candidate, ties: list[int], ranked: list[Candidate]) -> str:
+    """Why a tied preset won: its memory, or its speed where the others save too little memory."""
+    if not ties:
+        return ""
+    why = "least memory" if preset is not ranked[0] else f"the others save under {MEMORY_STEP:.0%} of the budget"
+    return f" (tied within {TIE_SIGMAS:g} sd with trials {ties}; {why})"
 
 
 def rank(candidates: list[Candidate], objective: str) -> list[Candidate]:
@@ -116,19 +133,21 @@ def rank(candidates: list[Candidate], objective: str) -> list[Candidate]:
     return sorted(candidates, key=lambda c: -speed(c.figures, objective)[0])
 
 
-def choose_presets(candidates: list[Candidate], objective: str) -> dict[str, Preset]:
-    """The three presets from feasible candidates (empty when there is none)."""
+def choose_presets(candidates: list[Candidate], objective: str,
+                   budget_bytes: int | None = None) -> dict[str, Preset]:
+    """The three presets from feasible candidates (empty when there is none); ``budget_bytes`` is the
+    memory budget that sets how large a saving must be to win a tie."""
     if not candidates:
         return {}
     ranked = rank(candidates, objective)
-    fastest, ties = _break_ties(ranked, objective)
-    out = {"fastest": Preset("fastest", fastest, f"highest {objective} speed"
-                             + (f" (tied within {TIE_SIGMAS:g} sd with trials {ties}; least memory)" if ties else ""),
+    fastest, ties = _break_ties(ranked, objective, budget_bytes)
+    out = {"fastest": Preset("fastest", fastest, f"highest {objective} speed" + _tie_note(fastest, ties, ranked),
                              ties)}
     floor = MAX_CONTEXT_SHARE * speed(fastest.figures, objective)[0]
     fast_enough = [c for c in ranked if speed(c.figures, objective)[0] >= floor]
     top_ctx = max(c.figures.config.n_ctx for c in fast_enough)
-    longest, lties = _break_ties([c for c in fast_enough if c.figures.config.n_ctx == top_ctx], objective)
+    longest, lties = _break_ties([c for c in fast_enough if c.figures.config.n_ctx == top_ctx], objective,
+                                 budget_bytes)
     out["max-context"] = Preset("max-context", longest,
                                 f"largest context ({top_ctx}) at >= {MAX_CONTEXT_SHARE:.0%} of the fastest's speed",
                                 lties)

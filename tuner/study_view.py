@@ -104,7 +104,7 @@ class StudyView:
     @cached_property
     def presets(self) -> dict[str, Preset]:
         """fastest, max-context and balanced (empty if nothing feasible was measured)."""
-        return choose_presets(self.candidates, self.objective)
+        return choose_presets(self.candidates, self.objective, self.limits.budget_bytes)
 
 
 def confirm_leaders(tuner, passes: int = 3) -> None:
