@@ -297,6 +297,31 @@ def test_leaders_are_confirmed_until_a_lucky_measurement_no_longer_leads(long_co
     assert all(n in view.confirmations for n in view.top(t.settings.confirm_top))
 
 
+class SlowDefaultsLauncher(FakeLauncher):
+    """llama.cpp's default batch sizes (-b 2048 -ub 512) read 20% slower in tg."""
+
+    def speeds(self, c: BenchConfig) -> tuple[float, float]:
+        tg, pp = super().speeds(c)
+        return (tg * 0.8, pp) if (c.n_batch, c.n_ubatch) == (2048, 512) else (tg, pp)
+
+
+def test_the_fastest_baseline_is_confirmed_with_the_leaders(long_context_model, tmp_path):
+    slow_defaults = SlowDefaultsLauncher(env=ENV, noise=0.0)
+    t = tuner_for(long_context_model, tmp_path, slow_defaults, trials=12, baseline_flags="-c 8192 -b 512 -t 1")
+    t.run()
+    view = StudyView(t.study)
+    bases = [c.trial for c in view.candidates if c.baseline]
+    top = view.top(t.settings.confirm_top)
+    fastest_base = next(n for n in view.top(len(view.candidates)) if n in bases)
+    assert fastest_base not in top  # the test needs a baseline outside the top 3
+    assert view.leaders(t.settings.confirm_top) == top + [fastest_base]
+    confirm_leaders(t)
+    view = StudyView(t.study)
+    batch = {view.confirmations[n].interleaved for n in view.leaders(t.settings.confirm_top)}
+    assert len(batch) == 1 and None not in batch  # one batch, paired with today's settings
+    assert not any(n in view.confirmations for n in set(bases) - {fastest_base})
+
+
 def test_leaders_are_confirmed_together_taking_turns(long_context_model, tmp_path):
     t = tuner_for(long_context_model, tmp_path, trials=10)
     t.run()

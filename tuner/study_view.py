@@ -101,6 +101,14 @@ class StudyView:
         """Trial numbers of the ``n`` fastest feasible candidates."""
         return [c.trial for c in rank(self.candidates, self.objective)[:n]]
 
+    def leaders(self, n: int) -> list[int]:
+        """The ``n`` fastest feasible candidates and the fastest feasible baseline, which is confirmed with
+        them so that a preset is shown faster than today's settings only when it beats them round by round."""
+        ranked = rank(self.candidates, self.objective)
+        top = [c.trial for c in ranked[:n]]
+        base = next((c.trial for c in ranked if c.baseline), None)
+        return top + [base] if base is not None and base not in top else top
+
     @cached_property
     def presets(self) -> dict[str, Preset]:
         """fastest, max-context and balanced (empty if nothing feasible was measured)."""
@@ -108,7 +116,8 @@ class StudyView:
 
 
 def confirm_leaders(tuner, passes: int = 3) -> None:
-    """Re-measure the fastest candidates together until the leaders are one confirmed batch (at most ``passes``).
+    """Re-measure the fastest candidates, with the fastest baseline, together until they are one confirmed
+    batch (at most ``passes``).
 
     A single measurement that was lucky falls back when measured again, and the
     candidate next in line must then be confirmed too; it is confirmed together with
@@ -116,7 +125,7 @@ def confirm_leaders(tuner, passes: int = 3) -> None:
     """
     for _ in range(passes):
         view = StudyView(tuner.study)
-        top = view.top(tuner.settings.confirm_top)
+        top = view.leaders(tuner.settings.confirm_top)
         batches = {getattr(view.confirmations.get(n), "interleaved", None) for n in top}
         if not top or (len(batches) == 1 and None not in batches):
             return
