@@ -180,9 +180,11 @@ def main() -> None:
     ap.add_argument("--model", type=Path)
     ap.add_argument("--rounds", type=int, default=5, help="verification rounds")
     ap.add_argument("--report", action="store_true", help="print the tables of the last run and measure nothing")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[],
+                    help="earlier efficiency.json files whose verification rounds (same configurations) are added")
     args = ap.parse_args()
     if args.report:
-        return report(json.loads((RESULTS / "efficiency.json").read_text()))
+        return report(merge_rounds(json.loads((RESULTS / "efficiency.json").read_text()), args.merge))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     model = str(args.model or demo_model())
     env = build_environment(detect_probe(), None)
@@ -216,7 +218,21 @@ def main() -> None:
                "model": Path(model).name, "grid_size": cache["n_configs"], "trials": trials, "rounds": args.rounds,
                "grid_best_tg": max_tg(grid, limits), "verified": verified, "rows": rows}
     (RESULTS / "efficiency.json").write_text(json.dumps(summary, indent=2))
-    report(summary)
+    report(merge_rounds(summary, args.merge))
+
+
+def merge_rounds(summary: dict, earlier: list[Path]) -> dict:
+    """``summary`` with the verification rounds of earlier runs added: more rounds, less noise in the
+    truth. Rounds are normalised by their median over all configurations, so an earlier run must have
+    verified exactly the same configurations."""
+    for path in earlier:
+        other = json.loads(path.read_text())["verified"]
+        if set(other) != set(summary["verified"]):
+            sys.exit(f"{path}: verified other configurations than this run; its rounds cannot be merged")
+        for k, v in summary["verified"].items():
+            v["samples"] = other[k]["samples"] + v["samples"]
+        summary["rounds"] += min(len(v["samples"]) for v in other.values())
+    return summary
 
 
 def relative_rounds(verified: dict[str, dict]) -> tuple[dict[str, list[float]], float]:

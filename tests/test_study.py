@@ -163,6 +163,17 @@ def test_a_memory_saving_under_one_percent_of_the_budget_does_not_win_a_tie():
     assert choose_presets([f16, q4], "tg", budget_bytes=4 << 30)["fastest"].candidate is q4  # 1.5% of 4 GiB
 
 
+def test_a_tie_with_a_baseline_keeps_the_baseline_unless_something_saves_memory():
+    faster = Candidate(1, _result(tg=101.0, peak=430 << 20, sd=2.0))
+    today = Candidate(2, _result(tg=100.0, peak=440 << 20, sd=2.0), baseline="llama.cpp defaults")
+    p = choose_presets([faster, today], "tg", budget_bytes=24 << 30)
+    assert p["fastest"].candidate is today and "kept the baseline 'llama.cpp defaults'" in p["fastest"].why
+    far = Candidate(3, _result(tg=110.0, peak=440 << 20, sd=1.0))  # 10% faster beyond the noise: a real gain
+    assert choose_presets([far, today], "tg", budget_bytes=24 << 30)["fastest"].candidate is far
+    lean = Candidate(4, _result(tg=100.5, peak=100 << 20, sd=2.0))  # tied, and saves 340 MiB of 24 GiB
+    assert choose_presets([faster, today, lean], "tg", budget_bytes=24 << 30)["fastest"].candidate is lean
+
+
 def _drifting(tg: float, peak: int, batch: str | None) -> Candidate:
     """10 tg repetitions in 5 rounds of 2; the machine drifts by up to 12% between rounds."""
     drift = (0.90, 1.02, 1.12, 0.95, 1.0)

@@ -8,8 +8,9 @@ using less memory: on a shared GPU, headroom is worth more than noise. Memory
 has a resolution too: a saving smaller than MEMORY_STEP of the budget (say 40 MB
 of a 24 GB RAM budget, from a q4_0 KV cache) is no reason to take a candidate
 whose mean is lower, so among the tied candidates within that step of the
-leanest, the fastest wins. One noisy measurement widens only its own ties, not
-those of every other candidate.
+leanest, the fastest wins, unless one of them is a baseline: today's settings
+are not changed for a gain inside the noise. One noisy measurement widens only
+its own ties, not those of every other candidate.
 Candidates confirmed together, taking turns (``TrialResult.interleaved``), are
 compared round by round instead: the standard error is that of the per-round
 differences, so drift of the machine, which hits both alike, cancels out.
@@ -106,8 +107,9 @@ class Preset:
 
 
 def _break_ties(ranked: list[Candidate], objective: str, budget_bytes: int | None) -> tuple[Candidate, list[int]]:
-    """Among the candidates tied with the fastest of ``ranked``, the fastest of those whose memory is
-    within MEMORY_STEP of the budget of the leanest (any saving counts when the budget is unknown)."""
+    """The choice among the candidates tied with the fastest of ``ranked``: those within MEMORY_STEP of
+    the budget of the leanest (any saving counts when the budget is unknown) stay; of these, a baseline
+    (today's settings are not changed for a gain inside the noise), else the fastest."""
     ties = [c for c in ranked if c is ranked[0] or tied(ranked[0].figures, c.figures, objective)]
     # Never trade below a baseline in the tie: a preset is not slower than what the user runs today.
     floor = max((speed(c.figures, objective)[0] for c in ties if c.baseline), default=None)
@@ -116,15 +118,21 @@ def _break_ties(ranked: list[Candidate], objective: str, budget_bytes: int | Non
     step = MEMORY_STEP * budget_bytes if budget_bytes else 0
     leanest = min(c.memory for c in ties)
     lean = [c for c in ties if c.memory - leanest <= step]
-    choice = max(lean, key=lambda c: (speed(c.figures, objective)[0], -c.memory))
+    choice = max(lean, key=lambda c: (c.baseline is not None, speed(c.figures, objective)[0], -c.memory))
     return choice, [c.trial for c in ties if c is not choice]
 
 
 def _tie_note(preset: Candidate, ties: list[int], ranked: list[Candidate]) -> str:
-    """Why a tied preset won: its memory, or its speed where the others save too little memory."""
+    """Why a tied preset won: its memory, being today's settings, or its speed."""
     if not ties:
         return ""
-    why = "least memory" if preset is not ranked[0] else f"the others save under {MEMORY_STEP:.0%} of the budget"
+    if preset.baseline is not None:
+        why = (f"kept the baseline {preset.baseline!r}: nothing is faster beyond the noise "
+               f"or saves {MEMORY_STEP:.0%} of the budget")
+    elif preset is not ranked[0]:
+        why = "least memory"
+    else:
+        why = f"the others save under {MEMORY_STEP:.0%} of the budget"
     return f" (tied within {TIE_SIGMAS:g} sd with trials {ties}; {why})"
 
 
