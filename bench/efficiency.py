@@ -24,7 +24,7 @@
 Target: the fastest preset within 3% of the best verified tg using at most 25%
 of the grid's trials, and never below the best baseline.
 
-Usage: python bench/efficiency.py [--seeds 5] [--share 0.25] [--min-ctx 16384] [--rounds 5]
+Usage: python bench/efficiency.py [--seeds 5] [--share 0.25] [--min-ctx 16384] [--rounds 10] [--merge EARLIER.json ...]
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def main() -> None:
     ap.add_argument("--share", type=float, default=0.25)
     ap.add_argument("--min-ctx", type=int, default=16384)
     ap.add_argument("--model", type=Path)
-    ap.add_argument("--rounds", type=int, default=5, help="verification rounds")
+    ap.add_argument("--rounds", type=int, default=10, help="verification rounds")
     ap.add_argument("--report", action="store_true", help="print the tables of the last run and measure nothing")
     ap.add_argument("--merge", type=Path, nargs="*", default=[],
                     help="earlier efficiency.json files whose verification rounds (same configurations) are added")
