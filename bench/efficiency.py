@@ -244,17 +244,15 @@ def relative_rounds(verified: dict[str, dict]) -> tuple[dict[str, list[float]], 
     return {k: [verified[k]["samples"][i] / refs[i] for i in range(rounds)] for k in keys}, statistics.median(refs)
 
 
-def drift_free(verified: dict[str, dict]) -> dict[str, float]:
-    """Each configuration's drift-free tg: its relative rate averaged over all rounds, in t/s."""
-    rel, scale = relative_rounds(verified)
+def drift_free(rel: dict[str, list[float]], scale: float) -> dict[str, float]:
+    """Each configuration's drift-free tg: its relative rate (``relative_rounds``) averaged over all rounds, in t/s."""
     return {k: scale * statistics.fmean(v) for k, v in rel.items()}
 
 
-def held_out_best(verified: dict[str, dict]) -> float:
+def held_out_best(rel: dict[str, list[float]], scale: float) -> float:
     """The best configuration's tg without the winner's curse: the maximum of many noisy means is
     biased upward, so the best is picked on the odd rounds and measured on the even ones, and the
     other way round, and the two figures are averaged."""
-    rel, scale = relative_rounds(verified)
     halves = [slice(0, None, 2), slice(1, None, 2)]
     figures = []
     for pick, judge in (halves, halves[::-1]):
@@ -273,10 +271,10 @@ def significantly_below(rel: dict[str, list[float]], a: str, b: str) -> bool:
 
 def report(summary: dict) -> None:
     """Print the verdict table of a summary (also with ``--report``, from bench/results/efficiency.json)."""
-    rows, truth = summary["rows"], drift_free(summary["verified"])
-    rel, _ = relative_rounds(summary["verified"])
+    rel, scale = relative_rounds(summary["verified"])
+    rows, truth = summary["rows"], drift_free(rel, scale)
     key = lambda cfg: BenchConfig.from_dict(cfg).settings_key()  # noqa: E731
-    v_best, h_best = max(truth.values()), held_out_best(summary["verified"])
+    v_best, h_best = max(truth.values()), held_out_best(rel, scale)
     for r in rows["tpe"] + rows["random"]:
         r["verified_tg"] = truth[key(r["fastest_config"])]
         r["verified_baselines"] = {n: truth[key(c)] for n, c in r["baseline_configs"].items()}

@@ -104,9 +104,8 @@ class StudyView:
     def leaders(self, n: int) -> list[int]:
         """The ``n`` fastest feasible candidates and the fastest feasible baseline, which is confirmed with
         them so that a preset is shown faster than today's settings only when it beats them round by round."""
-        ranked = rank(self.candidates, self.objective)
-        top = [c.trial for c in ranked[:n]]
-        base = next((c.trial for c in ranked if c.baseline), None)
+        top = self.top(n)
+        base = next((c.trial for c in rank(self.candidates, self.objective) if c.baseline), None)
         return top + [base] if base is not None and base not in top else top
 
     @cached_property
