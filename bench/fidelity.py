@@ -17,7 +17,8 @@ It also reports the tg coefficient of variation over 5 repetitions (target <= 2%
 on an idle machine) and the launch overhead of one measurement (spawn, import,
 model load, context), and writes everything to ``bench/results/``.
 
-Usage: python bench/fidelity.py [--rounds 3] [--model PATH]
+Usage: python bench/fidelity.py [--rounds 5] [--max-rounds 15] [--model PATH] [--only T,B,FA] [--out NAME]
+       python bench/fidelity.py --report FILE [FILE ...]   (rounds of several runs pooled)
 """
 
 from __future__ import annotations
@@ -97,6 +98,77 @@ def launch_overhead(launcher: SubprocessLauncher, model: Path, n: int = 5) -> di
     return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
 
 
+def summarize(c: dict, lb: list[dict], ours: list[dict]) -> dict:
+    """One configuration's row from its paired rounds: medians, median paired ratio with its interval, CVs."""
+    row = {**c, "n_rounds": len(lb)}
+    for test in ("pp", "tg"):
+        row[f"lb_{test}"] = statistics.median(x[test] for x in lb)
+        row[f"ours_{test}"] = statistics.median(x[test] for x in ours)
+        ratios = [o[test] / b[test] for o, b in zip(ours, lb)]
+        row[f"diff_{test}_pct"] = 100 * (statistics.median(ratios) - 1)
+        lo, hi = bootstrap_ci(ratios)
+        row[f"ci_{test}_pct"] = (100 * (lo - 1), 100 * (hi - 1))
+    row["ours_tg_cv_pct"] = 100 * statistics.median(x["tg_cv"] for x in ours)
+    row["lb_tg_cv_pct"] = 100 * statistics.median(x["tg_cv"] for x in lb)
+    row["rounds"] = {"llama_bench": lb, "llama_tuner": ours}
+    return row
+
+
+def pooled(summaries: list[dict]) -> dict:
+    """The rounds of several results files, of the same code and machine, pooled per configuration.
+
+    Each round is a self-contained pair (both tools back to back), so rounds from runs hours apart
+    can be pooled; the first file's launch overhead is kept."""
+    key = lambda r: (r["n_threads"], r["n_batch"], r["flash_attn"])  # noqa: E731
+    rounds: dict[tuple, tuple[list, list]] = {}
+    for summary in summaries:
+        for r in summary["rows"]:
+            lb, ours = rounds.setdefault(key(r), ([], []))
+            lb += r["rounds"]["llama_bench"]
+            ours += r["rounds"]["llama_tuner"]
+    rows = [summarize(dict(n_threads=k[0], n_batch=k[1], flash_attn=k[2]), lb, ours)
+            for k, (lb, ours) in rounds.items()]
+    worst = max(max(abs(r["diff_pp_pct"]), abs(r["diff_tg_pct"])) for r in rows)
+    return {**summaries[0], "worst_abs_diff_pct": worst, "pass_3pct": worst <= 3.0, "rows": rows,
+            "pooled_from": [s.get("date") for s in summaries]}
+
+
+def noise_rows(rows: list[dict]) -> list[tuple[str, list[float], list[float]]]:
+    """Per configuration, then over all rounds: the tg CVs (%) of every round, llama-tuner's and llama-bench's."""
+    out = []
+    for r in rows:
+        rounds = r["rounds"]
+        out.append((f"| {r['n_threads']} | {r['n_batch']} | {int(r['flash_attn'])}",
+                    [100 * x["tg_cv"] for x in rounds["llama_tuner"]], [100 * x["tg_cv"] for x in rounds["llama_bench"]]))
+    out.append((f"| all {sum(len(r['rounds']['llama_tuner']) for r in rows)} rounds | |",
+                [cv for _, ours, _ in out for cv in ours], [cv for _, _, lb in out for cv in lb]))
+    return out
+
+
+def print_report(summary: dict) -> None:
+    """The fidelity table and the repetition-noise table of a results file, as docs/benchmarks.md shows them."""
+    rows = summary["rows"]
+    print("| threads | batch | fa | rounds | pp llama-bench | pp llama-tuner | pp diff [95% CI] | tg llama-bench "
+          "| tg llama-tuner | tg diff [95% CI] | tg CV (5 reps) |")
+    print("| --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |")
+    for r in rows:
+        ci = {t: f"[{r[f'ci_{t}_pct'][0]:+.1f}, {r[f'ci_{t}_pct'][1]:+.1f}]" for t in ("pp", "tg")}
+        print(f"| {r['n_threads']} | {r['n_batch']} | {int(r['flash_attn'])} | {r['n_rounds']} | {r['lb_pp']:.1f} "
+              f"| {r['ours_pp']:.1f} | {r['diff_pp_pct']:+.1f}% {ci['pp']} | {r['lb_tg']:.2f} | {r['ours_tg']:.2f} "
+              f"| {r['diff_tg_pct']:+.1f}% {ci['tg']} | {r['ours_tg_cv_pct']:.2f}% |")
+    worst = summary["worst_abs_diff_pct"]
+    within = sum(abs(r[f"diff_{t}_pct"]) <= 3 for r in rows for t in ("pp", "tg"))
+    print(f"\n{within} of {2 * len(rows)} differences within 3%, worst {worst:.1f}% "
+          f"({'PASS' if worst <= 3 else 'FAIL'}); launch overhead: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in summary["launch_overhead"].items()))
+    print("\n| threads | batch | fa | llama-tuner median CV (min-max) | llama-bench median CV (min-max) |")
+    print("| --: | --: | --: | --: | --: |")
+    for label, ours, lb in noise_rows(rows):
+        cells = [f"{statistics.median(v):.2f}% ({min(v):.2f}-{max(v):.2f}), "
+                 f"{sum(cv <= 2 for cv in v) / len(v):.0%} of rounds <= 2%" for v in (ours, lb)]
+        print(f"{label} | {cells[0]} | {cells[1]} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5, help="at least this many paired rounds")
@@ -105,7 +177,12 @@ def main() -> None:
     ap.add_argument("--only", action="append", metavar="T,B,FA",
                     help="measure only this configuration (threads,batch,flash-attn 0/1); repeatable")
     ap.add_argument("--out", default="fidelity.json", help="results file name under bench/results/")
+    ap.add_argument("--report", type=Path, nargs="+", metavar="FILE",
+                    help="print the tables of results files (rounds pooled per configuration), measure nothing")
     args = ap.parse_args()
+    if args.report:
+        print_report(pooled([json.loads(f.read_text()) for f in args.report]))
+        return
     configs = CONFIGS
     if args.only:
         wanted = {tuple(int(x) for x in o.split(",")) for o in args.only}
@@ -126,17 +203,7 @@ def main() -> None:
             widths = [ci_width([o[t] / b[t] for o, b in zip(ours, lb)]) for t in ("pp", "tg")]
             if i + 1 >= args.rounds and max(widths) <= 0.015:
                 break
-        row = {**c, "n_rounds": len(lb)}
-        for test in ("pp", "tg"):
-            row[f"lb_{test}"] = statistics.median(x[test] for x in lb)
-            row[f"ours_{test}"] = statistics.median(x[test] for x in ours)
-            ratios = [o[test] / b[test] for o, b in zip(ours, lb)]
-            row[f"diff_{test}_pct"] = 100 * (statistics.median(ratios) - 1)
-            lo, hi = bootstrap_ci(ratios)
-            row[f"ci_{test}_pct"] = (100 * (lo - 1), 100 * (hi - 1))
-        row["ours_tg_cv_pct"] = 100 * statistics.median(x["tg_cv"] for x in ours)
-        row["lb_tg_cv_pct"] = 100 * statistics.median(x["tg_cv"] for x in lb)
-        row["rounds"] = {"llama_bench": lb, "llama_tuner": ours}
+        row = summarize(c, lb, ours)
         rows.append(row)
         print(f"t={c['n_threads']} b={c['n_batch']} fa={int(c['flash_attn'])}: "
               f"pp {row['ours_pp']:.1f} vs {row['lb_pp']:.1f} (paired {row['diff_pp_pct']:+.1f}%), "
@@ -149,16 +216,8 @@ def main() -> None:
                "max_tg_cv_pct": max(r["ours_tg_cv_pct"] for r in rows), "launch_overhead": overhead, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.out).write_text(json.dumps(summary, indent=2))
-    print("\n| threads | batch | fa | rounds | pp llama-bench | pp llama-tuner | pp diff [95% CI] | tg llama-bench "
-          "| tg llama-tuner | tg diff [95% CI] | tg CV (5 reps) |")
-    print("| --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |")
-    for r in rows:
-        ci = {t: f"[{r[f'ci_{t}_pct'][0]:+.1f}, {r[f'ci_{t}_pct'][1]:+.1f}]" for t in ("pp", "tg")}
-        print(f"| {r['n_threads']} | {r['n_batch']} | {int(r['flash_attn'])} | {r['n_rounds']} | {r['lb_pp']:.1f} "
-              f"| {r['ours_pp']:.1f} | {r['diff_pp_pct']:+.1f}% {ci['pp']} | {r['lb_tg']:.2f} | {r['ours_tg']:.2f} "
-              f"| {r['diff_tg_pct']:+.1f}% {ci['tg']} | {r['ours_tg_cv_pct']:.2f}% |")
-    print(f"\nworst difference {worst:.1f}% ({'PASS' if worst <= 3 else 'FAIL'} at 3%); launch overhead: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in overhead.items()))
+    print()
+    print_report(summary)
 
 
 if __name__ == "__main__":
