@@ -114,6 +114,11 @@ def summarize(c: dict, lb: list[dict], ours: list[dict]) -> dict:
     return row
 
 
+def worst_diff(rows: list[dict]) -> float:
+    """The largest absolute paired difference (%), pp or tg, over the configurations."""
+    return max(max(abs(r["diff_pp_pct"]), abs(r["diff_tg_pct"])) for r in rows)
+
+
 def pooled(summaries: list[dict]) -> dict:
     """The rounds of several results files, of the same code and machine, pooled per configuration.
 
@@ -128,7 +133,7 @@ def pooled(summaries: list[dict]) -> dict:
             ours += r["rounds"]["llama_tuner"]
     rows = [summarize(dict(n_threads=k[0], n_batch=k[1], flash_attn=k[2]), lb, ours)
             for k, (lb, ours) in rounds.items()]
-    worst = max(max(abs(r["diff_pp_pct"]), abs(r["diff_tg_pct"])) for r in rows)
+    worst = worst_diff(rows)
     return {**summaries[0], "worst_abs_diff_pct": worst, "pass_3pct": worst <= 3.0, "rows": rows,
             "pooled_from": [s.get("date") for s in summaries]}
 
@@ -210,7 +215,7 @@ def main() -> None:
               f"tg {row['ours_tg']:.2f} vs {row['lb_tg']:.2f} (paired {row['diff_tg_pct']:+.1f}%), "
               f"tg cv {row['ours_tg_cv_pct']:.2f}%", flush=True)
     overhead = launch_overhead(launcher, model)
-    worst = max(max(abs(r["diff_pp_pct"]), abs(r["diff_tg_pct"])) for r in rows)
+    worst = worst_diff(rows)
     summary = {"machine": f"{cpu_name()} ({platform.node()})", "model": str(model), "rounds": args.rounds,
                "date": time.strftime("%Y-%m-%d"), "worst_abs_diff_pct": worst, "pass_3pct": worst <= 3.0,
                "max_tg_cv_pct": max(r["ours_tg_cv_pct"] for r in rows), "launch_overhead": overhead, "rows": rows}
