@@ -47,28 +47,30 @@ CONFIGS = [dict(n_threads=t, n_batch=b, flash_attn=fa) for t in (1, 2) for b in 
 N_PROMPT, N_GEN, REPS = 512, 128, 5
 
 
-def run_llama_bench(binary: Path, model: Path, c: dict) -> dict:
-    """pp and tg mean t/s from one llama-bench run of configuration ``c``."""
+def run_llama_bench(binary: Path, model: Path, c: dict, n_prompt: int = N_PROMPT) -> dict:
+    """pp and tg mean t/s from one llama-bench run of configuration ``c`` (tg only when ``n_prompt`` is 0)."""
     cmd = [str(binary), "-m", str(model), "-t", str(c["n_threads"]), "-b", str(c["n_batch"]),
-           "-ub", str(c["n_batch"]), "-fa", str(int(c["flash_attn"])), "-p", str(N_PROMPT), "-n", str(N_GEN),
+           "-ub", str(c["n_batch"]), "-fa", str(int(c["flash_attn"])), "-p", str(n_prompt), "-n", str(N_GEN),
            "-r", str(REPS), "-o", "json"]
     out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-    pp = next(x for x in out if x["n_prompt"] == N_PROMPT)
+    pp = next((x["avg_ts"] for x in out if n_prompt and x["n_prompt"] == n_prompt), None)
     tg = next(x for x in out if x["n_gen"] == N_GEN)
-    return {"pp": pp["avg_ts"], "tg": tg["avg_ts"], "tg_cv": tg["stddev_ts"] / tg["avg_ts"]}
+    return {"pp": pp, "tg": tg["avg_ts"], "tg_cv": tg["stddev_ts"] / tg["avg_ts"]}
 
 
-def run_tuner(launcher: SubprocessLauncher, model: Path, c: dict) -> dict:
-    """pp and tg mean t/s from llama-tuner, with llama-bench's contexts (n_prompt, resp. n_gen tokens)."""
-    pp_cfg = BenchConfig(n_ctx=N_PROMPT, n_ubatch=c["n_batch"], n_prompt=N_PROMPT, n_gen=0, repetitions=REPS, **c)
+def run_tuner(launcher: SubprocessLauncher, model: Path, c: dict, n_prompt: int = N_PROMPT) -> dict:
+    """pp and tg mean t/s from llama-tuner, with llama-bench's contexts (n_prompt, resp. n_gen tokens;
+    tg only when ``n_prompt`` is 0)."""
     tg_batch = min(c["n_batch"], N_GEN)  # llama.cpp clamps the batch to the context
     tg_cfg = BenchConfig(**{**c, "n_batch": tg_batch}, n_ctx=N_GEN, n_ubatch=tg_batch, n_prompt=0, n_gen=N_GEN,
                          repetitions=REPS)
-    pp, tg = launcher.measure(str(model), [pp_cfg, tg_cfg])
-    for r in (pp, tg):
+    pp_cfgs = [BenchConfig(n_ctx=n_prompt, n_ubatch=c["n_batch"], n_prompt=n_prompt, n_gen=0, repetitions=REPS,
+                           **c)] if n_prompt else []
+    *pp, tg = launcher.measure(str(model), pp_cfgs + [tg_cfg])
+    for r in pp + [tg]:
         if not r.ok:
             raise RuntimeError(f"llama-tuner failed on {c}: {r.status.value} {r.reason}")
-    return {"pp": pp.pp_mean, "tg": tg.tg_mean, "tg_cv": tg.tg.cv}
+    return {"pp": pp[0].pp_mean if pp else None, "tg": tg.tg_mean, "tg_cv": tg.tg.cv}
 
 
 def bootstrap_ci(ratios: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -119,11 +121,10 @@ def worst_diff(rows: list[dict]) -> float:
     return max(max(abs(r["diff_pp_pct"]), abs(r["diff_tg_pct"])) for r in rows)
 
 
-def pooled(summaries: list[dict]) -> dict:
-    """The rounds of several results files, of the same code and machine, pooled per configuration.
-
-    Each round is a self-contained pair (both tools back to back), so rounds from runs hours apart
-    can be pooled; the first file's launch overhead is kept."""
+def pooled(summaries: list[dict]) -> list[dict]:
+    """The rows of several results files, of the same code and machine, with their rounds pooled per
+    configuration. Each round is a self-contained pair (both tools back to back), so rounds from runs
+    hours apart can be pooled."""
     key = lambda r: (r["n_threads"], r["n_batch"], r["flash_attn"])  # noqa: E731
     rounds: dict[tuple, tuple[list, list]] = {}
     for summary in summaries:
@@ -131,11 +132,8 @@ def pooled(summaries: list[dict]) -> dict:
             lb, ours = rounds.setdefault(key(r), ([], []))
             lb += r["rounds"]["llama_bench"]
             ours += r["rounds"]["llama_tuner"]
-    rows = [summarize(dict(n_threads=k[0], n_batch=k[1], flash_attn=k[2]), lb, ours)
+    return [summarize(dict(n_threads=k[0], n_batch=k[1], flash_attn=k[2]), lb, ours)
             for k, (lb, ours) in rounds.items()]
-    worst = worst_diff(rows)
-    return {**summaries[0], "worst_abs_diff_pct": worst, "pass_3pct": worst <= 3.0, "rows": rows,
-            "pooled_from": [s.get("date") for s in summaries]}
 
 
 def noise_rows(rows: list[dict]) -> list[tuple[str, list[float], list[float]]]:
@@ -150,9 +148,8 @@ def noise_rows(rows: list[dict]) -> list[tuple[str, list[float], list[float]]]:
     return out
 
 
-def print_report(summary: dict) -> None:
-    """The fidelity table and the repetition-noise table of a results file, as docs/benchmarks.md shows them."""
-    rows = summary["rows"]
+def print_report(rows: list[dict], overhead: dict) -> None:
+    """The fidelity table and the repetition-noise table, as docs/benchmarks.md shows them."""
     print("| threads | batch | fa | rounds | pp llama-bench | pp llama-tuner | pp diff [95% CI] | tg llama-bench "
           "| tg llama-tuner | tg diff [95% CI] | tg CV (5 reps) |")
     print("| --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |")
@@ -161,11 +158,11 @@ def print_report(summary: dict) -> None:
         print(f"| {r['n_threads']} | {r['n_batch']} | {int(r['flash_attn'])} | {r['n_rounds']} | {r['lb_pp']:.1f} "
               f"| {r['ours_pp']:.1f} | {r['diff_pp_pct']:+.1f}% {ci['pp']} | {r['lb_tg']:.2f} | {r['ours_tg']:.2f} "
               f"| {r['diff_tg_pct']:+.1f}% {ci['tg']} | {r['ours_tg_cv_pct']:.2f}% |")
-    worst = summary["worst_abs_diff_pct"]
+    worst = worst_diff(rows)
     within = sum(abs(r[f"diff_{t}_pct"]) <= 3 for r in rows for t in ("pp", "tg"))
     print(f"\n{within} of {2 * len(rows)} differences within 3%, worst {worst:.1f}% "
           f"({'PASS' if worst <= 3 else 'FAIL'}); launch overhead: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in summary["launch_overhead"].items()))
+          + ", ".join(f"{k} {v:.3f}" for k, v in overhead.items()))
     print("\n| threads | batch | fa | llama-tuner median CV (min-max) | llama-bench median CV (min-max) |")
     print("| --: | --: | --: | --: | --: |")
     for label, ours, lb in noise_rows(rows):
@@ -186,7 +183,8 @@ def main() -> None:
                     help="print the tables of results files (rounds pooled per configuration), measure nothing")
     args = ap.parse_args()
     if args.report:
-        print_report(pooled([json.loads(f.read_text()) for f in args.report]))
+        summaries = [json.loads(f.read_text()) for f in args.report]
+        print_report(pooled(summaries), summaries[0]["launch_overhead"])  # the first file's overhead
         return
     configs = CONFIGS
     if args.only:
@@ -222,7 +220,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.out).write_text(json.dumps(summary, indent=2))
     print()
-    print_report(summary)
+    print_report(rows, overhead)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Each round runs, in rotating order: ``llama-bench``, llama-tuner's launcher as the study
 uses it (the parent polls the child's memory every 0.5 s on a CPU-only machine), and the
 launcher with polling off (one sample per hour). All three time tg128 with 5 repetitions
-at the given threads and flash attention; the script prints every round's mean and CV and
+at the given threads and flash attention, through the fidelity bench's own two measurement
+functions (without their pp test); the script prints every round's mean and CV and
 the medians, and writes ``bench/results/poll-noise-T-FA.json``.
 
 Usage: python bench/poll_noise.py THREADS FA ROUNDS   (e.g. 2 1 15)
@@ -13,15 +14,14 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fidelity import run_llama_bench, run_tuner  # noqa: E402
 from llama_bench_build import llama_bench_binary  # noqa: E402
 
-from tuner.config import BenchConfig  # noqa: E402
 from tuner.demo import demo_model  # noqa: E402
 from tuner.launcher import SubprocessLauncher  # noqa: E402
 from tuner.probe import detect_probe  # noqa: E402
@@ -29,31 +29,20 @@ from tuner.probe import detect_probe  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def llama_bench_tg(binary: Path, model: Path, threads: int, fa: int) -> tuple[float, float]:
-    """(mean t/s, CV) of one llama-bench tg128 run with 5 repetitions."""
-    cmd = [str(binary), "-m", str(model), "-t", str(threads), "-b", "128", "-ub", "128", "-fa", str(fa),
-           "-p", "0", "-n", "128", "-r", "5", "-o", "json"]
-    [out] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-    return out["avg_ts"], out["stddev_ts"] / out["avg_ts"]
-
-
-def tuner_tg(model: Path, threads: int, fa: int, interval: float) -> tuple[float, float]:
-    """(mean t/s, CV) of one llama-tuner tg128 measurement, the parent polling every ``interval`` s."""
-    launcher = SubprocessLauncher(detect_probe(), timeout_s=300, sample_interval=interval)
-    cfg = BenchConfig(n_threads=threads, n_threads_batch=threads, n_batch=128, n_ubatch=128, n_ctx=128,
-                      flash_attn=bool(fa), n_prompt=0, n_gen=128, repetitions=5)
-    [r] = launcher.measure(str(model), [cfg])
-    if not r.ok:
-        raise RuntimeError(f"llama-tuner failed: {r.status.value} {r.reason}")
-    return r.tg_mean, r.tg.cv
+def measure_tg(tool, *args) -> tuple[float, float]:
+    """(mean t/s, CV) of tg128 with 5 repetitions, as the fidelity bench measures it, without its pp test."""
+    out = tool(*args, n_prompt=0)
+    return out["tg"], out["tg_cv"]
 
 
 def main() -> None:
     threads, fa, rounds = (int(a) for a in sys.argv[1:4])
     model, binary = demo_model(), llama_bench_binary()
-    tools = {"llama-bench": lambda: llama_bench_tg(binary, model, threads, fa),
-             "llama-tuner": lambda: tuner_tg(model, threads, fa, 0.5),
-             "llama-tuner, no polling": lambda: tuner_tg(model, threads, fa, 3600.0)}
+    c = dict(n_threads=threads, n_batch=128, flash_attn=bool(fa))
+    polling, quiet = (SubprocessLauncher(detect_probe(), timeout_s=300, sample_interval=s) for s in (0.5, 3600.0))
+    tools = {"llama-bench": lambda: measure_tg(run_llama_bench, binary, model, c),
+             "llama-tuner": lambda: measure_tg(run_tuner, polling, model, c),
+             "llama-tuner, no polling": lambda: measure_tg(run_tuner, quiet, model, c)}
     names = list(tools)
     res: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     for i in range(rounds):
