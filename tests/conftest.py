@@ -10,9 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from tuner.repack_check import repack_crash
 from tuner.synth import SHAPES, Shape, write_synthetic_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
+# Where llama.cpp's AMX kernels die of SIGILL (tuner.repack_check), tests measure with repack off.
+REPACK_WORKS = repack_crash() is None
+NO_REPACK = "" if REPACK_WORKS else " --no-repack"
 
 
 @pytest.fixture(scope="session", autouse=True)

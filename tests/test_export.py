@@ -17,9 +17,10 @@ GOLDEN = Path(__file__).parent / "golden"
 MODEL = "/models/My Models/Qwen3-8B-Q4_K_M.gguf"  # a space, so quoting matters
 
 
-def _candidate() -> Candidate:
+def _candidate(**changes) -> Candidate:
     cfg = BenchConfig(n_gpu_layers=37, n_ctx=16384, n_batch=2048, n_ubatch=512, n_threads=8, n_threads_batch=16,
-                      flash_attn=True, type_k="q8_0", type_v="q8_0", n_prompt=512, n_gen=128, repetitions=4)
+                      flash_attn=True, type_k="q8_0", type_v="q8_0", n_prompt=512, n_gen=128, repetitions=4,
+                      **changes)
     env = Environment(host="rig", cpu="Ryzen 7", physical_cores=8, gpu_name="NVIDIA GeForce RTX 4070",
                       gpu_driver="560.35.03", vram_total_bytes=12 << 30, llama_cpp_python="0.3.36",
                       llama_cpp_build="ggml 0.25.3 (0c1e570)")
@@ -43,6 +44,15 @@ def test_export_matches_golden_file(fmt):
 def test_llama_server_export_quotes_the_path_and_pins_one_slot():
     text = render("llama-server", "fastest", _candidate(), MODEL, "s", {})
     assert "-m '/models/My Models/Qwen3-8B-Q4_K_M.gguf'" in text and "--parallel 1" in text
+
+
+def test_repack_off_is_exported_where_the_target_has_it_and_noted_where_not():
+    off = _candidate(repack=False)
+    assert render("llama-server", "fastest", off, MODEL, "s", {}).rstrip().endswith("--no-repack")
+    assert "--no-repack" not in render("llama-server", "fastest", _candidate(), MODEL, "s", {})
+    for fmt in ("llama-cpp-python", "ollama"):
+        assert "repacking off" in render(fmt, "fastest", off, MODEL, "s", {})
+        assert "repacking off" not in render(fmt, "fastest", _candidate(), MODEL, "s", {})
 
 
 def test_llama_cpp_python_export_uses_only_real_kwargs():

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from importlib.metadata import version
 
 import psutil
 import pytest
 
-from conftest import assert_one_line_error
+from conftest import REPACK_WORKS, assert_one_line_error
 from tuner.config import BenchConfig
 from tuner.launcher import SubprocessLauncher
 from tuner.probe import NoGpuProbe
+from tuner.repack_check import CHECK, cpu_has_amx, repack_crash
 from tuner.result import Status
 
 pytestmark = pytest.mark.slow
-FAST = dict(n_ctx=512, n_batch=128, n_ubatch=128, n_prompt=128, n_gen=16, repetitions=3, n_threads=1)
+FAST = dict(n_ctx=512, n_batch=128, n_ubatch=128, n_prompt=128, n_gen=16, repetitions=3, n_threads=1,
+            repack=REPACK_WORKS)
 
 
 def measure(model, configs, timeout_s=120, fault=None, **kw):
@@ -53,6 +57,41 @@ def test_a_changed_model_setting_reloads(small_model):
     assert results[0].load_time_s != results[1].load_time_s
 
 
+THREADPOOL_CHECK = """
+import json, sys
+from llama_cpp import llama_cpp as C
+from tuner.child import Timer, load_model, new_context
+from tuner.config import BenchConfig
+from tuner.cpu_threadpool import attach_threadpools
+
+C.llama_backend_init()
+model, _ = load_model(sys.argv[1], {"n_gpu_layers": 0, "repack": sys.argv[2] == "1"})
+out = {}
+for threads, batch in ((1, 1), (1, 2)):
+    cfg = BenchConfig(n_ctx=256, n_batch=64, n_ubatch=64, n_prompt=64, n_gen=4, repetitions=1,
+                      n_threads=threads, n_threads_batch=batch).to_dict()
+    ctx = new_context(model, cfg)
+    pools = attach_threadpools(ctx, threads, batch)
+    timings = Timer(ctx, model, cfg).run()
+    C.llama_free(ctx)
+    n = len(pools.pools)
+    pools.free()
+    pools.free()
+    out[f"{threads},{batch}"] = [n, len(timings["pp_ns"]), len(timings["tg_ns"]), len(pools.pools)]
+print(json.dumps(out))
+"""
+
+
+def test_contexts_get_cpu_threadpools_as_in_llama_bench(tiny_model):
+    """One pool when batches use as many threads as generation, a second one when not; both time."""
+    proc = subprocess.run([sys.executable, "-c", THREADPOOL_CHECK, str(tiny_model), str(int(REPACK_WORKS))],
+                          capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == {"1,1": [1, 1, 1, 0], "1,2": [2, 1, 1, 0]}
+    assert proc.stderr.count("attach_threadpool: call") == 2  # llama.cpp's own debug line
+
+
 def test_invalid_config_is_recorded_not_launched(tiny_model):
     results = measure(tiny_model, [BenchConfig(**{**FAST, "type_v": "q4_0"}), BenchConfig(**FAST)])
     assert results[0].status == Status.INVALID and "flash attention" in results[0].reason
@@ -62,12 +101,36 @@ def test_invalid_config_is_recorded_not_launched(tiny_model):
 @pytest.mark.parametrize("fault,status,signal_name", [
     ("abort@pp#0", Status.CRASH, "SIGABRT"),
     ("segv@tg#0", Status.CRASH, "SIGSEGV"),
+    ("sigill@pp#0", Status.CRASH, "SIGILL"),
 ])
 def test_a_crashing_child_is_a_result_and_the_next_config_still_runs(tiny_model, fault, status, signal_name):
     results = measure(tiny_model, [BenchConfig(**FAST), BenchConfig(**{**FAST, "n_threads": 2})], fault=fault)
     assert results[0].status == status and results[0].signal == signal_name
     assert signal_name in results[0].reason and "test fault" in results[0].log_tail
     assert results[1].status == Status.OK  # measured by a fresh child
+
+
+def test_sigill_names_the_amx_kernels_and_the_fix(tiny_model):
+    [r] = measure(tiny_model, [BenchConfig(**FAST)], fault="sigill@pp")
+    assert r.status == Status.CRASH and "ggml-org/llama.cpp#26954" in r.reason and "--repack 0" in r.reason
+
+
+def test_the_repack_check_agrees_with_a_real_measurement(tiny_model):
+    """Repack off always runs; repack on crashes exactly where the check says it does."""
+    on, off = measure(tiny_model, [BenchConfig(**{**CHECK.to_dict(), "repack": r}) for r in (True, False)])
+    assert off.status == Status.OK, off.reason
+    if on.status == Status.OK:
+        assert repack_crash() is None
+    else:
+        assert on.status == Status.CRASH and on.signal == "SIGILL", on.reason
+        assert cpu_has_amx() and repack_crash() == on.reason
+
+
+def test_amx_is_read_from_the_cpu_flags(tmp_path):
+    (tmp_path / "amx").write_text("processor : 0\nflags : fpu sse avx512f amx_bf16 amx_tile amx_int8\n")
+    (tmp_path / "plain").write_text("processor : 0\nflags : fpu sse avx2\n")
+    assert cpu_has_amx(str(tmp_path / "amx")) and not cpu_has_amx(str(tmp_path / "plain"))
+    assert not cpu_has_amx(str(tmp_path / "missing"))
 
 
 def test_a_child_that_exits_without_a_result_is_a_crash(tiny_model):
@@ -98,11 +161,13 @@ def test_running_out_of_memory_is_oom(long_context_model):
 
 
 def test_bench_cli_sweeps_and_prints_a_table(run_cli, tiny_model):
-    r = run_cli("bench", tiny_model, "-t", "1,2", "-c", 512, "-b", 128, "-p", 64, "-n", 8, "-r", 2)
+    r = run_cli("bench", tiny_model, "-t", "1,2", "-c", 512, "-b", 128, "-p", 64, "-n", 8, "-r", 2,
+                "--repack", int(REPACK_WORKS))
     assert r.code == 0, r.err
     rows = [ln for ln in r.out.splitlines() if ln.startswith("| llama")]
     assert len(rows) == 4 and sum("pp64" in x for x in rows) == 2 and sum("tg8" in x for x in rows) == 2
-    j = run_cli("bench", tiny_model, "-fa", "0,1", "-c", 512, "-b", 128, "-p", 64, "-n", 8, "-r", 2, "--json")
+    j = run_cli("bench", tiny_model, "-fa", "0,1", "-c", 512, "-b", 128, "-p", 64, "-n", 8, "-r", 2, "--json",
+                "--repack", int(REPACK_WORKS))
     results = json.loads(j.out)
     assert [x["config"]["flash_attn"] for x in results] == [False, True]
     assert all(x["status"] == "ok" and len(x["tg"]["samples_ns"]) == 2 for x in results)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import assert_one_line_error
+from conftest import REPACK_WORKS, assert_one_line_error
 from tuner.config import BenchConfig
 from tuner.fakes import FakeLauncher
 from tuner.launcher import SubprocessLauncher
@@ -17,7 +17,7 @@ from tuner.session import StudyRequest, open_tuner
 from tuner.synth import SHAPES, describe_shape
 from test_study import ENV
 
-SMALL_TEST = dict(n_prompt=32, n_gen=4, repetitions=1, n_threads=1)
+SMALL_TEST = dict(n_prompt=32, n_gen=4, repetitions=1, n_threads=1, repack=REPACK_WORKS)
 
 
 @pytest.mark.slow

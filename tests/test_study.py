@@ -47,9 +47,19 @@ def test_space_follows_the_model_and_the_machine(long_model):
     assert gpu.ints["n_gpu_layers"] == (0, long_model.n_layer + 1)
     assert max(gpu.choices["n_ubatch"]) == 2048
     every = list(cpu.grid())
-    assert len(every) == len(set(every)) == 8 * 8 * 3 * 3 * 5 * 4
+    assert len(every) == len(set(every)) == 8 * 8 * 3 * 3 * 5 * 4 * 2  # ... * attention * repack
     assert all(c.n_ubatch <= c.n_batch <= c.n_ctx for c in every)
     assert all(c.flash_attn or c.type_v == "f16" for c in every)  # every point is valid
+
+
+def test_repack_is_searched_where_it_runs_and_off_where_it_crashes(long_model):
+    works = SearchSpace(long_model, Machine(8, False), SpaceOptions())
+    assert works.choices["repack"] == [True, False] and "repack" not in works.fixed
+    broken = SearchSpace(long_model, Machine(8, False, repack_works=False), SpaceOptions())
+    assert broken.fixed["repack"] is False and "repack" not in broken.choices
+    assert {c.repack for c in broken.grid()} == {False}
+    assert parse_server_flags("-c 4096 -nr", long_model).repack is False
+    assert parse_server_flags("-c 4096 --repack", long_model).repack is True
 
 
 def test_pins_and_ranges_shape_the_space(long_model):
@@ -297,7 +307,8 @@ class LuckyFirstLauncher(FakeLauncher):
 
 
 def test_leaders_are_confirmed_until_a_lucky_measurement_no_longer_leads(long_context_model, tmp_path):
-    t = tuner_for(long_context_model, tmp_path, LuckyFirstLauncher(env=ENV, noise=0.0), trials=16)
+    t = tuner_for(long_context_model, tmp_path, LuckyFirstLauncher(env=ENV, noise=0.0), trials=16,
+                  pins={"repack": "1"})
     t.run()
     lucky = [c for c in StudyView(t.study).candidates if not c.result.config.flash_attn]
     assert len(lucky) > t.settings.confirm_top  # one round of confirmations cannot clear them all
@@ -334,7 +345,7 @@ def test_the_fastest_baseline_is_confirmed_with_the_leaders(long_context_model, 
 
 
 def test_leaders_are_confirmed_together_taking_turns(long_context_model, tmp_path):
-    t = tuner_for(long_context_model, tmp_path, trials=10)
+    t = tuner_for(long_context_model, tmp_path, trials=10, pins={"repack": "1"})  # one model load for all
     t.run()
     top = StudyView(t.study).top(3)
     calls = len(t.launcher.measured)
@@ -350,3 +361,14 @@ def test_leaders_are_confirmed_together_taking_turns(long_context_model, tmp_pat
     assert StudyView(t.study).confirmations.keys() == set(top)
     confirm_leaders(t)  # the leaders are one confirmed batch already: nothing is measured
     assert len(t.launcher.measured) == calls + 15
+
+
+def test_where_repack_crashes_the_study_searches_repack_off(long_context_model, tmp_path):
+    fake = FakeLauncher(env=ENV, repack_crash_reason="child died of SIGILL (AMX)")
+    t = tuner_for(long_context_model, tmp_path, launcher=fake, trials=8)
+    t.run()
+    results = [result_of(tr) for tr in t.study.trials if tr.user_attrs]
+    crashed = [r for r in results if r.status == Status.CRASH]
+    assert len(crashed) == 1 and crashed[0].config.repack  # llama.cpp's defaults, measured as they are
+    assert len(results) == 8 and all(not r.config.repack for r in results if r.ok)
+    assert StudyView(t.study).presets

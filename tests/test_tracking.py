@@ -15,7 +15,7 @@ import mlflow
 import optuna
 import pytest
 
-from conftest import ROOT
+from conftest import REPACK_WORKS, ROOT
 from tuner.compare import compare_text, row_for, token_cost
 from tuner.fakes import FakeLauncher
 from tuner.launcher import SubprocessLauncher
@@ -74,8 +74,11 @@ def test_a_real_study_logs_one_nested_run_per_trial(tiny_model, tmp_path):
         d = run.data
         assert d.tags["mlflow.parentRunId"] == parent[0].info.run_id
         assert {"n_ctx", "n_batch", "n_ubatch", "n_threads", "flash_attn", "type_k"} <= set(d.params)
+        assert d.tags["llama_cpp_python"] and d.tags["model_sha256"]
+        if d.tags["status"] != "ok":  # llama.cpp's defaults (repack on) where its AMX kernels crash
+            assert not REPACK_WORKS and d.params["repack"] == "True" and "SIGILL" in d.tags["failure_reason"]
+            continue
         assert d.metrics["tg_tps"] > 0 and d.metrics["pp_tps"] > 0 and "peak_rss_bytes" in d.metrics
-        assert d.tags["status"] == "ok" and d.tags["llama_cpp_python"] and d.tags["model_sha256"]
         assert d.tags["architecture"] == "llama" and d.tags["quant"] == "Q4_K_M"
         number = int(d.tags["optuna_trial"])
         assert t.study.trials[number].user_attrs["mlflow_run_id"] == run.info.run_id

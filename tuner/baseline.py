@@ -25,6 +25,7 @@ _VALUED = {
     "-ctv": "type_v", "--cache-type-v": "type_v",
 }
 _SWITCHES = {"--no-mmap": ("use_mmap", False), "--mmap": ("use_mmap", True), "--swa-full": ("swa_full", True),
+             "-nr": ("repack", False), "--no-repack": ("repack", False), "--repack": ("repack", True),
              "-nkvo": ("offload_kqv", False), "--no-kv-offload": ("offload_kqv", False),
              "-kvo": ("offload_kqv", True), "--kv-offload": ("offload_kqv", True)}
 # Accepted and ignored: they do not change one sequence's speed or memory. Value = takes an argument.

@@ -4,7 +4,8 @@ Run as ``python -m tuner.child --events-fd N`` with a job on stdin::
 
     {"model_path": str, "model_params": {...}, "runs": [{"index": int, "config": {...}}]}
 
-It loads the model once, then for each run builds a context and times it the way
+It loads the model once, then for each run builds a context, attaches CPU
+threadpools to it (:mod:`tuner.cpu_threadpool`) and times it the way
 llama.cpp's ``tools/llama-bench`` does, with the low-level API: seeded random
 tokens, a warmup, then ``repetitions`` timed runs, each after clearing the KV
 memory and an untimed prefill of ``n_depth`` tokens. Prompt processing decodes
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import os
 import random
 import re
+import signal
 import sys
 import time
 from typing import Any
@@ -32,11 +35,13 @@ import llama_cpp
 import psutil
 from llama_cpp import llama_cpp as C
 
+from tuner.cpu_threadpool import attach_threadpools
+
 BUFFER_LINE = re.compile(r"(\S+) +(model|KV|compute) buffer size = +([\d.]+) MiB")
 # llama.cpp's own account of what it allocated, by kind and buffer (e.g. "kv": {"CUDA0": bytes}).
 BUFFERS: dict[str, dict[str, int]] = {"model": {}, "kv": {}, "compute": {}}
 GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
-FAULT_ENV = "LLAMA_TUNER_TEST_FAULT"  # test-only: "<abort|segv|hang|exit>@<load|context|pp|tg>[#run]"
+FAULT_ENV = "LLAMA_TUNER_TEST_FAULT"  # test-only: "<abort|segv|sigill|hang|exit>@<load|context|pp|tg>[#run]"
 
 
 class DecodeError(RuntimeError):
@@ -58,6 +63,8 @@ def _fault_point(phase: str) -> None:
         os.abort()
     elif kind == "segv":
         ctypes.string_at(0)
+    elif kind == "sigill":  # what llama.cpp's AMX kernels do on some CPUs (tuner.repack_check)
+        os.kill(os.getpid(), signal.SIGILL)
     elif kind == "hang":
         time.sleep(10**6)
     elif kind == "exit":
@@ -119,6 +126,7 @@ def load_model(path: str, mp: dict[str, Any]):
     params = C.llama_model_default_params()
     params.n_gpu_layers = int(mp["n_gpu_layers"])
     params.load_mode = C.LLAMA_LOAD_MODE_MMAP if mp.get("use_mmap", True) else C.LLAMA_LOAD_MODE_NONE
+    params.use_extra_bufts = bool(mp.get("repack", True))
     t0 = time.perf_counter()
     _fault_point("load")
     model = C.llama_model_load_from_file(path.encode(), params)
@@ -191,7 +199,19 @@ class Timer:
             self.prompt(self.cfg["n_depth"])
 
     def run(self) -> dict[str, list[int]]:
-        """Warmup and repetitions of the pp and tg tests; per-repetition ns for each."""
+        """Warmup and repetitions of the pp and tg tests; per-repetition ns for each.
+
+        Python's cyclic garbage collector is off meanwhile: a full collection of the
+        interpreter's heap, taken between two tokens, is a pause llama.cpp does not have.
+        """
+        gc.collect()
+        gc.disable()
+        try:
+            return self._run()
+        finally:
+            gc.enable()
+
+    def _run(self) -> dict[str, list[int]]:
         cfg, out = self.cfg, {"pp_ns": [], "tg_ns": []}
         if cfg["n_prompt"]:
             C.llama_memory_clear(self.memory, False)
@@ -237,6 +257,7 @@ def run_job(job: dict[str, Any], events: Events) -> None:
             events.send("result", index=run["index"], status="load_error",
                         reason="llama.cpp could not create the context (llama_init_from_model failed)")
             continue
+        pools = attach_threadpools(ctx, cfg["n_threads"], cfg["n_threads_batch"])
         ctx_s = time.perf_counter() - t0
         try:
             timings = Timer(ctx, model, cfg).run()
@@ -247,6 +268,7 @@ def run_job(job: dict[str, Any], events: Events) -> None:
                         buffers=BUFFERS, **timings)
         finally:
             C.llama_free(ctx)
+            pools.free()
     C.llama_model_free(model)
 
 

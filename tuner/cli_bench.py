@@ -12,6 +12,7 @@ from tuner.cli import cli
 BENCH_FLAGS = [
     ("-ngl", "--n-gpu-layers", "n_gpu_layers", "Layers to offload; -1 = all (default 0)."),
     ("-mmp", "--mmap", "use_mmap", "Memory-map the model: 0 or 1 (default 1)."),
+    (None, "--repack", "repack", "Repacked/AMX CPU weight buffers: 0 or 1 (default 1)."),
     ("-c", "--ctx-size", "n_ctx", "Context size (default 4096)."),
     ("-b", "--batch-size", "n_batch", "Logical batch size (default 2048)."),
     ("-ub", "--ubatch-size", "n_ubatch", "Physical batch size (default 512)."),
@@ -29,7 +30,8 @@ BENCH_FLAGS = [
 
 def _bench_options(f):
     for short, long, field, help_text in reversed(BENCH_FLAGS):
-        f = click.option(short, long, field, default=None, metavar="LIST", help=help_text)(f)
+        decls = [d for d in (short, long) if d]  # --repack has no short form in llama-bench either
+        f = click.option(*decls, field, default=None, metavar="LIST", help=help_text)(f)
     return f
 
 

@@ -86,6 +86,9 @@ def run_and_print(tuner, confirm: bool) -> None:
     from tuner.report import header, presets_table, why_lines
     from tuner.study_view import StudyView, confirm_leaders
 
+    if tuner.space.fixed.get("repack") is False and tuner.launcher.repack_crash():
+        click.echo("note: llama.cpp's repacked (AMX) weights crash on this CPU (SIGILL, ggml-org/llama.cpp#26954): "
+                   "searching repack off only (llama-server --no-repack)", err=True)
     already = tuner.measured_count()
     if already:
         click.echo(f"resuming study {tuner.study.study_name}: {already} of {tuner.settings.trials} configurations "

@@ -19,7 +19,7 @@ import psutil
 from tuner.errors import UserError
 from tuner.model_info import KV_CACHE_TYPES, ModelInfo
 
-MODEL_KEYS = ("n_gpu_layers", "use_mmap")
+MODEL_KEYS = ("n_gpu_layers", "use_mmap", "repack")
 CONTEXT_KEYS = ("n_ctx", "n_batch", "n_ubatch", "n_threads", "n_threads_batch", "flash_attn",
                 "type_k", "type_v", "offload_kqv", "swa_full")
 TEST_KEYS = ("n_prompt", "n_gen", "n_depth", "repetitions", "seed")
@@ -48,6 +48,7 @@ class BenchConfig:
     # model load
     n_gpu_layers: int = 0
     use_mmap: bool = True
+    repack: bool = True  # llama.cpp's extra CPU weight buffers (repacked, AMX): llama-bench --repack
     # context
     n_ctx: int = 4096
     n_batch: int = 2048

@@ -27,6 +27,8 @@ def llama_server_command(model_path: str, c: BenchConfig) -> str:
             "--cache-type-k", c.type_k, "--cache-type-v", c.type_v, "--parallel", "1"]
     if not c.use_mmap:
         args.append("--no-mmap")
+    if not c.repack:
+        args.append("--no-repack")
     if c.swa_full:
         args.append("--swa-full")
     if not c.offload_kqv:
@@ -47,7 +49,10 @@ def llama_cpp_python_snippet(model_path: str, c: BenchConfig) -> str:
     """Python code that builds the preset's ``Llama`` (llama-cpp-python ignores unknown kwargs, so every
     name here is one it reads)."""
     kw = llama_cpp_python_kwargs(model_path, c)
-    lines = ["import llama_cpp", "from llama_cpp import Llama", "", "llm = Llama("]
+    lines = ["import llama_cpp", "from llama_cpp import Llama", ""]
+    if not c.repack:
+        lines += ["# measured with weight repacking off (llama-server --no-repack); Llama(...) has no setting for it", ""]
+    lines.append("llm = Llama(")
     for k, v in kw.items():
         value = f"llama_cpp.{v}" if k in ("type_k", "type_v") else repr(v)
         lines.append(f"    {k}={value},")
@@ -63,6 +68,8 @@ def ollama_modelfile(model_path: str, c: BenchConfig, header: str = "") -> str:
               f"PARAMETER num_gpu {c.n_gpu_layers}", f"PARAMETER num_thread {c.n_threads}"]
     if c.n_threads_batch != c.n_threads:
         lines.append(f"# measured with {c.n_threads_batch} prompt threads; Ollama uses num_thread for both")
+    if not c.repack:
+        lines.append("# measured with weight repacking off (llama-server --no-repack); Ollama has no setting for it")
     server = [f"OLLAMA_FLASH_ATTENTION={int(c.flash_attn)}"]
     if c.type_k == c.type_v:
         server.append(f"OLLAMA_KV_CACHE_TYPE={c.type_k}")

@@ -33,6 +33,7 @@ class FakeLauncher(Launcher):
     free_bytes: int = 30 << 30
     noise: float = 0.01
     fail: Callable[[BenchConfig], Status | None] = lambda cfg: None
+    repack_crash_reason: str | None = None  # as if llama.cpp's AMX kernels crashed here
     measured: list[BenchConfig] = field(default_factory=list)
     on_measure: Callable[[BenchConfig], None] | None = None
     peak_fn: Callable[[BenchConfig], int] | None = None  # ground truth for memory, when a test needs one
@@ -55,6 +56,10 @@ class FakeLauncher(Launcher):
         compute = c.n_ubatch * (256 << 10) * (0.6 if c.flash_attn else 1.0)
         return int(self.weights_bytes + kv + compute)
 
+    def repack_crash(self) -> str | None:
+        """The configured ``repack_crash_reason``."""
+        return self.repack_crash_reason
+
     def measure(self, model_path: str, configs: Sequence[BenchConfig]) -> Iterator[TrialResult]:
         for cfg in configs:
             try:
@@ -70,6 +75,9 @@ class FakeLauncher(Launcher):
             common = dict(env=self.env, vram_free_before_bytes=self.free_bytes if gpu else None,
                           ram_available_before_bytes=self.free_bytes,
                           load_time_s=0.5, wall_time_s=1.0, started_at="2026-01-01T00:00:00+00:00")
+            if status is None and cfg.repack and self.repack_crash_reason:
+                yield TrialResult(Status.CRASH, cfg, model_path, reason=self.repack_crash_reason, **common)
+                continue
             if status is not None:
                 yield TrialResult(status, cfg, model_path, reason=f"fake {status.value}", **common)
                 continue

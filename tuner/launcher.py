@@ -56,6 +56,10 @@ class Launcher(ABC):
     def measure(self, model_path: str, configs: Sequence[BenchConfig]) -> Iterator[TrialResult]:
         """Yield one result per config; never raises for a failed measurement."""
 
+    def repack_crash(self) -> str | None:
+        """Why configurations with repack on cannot run on this machine, or None where they can."""
+        return None
+
 
 def machine_environment(probe: GpuProbe, gpu_index: int | None) -> Environment:
     """What the parent knows of this machine; the child adds the llama.cpp build."""
@@ -109,6 +113,12 @@ class SubprocessLauncher(Launcher):
         while next_out in ready:
             yield ready.pop(next_out)
             next_out += 1
+
+    def repack_crash(self) -> str | None:
+        """The real check of :mod:`tuner.repack_check` (once per process)."""
+        from tuner.repack_check import repack_crash
+
+        return repack_crash()
 
     def _run_child(self, model_path: str, runs: list[tuple[int, BenchConfig]]) -> list[TrialResult]:
         """Measure ``runs`` in one child; returns results for a prefix of them (at least one)."""
@@ -262,5 +272,9 @@ def _classify_death(code: int, timed_out: bool, timeout_s: float, tail: str) -> 
         name = signal.Signals(-code).name
         if -code == signal.SIGKILL:
             return Status.OOM, f"killed by SIGKILL (likely the kernel's OOM killer){detail}"
+        if -code == signal.SIGILL:
+            return Status.CRASH, ("child died of SIGILL: llama.cpp ran an instruction this CPU refuses; where "
+                                  "it has AMX, llama.cpp's AMX kernels (used with repack on) crash this way "
+                                  "(ggml-org/llama.cpp#26954): measure with repack off (--repack 0)")
         return Status.CRASH, f"child died of {name}{detail}"
     return Status.CRASH, f"child exited with code {code} without a result{detail}"

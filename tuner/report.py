@@ -8,10 +8,10 @@ from tuner.study_view import StudyView
 from tuner.sweep import markdown_table
 from tuner.units import format_size
 
-TRIAL_COLUMNS = ("#", "status", "ngl", "n_ctx", "batch", "ubatch", "threads", "fa", "K/V", "tg t/s", "pp t/s",
-                 "GB/s", "peak mem", "predicted", "headroom", "feasible", "note")
-PRESET_COLUMNS = ("preset", "trial", "ngl", "n_ctx", "batch", "ubatch", "threads", "fa", "K/V", "tg t/s",
-                  "pp t/s", "peak mem", "headroom")
+TRIAL_COLUMNS = ("#", "status", "ngl", "n_ctx", "batch", "ubatch", "threads", "fa", "K/V", "repack", "tg t/s",
+                 "pp t/s", "GB/s", "peak mem", "predicted", "headroom", "feasible", "note")
+PRESET_COLUMNS = ("preset", "trial", "ngl", "n_ctx", "batch", "ubatch", "threads", "fa", "K/V", "repack",
+                  "tg t/s", "pp t/s", "peak mem", "headroom")
 
 
 def _rate(rates) -> str:
@@ -21,7 +21,7 @@ def _rate(rates) -> str:
 def _settings(c) -> list[str]:
     threads = str(c.n_threads) if c.n_threads == c.n_threads_batch else f"{c.n_threads}/{c.n_threads_batch}"
     return [str(c.n_gpu_layers), str(c.n_ctx), str(c.n_batch), str(c.n_ubatch), threads, str(int(c.flash_attn)),
-            f"{c.type_k}/{c.type_v}"]
+            f"{c.type_k}/{c.type_v}", str(int(c.repack))]
 
 
 def header(view: StudyView) -> str:

@@ -98,14 +98,15 @@ def open_tuner(request: StudyRequest, launcher: Launcher | None = None, probe: G
     budget = _budget(request, env)
     baselines = baselines_for(request, model, env, pins)
     options = SpaceOptions(min_ctx=request.min_ctx, depth=request.depth, pins=pins, ranges=request.ranges)
-    space = SearchSpace(model, Machine(env.physical_cores, env.gpu_offload and gpu_index is not None), options,
-                        tuple(baselines.values()))
+    launcher = launcher or SubprocessLauncher(probe, timeout_s=trial_timeout_s, gpu_index=gpu_index)
+    machine = Machine(env.physical_cores, env.gpu_offload and gpu_index is not None,
+                      repack_works=launcher.repack_crash() is None)
+    space = SearchSpace(model, machine, options, tuple(baselines.values()))
     test = {k: space.fixed[k] for k in ("n_prompt", "n_gen", "n_depth", "repetitions") if k in space.fixed}
     fingerprint = Fingerprint(model_sha256(model.path), env.hardware_key(),
                               f"llama-cpp-python {env.llama_cpp_python}, {env.llama_cpp_build}", test)
     settings = StudySettings(trials=request.trials, objective=request.objective, sampler=request.sampler,
                              seed=request.seed, timeout_s=timeout_s, trial_timeout_s=trial_timeout_s)
-    launcher = launcher or SubprocessLauncher(probe, timeout_s=trial_timeout_s, gpu_index=gpu_index)
     name = request.study_name or default_study_name(model.file_name, env.gpu_name, request.depth)
     tuner = Tuner(storage or make_storage(request.storage), name, model, space, launcher, env, fingerprint,
                   Limits(budget, min_headroom, request.min_ctx), settings, baselines, tracker=tracker,

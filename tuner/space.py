@@ -40,10 +40,12 @@ def parse_attention(choice: str) -> tuple[bool, str, str]:
 
 @dataclass(frozen=True)
 class Machine:
-    """What the space needs to know of the machine: cores and whether llama.cpp can offload."""
+    """What the space needs to know of the machine: cores, whether llama.cpp can offload, and
+    whether its repacked-weight path runs here (see :mod:`tuner.repack_check`)."""
 
     physical_cores: int
     gpu_offload: bool
+    repack_works: bool = True
 
 
 @dataclass
@@ -97,6 +99,10 @@ class SearchSpace:
             "n_ctx": _ladder(options.min_ctx, train),
             "attention": list(ATTENTION_CHOICES),
         }
+        if machine.repack_works:
+            self.choices["repack"] = [True, False]
+        else:
+            self.fixed["repack"] = False
         self._include_baselines(baselines)
         self._apply_ranges()
         self._apply_pins()

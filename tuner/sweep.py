@@ -57,7 +57,7 @@ def _params(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
-COLUMNS = ("model", "size", "params", "backend", "ngl", "threads", "n_batch", "n_ubatch", "fa",
+COLUMNS = ("model", "size", "params", "backend", "ngl", "repack", "threads", "n_batch", "n_ubatch", "fa",
            "type_k", "type_v", "n_ctx", "test", "t/s", "peak mem")
 
 
@@ -72,7 +72,7 @@ def result_rows(model: ModelInfo, r: TrialResult) -> Iterable[list[str]]:
     c = r.config
     threads = str(c.n_threads) if c.n_threads == c.n_threads_batch else f"{c.n_threads}/{c.n_threads_batch}"
     head = [f"{model.architecture} {_params(model.n_params)} {model.quant}", _size(model.file_size),
-            _params(model.n_params), _backend(r), str(c.n_gpu_layers), threads, str(c.n_batch), str(c.n_ubatch),
+            _params(model.n_params), _backend(r), str(c.n_gpu_layers), str(int(c.repack)), threads, str(c.n_batch), str(c.n_ubatch),
             str(int(c.flash_attn)), c.type_k, c.type_v, str(c.n_ctx)]
     mem = _size(r.peak_memory_bytes) if r.peak_memory_bytes else "-"
     depth = f" @ d{c.n_depth}" if c.n_depth else ""

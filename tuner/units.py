@@ -15,7 +15,7 @@ def parse_size(text: str, option: str = "size") -> int:
     """Bytes in ``text``: 12GiB and 12G are binary (GiB), 12GB is decimal; a bare number is bytes."""
     m = _SIZE.match(str(text))
     if not m or (m.group(3) and not m.group(2)):
-        raise UserError(f"{option} {text!r} is not a size", f"write it like 12GiB, 12G or 512MiB")
+        raise UserError(f"{option} {text!r} is not a size", "write it like 12GiB, 12G or 512MiB")
     number, prefix, binary, byte = m.groups()
     # "12G" and "12GiB" mean GiB, as GPU memory is sold; only an explicit "GB" is decimal.
     base = 1000 if (byte and not binary and prefix) else 1024
