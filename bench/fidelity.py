@@ -51,7 +51,7 @@ def run_llama_bench(binary: Path, model: Path, c: dict, n_prompt: int = N_PROMPT
     """pp and tg mean t/s from one llama-bench run of configuration ``c`` (tg only when ``n_prompt`` is 0)."""
     cmd = [str(binary), "-m", str(model), "-t", str(c["n_threads"]), "-b", str(c["n_batch"]),
            "-ub", str(c["n_batch"]), "-fa", str(int(c["flash_attn"])), "-p", str(n_prompt), "-n", str(N_GEN),
-           "-r", str(REPS), "-o", "json"]
+           "-r", str(REPS), "--repack", str(int(c.get("repack", True))), "-o", "json"]
     out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     pp = next((x["avg_ts"] for x in out if n_prompt and x["n_prompt"] == n_prompt), None)
     tg = next(x for x in out if x["n_gen"] == N_GEN)
@@ -195,6 +195,8 @@ def main() -> None:
     model = args.model or demo_model()
     binary = llama_bench_binary()
     launcher = SubprocessLauncher(detect_probe(), timeout_s=900)
+    # Both tools crash with repack on where llama.cpp's AMX kernels do (tuner.repack_check).
+    configs = [{**c, "repack": launcher.repack_crash() is None} for c in configs]
     rows = []
     for c in configs:
         lb, ours = [], []
