@@ -83,7 +83,12 @@ def load_confirmations(key: dict) -> dict[str, list[TrialResult]]:
     cache = json.loads(CONFIRM_FILE.read_text()) if CONFIRM_FILE.exists() else {}
     if cache.get("key") != key:
         return {}
-    return {b: [TrialResult.from_dict(r) for r in rs] for b, rs in cache["batches"].items()}
+    return {_rekey_batch(b): [TrialResult.from_dict(r) for r in rs] for b, rs in cache["batches"].items()}
+
+
+def _rekey_batch(batch: str) -> str:
+    """A batch key with every setting BenchConfig has now (results saved before ``repack`` lack it)."""
+    return json.dumps([BenchConfig.from_dict(c).to_dict() for c in json.loads(batch)], sort_keys=True)
 
 
 def save_confirmations(key: dict, confirmed: dict[str, list[TrialResult]]) -> None:
@@ -103,6 +108,8 @@ def measure_grid(request: StudyRequest, env) -> dict:
     cache = json.loads(GRID_FILE.read_text()) if GRID_FILE.exists() else {}
     if cache.get("key") != key:
         cache = {"key": key, "results": {}}
+    # Keys from today's settings_key (results saved before ``repack`` existed lack it: llama.cpp's default, on).
+    cache["results"] = {BenchConfig.from_dict(r["config"]).settings_key(): r for r in cache["results"].values()}
     todo = [c for c in configs if c.settings_key() not in cache["results"]]
     print(f"grid: {len(configs)} configurations, {len(todo)} to measure", flush=True)
     launcher = SubprocessLauncher(detect_probe(), timeout_s=600)
@@ -188,7 +195,10 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     model = str(args.model or demo_model())
     env = build_environment(detect_probe(), None)
-    request = StudyRequest(model=model, min_ctx=args.min_ctx, baseline_flags="-c 16384 -b 512 -ub 512 -t 1 -fa off")
+    # The grid keeps llama.cpp's default repack (on), as it was measured; where that crashes, off.
+    repack = int(SubprocessLauncher(detect_probe()).repack_crash() is None)
+    request = StudyRequest(model=model, min_ctx=args.min_ctx, baseline_flags="-c 16384 -b 512 -ub 512 -t 1 -fa off",
+                           pins={"repack": str(repack)})
     cache = measure_grid(request, env)
     grid = {k: TrialResult.from_dict(v) for k, v in cache["results"].items()}
     trials = int(args.share * cache["n_configs"])
