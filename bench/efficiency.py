@@ -235,14 +235,20 @@ def merge_rounds(summary: dict, earlier: list[Path]) -> dict:
     """``summary`` with the verification rounds of earlier runs added: more rounds, less noise in the
     truth. Rounds are normalised by their median over all configurations, so an earlier run must have
     verified exactly the same configurations."""
+    summary["verified"] = rekey_verified(summary["verified"])
     for path in earlier:
-        other = json.loads(path.read_text())["verified"]
+        other = rekey_verified(json.loads(path.read_text())["verified"])
         if set(other) != set(summary["verified"]):
             sys.exit(f"{path}: verified other configurations than this run; its rounds cannot be merged")
         for k, v in summary["verified"].items():
             v["samples"] = other[k]["samples"] + v["samples"]
         summary["rounds"] += min(len(v["samples"]) for v in other.values())
     return summary
+
+
+def rekey_verified(verified: dict[str, dict]) -> dict[str, dict]:
+    """Verified configurations keyed by today's settings_key (saved before ``repack`` existed, they lack it)."""
+    return {BenchConfig.from_dict(v["config"]).settings_key(): v for v in verified.values()}
 
 
 def relative_rounds(verified: dict[str, dict]) -> tuple[dict[str, list[float]], float]:
