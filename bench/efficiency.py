@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent  # the demo model lives in ROOT/models, whatever the cwd
+sys.path.insert(0, str(ROOT))
 
 import optuna  # noqa: E402
 
@@ -193,7 +194,7 @@ def main() -> None:
     if args.report:
         return report(merge_rounds(json.loads((RESULTS / "efficiency.json").read_text()), args.merge))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    model = str(args.model or demo_model())
+    model = str(args.model or demo_model(ROOT / "models"))
     env = build_environment(detect_probe(), None)
     # The grid keeps llama.cpp's default repack (on), as it was measured; where that crashes, off.
     repack = int(SubprocessLauncher(detect_probe()).repack_crash() is None)

@@ -33,7 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent  # the demo model lives in ROOT/models, whatever the cwd
+sys.path.insert(0, str(ROOT))
 
 from llama_bench_build import llama_bench_binary  # noqa: E402
 
@@ -192,7 +193,7 @@ def main() -> None:
         configs = [c for c in CONFIGS if (c["n_threads"], c["n_batch"], int(c["flash_attn"])) in wanted]
         if len(configs) != len(wanted):
             ap.error(f"--only takes threads (1|2), batch (128|512), fa (0|1), e.g. 1,512,0; got {args.only}")
-    model = args.model or demo_model()
+    model = args.model or demo_model(ROOT / "models")
     binary = llama_bench_binary()
     launcher = SubprocessLauncher(detect_probe(), timeout_s=900)
     # Both tools crash with repack on where llama.cpp's AMX kernels do (tuner.repack_check).

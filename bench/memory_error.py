@@ -19,7 +19,8 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent  # the demo model lives in ROOT/models, whatever the cwd
+sys.path.insert(0, str(ROOT))
 
 from tuner.demo import demo_model  # noqa: E402
 from tuner.memory import MemoryModel, model_facts  # noqa: E402
@@ -43,7 +44,7 @@ def main() -> None:
     args = ap.parse_args()
     results = [TrialResult.from_dict(v) for v in json.loads(GRID_FILE.read_text())["results"].values()]
     results = [r for r in results if r.ok and r.peak_memory_bytes]
-    facts = model_facts(load_model_info(demo_model()))
+    facts = model_facts(load_model_info(demo_model(ROOT / "models")))
     prior = MemoryModel(facts, on_gpu=False)
     print("prior:   ", summary(prior.errors(results)))
     rng = random.Random(args.seed)

@@ -28,7 +28,8 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent  # the demo model lives in ROOT/models, whatever the cwd
+sys.path.insert(0, str(ROOT))
 
 from fidelity import run_llama_bench, run_tuner  # noqa: E402
 from llama_bench_build import llama_bench_binary  # noqa: E402
@@ -65,7 +66,7 @@ def main() -> None:
     names = args.tools.split(",")
     if "old" in names and not args.old:
         ap.error("the 'old' tool needs --old DIR")
-    model = demo_model()
+    model = demo_model(ROOT / "models")
     probe = detect_probe()
     polling = SubprocessLauncher(probe, timeout_s=300, sample_interval=0.5)
     repack = bool(args.repack) if args.repack is not None else polling.repack_crash() is None
