@@ -85,8 +85,7 @@ print(json.dumps(out))
 def test_contexts_get_cpu_threadpools_as_in_llama_bench(tiny_model):
     """One pool when batches use as many threads as generation, a second one when not; both time."""
     proc = subprocess.run([sys.executable, "-c", THREADPOOL_CHECK, str(tiny_model), str(int(REPACK_WORKS))],
-                          capture_output=True,
-                          text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout) == {"1,1": [1, 1, 1, 0], "1,2": [2, 1, 1, 0]}
     assert proc.stderr.count("attach_threadpool: call") == 2  # llama.cpp's own debug line
