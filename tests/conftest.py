@@ -106,7 +106,8 @@ def run_cli():
     """Run ``python -m tuner ARGS`` in a real process (so exit codes and tracebacks are real)."""
 
     def run(*args: str, timeout: float = 300, env: dict[str, str] | None = None, cwd: Path | None = None) -> CliResult:
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
         p = subprocess.run([sys.executable, "-m", "tuner", *map(str, args)], capture_output=True, text=True,
                            timeout=timeout, env=full_env, cwd=cwd or ROOT)
         return CliResult(p.returncode, p.stdout, p.stderr)

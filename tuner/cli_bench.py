@@ -48,7 +48,9 @@ def bench(model: str, timeout_s: float, as_json: bool, **values) -> None:
     a crash or out-of-memory is reported as that row's result. Settings that only
     change the context reuse the loaded model.
     """
+    from tuner.bandwidth import bandwidth_of
     from tuner.launcher import SubprocessLauncher
+    from tuner.memory import model_facts
     from tuner.model_info import load_model_info
     from tuner.probe import detect_probe
     from tuner.sweep import build_configs, markdown_table, result_rows
@@ -56,8 +58,10 @@ def bench(model: str, timeout_s: float, as_json: bool, **values) -> None:
     info = load_model_info(model)
     configs = build_configs(values, info)
     launcher = SubprocessLauncher(detect_probe(), timeout_s=timeout_s)
+    facts = model_facts(info)
     results, rows = [], []
     for r in launcher.measure(model, configs):
+        r.bandwidth = bandwidth_of(r, facts, r.env)
         results.append(r)
         rows.extend(result_rows(info, r))
         if not as_json:
@@ -66,10 +70,22 @@ def bench(model: str, timeout_s: float, as_json: bool, **values) -> None:
         click.echo(json.dumps([_json_result(r) for r in results], indent=2))
     else:
         click.echo(markdown_table(rows))
+        notes = [bandwidth_line(r) for r in results if r.bandwidth]
+        if notes:
+            click.echo("\n" + "\n".join(notes))
         env = results[0].env if results else None
         if env:
             click.echo(f"\nbuild: llama-cpp-python {env.llama_cpp_python}, {env.llama_cpp_build}; "
                        f"{env.gpu_name or env.cpu}")
+
+
+def bandwidth_line(r) -> str:
+    """How much memory bandwidth one result's generation achieved, and its share of the peak."""
+    c, bw = r.config, r.bandwidth
+    share = f" = {100 * bw['bandwidth_share']:.0f}% of the peak" if "bandwidth_share" in bw else ""
+    return (f"tg{c.n_gen} at ngl {c.n_gpu_layers}, t {c.n_threads}, fa {int(c.flash_attn)}, {c.type_k}/{c.type_v}: "
+            f"{bw['bytes_per_token'] / 2**20:,.0f} MiB read per token "
+            f"({bw['gpu_bytes_per_token'] / 2**20:,.0f} MiB on the GPU) -> {bw['achieved_gbs']:,.1f} GB/s{share}")
 
 
 def _json_result(r) -> dict:
