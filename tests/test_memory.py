@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from conftest import REPACK_WORKS, assert_one_line_error
@@ -79,7 +81,7 @@ def test_configs_predicted_over_budget_are_skipped_not_loaded(long_context_model
     truth = MemoryModel(model_facts(load_model_info(long_context_model)), on_gpu=True)
     launcher = FakeLauncher(env=env, peak_fn=lambda c: int(truth.predict(c) * 1.02), free_bytes=11 << 30)
     request = StudyRequest(model=str(long_context_model), storage=f"sqlite:///{tmp_path}/s.db", trials=15, seed=2,
-                           vram_budget="1536MiB", min_headroom="64MiB", min_ctx=4096)
+                           vram_budget="1536MiB", min_headroom="64MiB", min_ctx=4096, ranges={"n_gpu_layers": (0, 5)})
     t = open_tuner(request, launcher=launcher, env=env, probe=FakeGpuProbe())
     big = BenchConfig(n_gpu_layers=5, n_ctx=131072, n_batch=2048, n_ubatch=512, flash_attn=True, n_threads=4,
                       n_threads_batch=4)
@@ -94,3 +96,33 @@ def test_configs_predicted_over_budget_are_skipped_not_loaded(long_context_model
         assert tr.constraints["memory_budget"] > 0
     assert 131072 in measured_ctx  # the llama.cpp-defaults baseline is measured even though it is too big
     assert len(measured_trials(t.study.trials)) == 15  # skips do not count as measurements
+
+
+def test_on_a_gpu_each_trial_offloads_the_most_layers_that_fit(long_context_model, tmp_path):
+    # The same fake 12 GiB GPU and 1.5 GiB budget: an 8192-token context fits with all 5 layers; the
+    # 131072-token f16 cache (512 MiB per layer) fits only with some, so that trial gets fewer layers
+    # instead of being skipped, and never a layer that would break the budget.
+    env = Environment(**{**ENV.__dict__, "gpu_name": "Fake GPU", "vram_total_bytes": 12 << 30, "gpu_offload": True})
+    truth = MemoryModel(model_facts(load_model_info(long_context_model)), on_gpu=True)
+    launcher = FakeLauncher(env=env, peak_fn=lambda c: int(truth.predict(c) * 1.02), free_bytes=11 << 30)
+    request = StudyRequest(model=str(long_context_model), storage=f"sqlite:///{tmp_path}/s.db", trials=8, seed=3,
+                           vram_budget="1536MiB", min_headroom="64MiB", min_ctx=4096)
+    t = open_tuner(request, launcher=launcher, env=env, probe=FakeGpuProbe())
+    assert t.space.fit_layers
+    small = BenchConfig(n_gpu_layers=5, n_ctx=8192, n_batch=2048, n_ubatch=512, flash_attn=True, n_threads=4,
+                        n_threads_batch=4)
+    for cfg in (small, replace(small, n_ctx=131072)):
+        t.study.enqueue_trial(t.space.params_of(cfg))
+    t.run()
+    limit = 1536 * 2**20 - 64 * 2**20
+    sampled = [tr.user_attrs[RESULT_ATTR]["config"] for tr in measured_trials(t.study.trials)
+               if not tr.user_attrs.get("baseline")]
+    sampled = [BenchConfig.from_dict(c) for c in sampled]
+    by_ctx = {c.n_ctx: c for c in sampled[:2]}  # the two enqueued points come first
+    assert by_ctx[8192].n_gpu_layers == 5
+    assert 0 < by_ctx[131072].n_gpu_layers < 5
+    for c in sampled:
+        assert launcher.peak(c) <= limit, c  # within budget and headroom
+        if c.n_gpu_layers < 5:  # and one more layer would not have been
+            assert launcher.peak(replace(c, n_gpu_layers=c.n_gpu_layers + 1)) > limit, c
+    assert not any(tr.user_attrs.get("skipped") for tr in t.study.trials)

@@ -44,7 +44,13 @@ def test_space_follows_the_model_and_the_machine(long_model):
     assert cpu.fixed["n_gpu_layers"] == 0 and "n_gpu_layers" not in cpu.ints
     assert cpu.ints["n_threads"] == (1, 8) and cpu.choices["n_ctx"] == [8192, 16384, 32768, 65536, 131072]
     gpu = SearchSpace(long_model, Machine(8, gpu_offload=True), SpaceOptions())
-    assert gpu.ints["n_gpu_layers"] == (0, long_model.n_layer + 1)
+    # On a GPU the layers are fitted to the budget per trial (tests/test_memory.py), unless searched.
+    assert gpu.fit_layers and "n_gpu_layers" not in gpu.ints and gpu.fixed["n_gpu_layers"] == long_model.n_layer + 1
+    searched = SearchSpace(long_model, Machine(8, gpu_offload=True), SpaceOptions(ranges={"n_gpu_layers": (2, 5)}))
+    assert not searched.fit_layers and searched.ints["n_gpu_layers"] == (2, 5)
+    pinned = SearchSpace(long_model, Machine(8, gpu_offload=True), SpaceOptions(pins={"n_gpu_layers": 3}))
+    assert not pinned.fit_layers and pinned.fixed["n_gpu_layers"] == 3
+    assert not cpu.fit_layers
     assert max(gpu.choices["n_ubatch"]) == 2048
     every = list(cpu.grid())
     assert len(every) == len(set(every)) == 8 * 8 * 3 * 3 * 5 * 4 * 2  # ... * attention * repack

@@ -19,7 +19,7 @@ The prediction adds what llama.cpp allocates on the limiting device:
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -132,6 +132,22 @@ class MemoryModel:
         """Predicted peak on the limiting device, including the fitted correction."""
         correction = self.correction if self.correction is not None else DEFAULT_CORRECTION[self.device]
         return self.plan(cfg).total(self.device) + correction
+
+    def max_layers(self, cfg: BenchConfig, limit: int) -> int | None:
+        """The most layers (n_gpu_layers) with which ``cfg`` is predicted to stay within ``limit`` bytes
+        on the GPU, or None when even none fit (the compute buffer or the context alone is too big)."""
+        for ngl in range(self.facts["n_layer"] + 1, -1, -1):
+            if self.predict(replace(cfg, n_gpu_layers=ngl)) <= limit:
+                return ngl
+        return None
+
+    def uncertainty(self, budget: int) -> int:
+        """Bytes to keep in reserve for the model's own error: 3% of the budget before any
+        measurement; afterwards the largest residual seen (at least 1%)."""
+        if self.correction is None or not self.residuals:
+            return int(0.03 * budget)
+        spread = max(abs(r - self.correction) for r in self.residuals)
+        return int(max(0.01 * budget, spread))
 
     def fit(self, results: list[TrialResult]) -> None:
         """Refit the compute coefficients (from llama.cpp's buffers) and the correction (from peaks)."""

@@ -89,10 +89,13 @@ class SearchSpace:
         gpu = machine.gpu_offload
         self.ints: dict[str, tuple[int, int]] = {"n_threads": (1, machine.physical_cores),
                                                  "n_threads_batch": (1, machine.physical_cores)}
-        if gpu:
+        # On a GPU, each trial gets as many layers as the memory model says fit (see Study), since
+        # a layer left on the CPU costs far more speed than any other setting gains; --range searches them.
+        self.fit_layers = gpu and "n_gpu_layers" not in options.ranges and "n_gpu_layers" not in options.pins
+        if gpu and not self.fit_layers:
             self.ints["n_gpu_layers"] = (0, model.n_gpu_layers_all)
         else:
-            self.fixed["n_gpu_layers"] = 0
+            self.fixed["n_gpu_layers"] = model.n_gpu_layers_all if gpu else 0
         self.choices: dict[str, list[Any]] = {
             "n_batch": list(GPU_BATCHES if gpu else CPU_BATCHES),
             "n_ubatch": list(GPU_UBATCHES if gpu else CPU_UBATCHES),
@@ -198,5 +201,7 @@ class SearchSpace:
         """One line per dimension, for the user."""
         lines = [f"{k}: {lo}..{hi}" for k, (lo, hi) in self.ints.items()]
         lines += [f"{k}: {', '.join(map(str, v))}" for k, v in self.choices.items()]
-        lines += [f"{k} = {v} (fixed)" for k, v in self.fixed.items()]
+        lines += [f"{k} = {v} (fixed)" for k, v in self.fixed.items() if not (k == "n_gpu_layers" and self.fit_layers)]
+        if self.fit_layers:
+            lines.append("n_gpu_layers: as many as fit the budget (--range n_gpu_layers=LO:HI searches it)")
         return lines

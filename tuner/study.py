@@ -19,7 +19,7 @@ import json
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 import optuna
@@ -259,6 +259,8 @@ class Tuner:
         cfg = self.space.suggest(trial)
         if CONFIG_ATTR in trial.user_attrs:  # a baseline: measured exactly as given
             cfg = BenchConfig.from_dict(trial.user_attrs[CONFIG_ATTR])
+        elif self.space.fit_layers:
+            cfg = self._fit_layers(cfg)
         trial.set_user_attr(SETTINGS_ATTR, cfg.settings_key())
         if self._surplus(trial):
             self._surplus_seen = True
@@ -300,6 +302,14 @@ class Tuner:
         if imputed:
             trial.set_user_attr(IMPUTED_ATTR, True)
         return values
+
+    def _fit_layers(self, cfg: BenchConfig) -> BenchConfig:
+        """``cfg`` with as many layers on the GPU as the memory model (less its own error) says fit
+        the budget and the headroom; unchanged when none fit, so that it is skipped as too big."""
+        budget = self.limits.budget_bytes
+        limit = budget - self.limits.min_headroom_bytes - self.memory.uncertainty(budget)
+        ngl = self.memory.max_layers(cfg, limit)
+        return cfg if ngl is None else replace(cfg, n_gpu_layers=ngl)
 
     def _too_big(self, predicted: int) -> bool:
         """True when even a generous error of the memory model would not bring the config within budget."""
