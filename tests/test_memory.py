@@ -126,3 +126,22 @@ def test_on_a_gpu_each_trial_offloads_the_most_layers_that_fit(long_context_mode
         if c.n_gpu_layers < 5:  # and one more layer would not have been
             assert launcher.peak(replace(c, n_gpu_layers=c.n_gpu_layers + 1)) > limit, c
     assert not any(tr.user_attrs.get("skipped") for tr in t.study.trials)
+
+
+def test_layers_fit_what_is_free_when_other_programs_hold_part_of_the_budget(long_context_model, tmp_path):
+    # Same fake GPU, but only 1 GiB of it free: the 65536-token f16 cache (1 GiB, 256 MiB a layer) would
+    # fit the 1.5 GiB budget with every layer, and the free memory only with fewer.
+    env = Environment(**{**ENV.__dict__, "gpu_name": "Fake GPU", "vram_total_bytes": 12 << 30, "gpu_offload": True})
+    truth = MemoryModel(model_facts(load_model_info(long_context_model)), on_gpu=True)
+    launcher = FakeLauncher(env=env, peak_fn=lambda c: int(truth.predict(c) * 1.02), free_bytes=1 << 30)
+    request = StudyRequest(model=str(long_context_model), storage=f"sqlite:///{tmp_path}/s.db", trials=3, seed=3,
+                           vram_budget="1536MiB", min_headroom="64MiB", min_ctx=4096)
+    t = open_tuner(request, launcher=launcher, env=env, probe=FakeGpuProbe())
+    cfg = BenchConfig(n_gpu_layers=5, n_ctx=65536, n_batch=2048, n_ubatch=512, flash_attn=True, n_threads=4,
+                      n_threads_batch=4)
+    t.study.enqueue_trial(t.space.params_of(cfg))
+    t.run()
+    [first] = [BenchConfig.from_dict(tr.user_attrs[RESULT_ATTR]["config"]) for tr in measured_trials(t.study.trials)
+               if not tr.user_attrs.get("baseline")][:1]
+    assert first.n_ctx == 65536 and 0 < first.n_gpu_layers < 5
+    assert launcher.peak(first) <= (1 << 30) - 64 * 2**20

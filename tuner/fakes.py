@@ -60,6 +60,10 @@ class FakeLauncher(Launcher):
         """The configured ``repack_crash_reason``."""
         return self.repack_crash_reason
 
+    def gpu_free_bytes(self) -> int | None:
+        """``free_bytes`` on a fake GPU machine."""
+        return self.free_bytes if self.env.gpu_name else None
+
     def measure(self, model_path: str, configs: Sequence[BenchConfig]) -> Iterator[TrialResult]:
         for cfg in configs:
             try:

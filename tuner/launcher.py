@@ -60,6 +60,10 @@ class Launcher(ABC):
         """Why configurations with repack on cannot run on this machine, or None where they can."""
         return None
 
+    def gpu_free_bytes(self) -> int | None:
+        """Memory free on the GPU that measurements use, now (None without one)."""
+        return None
+
 
 def machine_environment(probe: GpuProbe, gpu_index: int | None) -> Environment:
     """What the parent knows of this machine; the child adds the llama.cpp build."""
@@ -119,6 +123,10 @@ class SubprocessLauncher(Launcher):
         from tuner.repack_check import repack_crash
 
         return repack_crash()
+
+    def gpu_free_bytes(self) -> int | None:
+        """What NVML reports free on this launcher's GPU (None without one)."""
+        return self.probe.memory(self.gpu_index).free if self.gpu_index is not None else None
 
     def _run_child(self, model_path: str, runs: list[tuple[int, BenchConfig]]) -> list[TrialResult]:
         """Measure ``runs`` in one child; returns results for a prefix of them (at least one)."""

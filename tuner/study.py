@@ -305,9 +305,12 @@ class Tuner:
 
     def _fit_layers(self, cfg: BenchConfig) -> BenchConfig:
         """``cfg`` with as many layers on the GPU as the memory model (less its own error) says fit
-        the budget and the headroom; unchanged when none fit, so that it is skipped as too big."""
+        the budget, or what is free if less, and the headroom; unchanged when none fit, so that it
+        is skipped as too big."""
         budget = self.limits.budget_bytes
-        limit = budget - self.limits.min_headroom_bytes - self.memory.uncertainty(budget)
+        free = self.launcher.gpu_free_bytes()
+        room = min(budget, free) if free is not None else budget
+        limit = room - self.limits.min_headroom_bytes - self.memory.uncertainty(budget)
         ngl = self.memory.max_layers(cfg, limit)
         return cfg if ngl is None else replace(cfg, n_gpu_layers=ngl)
 
