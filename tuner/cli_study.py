@@ -89,7 +89,7 @@ def run_and_print(tuner, confirm: bool) -> None:
     if tuner.space.fixed.get("repack") is False and tuner.launcher.repack_crash():
         click.echo("note: llama.cpp's repacked (AMX) weights crash on this CPU (SIGILL, ggml-org/llama.cpp#26954): "
                    "searching repack off only (llama-server --no-repack)", err=True)
-    if getattr(tuner.space, "fit_layers", False):
+    if tuner.space.fit_layers:
         click.echo("note: each trial offloads as many layers as the memory model says fit the budget "
                    "(--range n_gpu_layers=LO:HI searches them instead)", err=True)
     already = tuner.measured_count()

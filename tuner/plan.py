@@ -18,10 +18,7 @@ def _cfg(info: ModelInfo, ngl: int, ctx: int, kv: str, ubatch: int) -> BenchConf
 
 def max_layers(mm: MemoryModel, info: ModelInfo, ctx: int, kv: str, budget: int, ubatch: int) -> int:
     """The most layers (n_gpu_layers) that fit ``budget`` at ``ctx`` (0 if none)."""
-    for ngl in range(info.n_gpu_layers_all, 0, -1):
-        if mm.predict(_cfg(info, ngl, ctx, kv, ubatch)) <= budget:
-            return ngl
-    return 0
+    return mm.max_layers(_cfg(info, 0, ctx, kv, ubatch), budget) or 0
 
 
 def max_context(mm: MemoryModel, info: ModelInfo, ngl: int, kv: str, budget: int, ubatch: int) -> int:
