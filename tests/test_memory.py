@@ -74,19 +74,37 @@ def test_plan_cli_on_a_twin(run_cli, long_context_model):
     assert_one_line_error(run_cli("inspect", long_context_model, "--plan", "--ctx", "999999"), "--ctx")
 
 
+FAKE_GPU = Environment(**{**ENV.__dict__, "gpu_name": "Fake GPU", "vram_total_bytes": 12 << 30, "gpu_offload": True})
+POINT = BenchConfig(n_gpu_layers=5, n_ctx=8192, n_batch=2048, n_ubatch=512, flash_attn=True, n_threads=4,
+                    n_threads_batch=4)
+
+
+def fake_gpu_study(model, tmp_path, free_bytes, points=(), **request):
+    """A study on a fake 12 GiB GPU with a 1.5 GiB budget, whose measured peaks are 2% above what
+    the memory model predicts, with ``points`` (configs) enqueued first."""
+    truth = MemoryModel(model_facts(load_model_info(model)), on_gpu=True)
+    launcher = FakeLauncher(env=FAKE_GPU, peak_fn=lambda c: int(truth.predict(c) * 1.02), free_bytes=free_bytes)
+    req = StudyRequest(model=str(model), storage=f"sqlite:///{tmp_path}/s.db", vram_budget="1536MiB",
+                       min_headroom="64MiB", min_ctx=4096, **request)
+    t = open_tuner(req, launcher=launcher, env=FAKE_GPU, probe=FakeGpuProbe())
+    for cfg in points:
+        t.study.enqueue_trial(t.space.params_of(cfg))
+    t.run()
+    return t, launcher
+
+
+def sampled_configs(t) -> list[BenchConfig]:
+    """The configurations a study measured, baselines left out, in trial order."""
+    return [BenchConfig.from_dict(tr.user_attrs[RESULT_ATTR]["config"]) for tr in measured_trials(t.study.trials)
+            if not tr.user_attrs.get("baseline")]
+
+
 def test_configs_predicted_over_budget_are_skipped_not_loaded(long_context_model, tmp_path):
     # A fake GPU machine with 12 GiB; the long-context model's 131072-token f16 cache alone needs 2 GiB,
     # so with a 1.5 GiB budget the big contexts are skipped before loading.
-    env = Environment(**{**ENV.__dict__, "gpu_name": "Fake GPU", "vram_total_bytes": 12 << 30, "gpu_offload": True})
-    truth = MemoryModel(model_facts(load_model_info(long_context_model)), on_gpu=True)
-    launcher = FakeLauncher(env=env, peak_fn=lambda c: int(truth.predict(c) * 1.02), free_bytes=11 << 30)
-    request = StudyRequest(model=str(long_context_model), storage=f"sqlite:///{tmp_path}/s.db", trials=15, seed=2,
-                           vram_budget="1536MiB", min_headroom="64MiB", min_ctx=4096, ranges={"n_gpu_layers": (0, 5)})
-    t = open_tuner(request, launcher=launcher, env=env, probe=FakeGpuProbe())
-    big = BenchConfig(n_gpu_layers=5, n_ctx=131072, n_batch=2048, n_ubatch=512, flash_attn=True, n_threads=4,
-                      n_threads_batch=4)
-    t.study.enqueue_trial(t.space.params_of(big))  # a sampled point whose f16 cache alone is 2 GiB
-    t.run()
+    big = replace(POINT, n_ctx=131072)  # a sampled point whose f16 cache alone is 2 GiB
+    t, launcher = fake_gpu_study(long_context_model, tmp_path, 11 << 30, [big], trials=15, seed=2,
+                                 ranges={"n_gpu_layers": (0, 5)})
     skipped = [tr for tr in t.study.trials if tr.user_attrs.get("skipped")]
     assert any(tr.params == t.space.params_of(big) for tr in skipped)
     measured_ctx = {c.n_ctx for c in launcher.measured}
@@ -102,22 +120,11 @@ def test_on_a_gpu_each_trial_offloads_the_most_layers_that_fit(long_context_mode
     # The same fake 12 GiB GPU and 1.5 GiB budget: an 8192-token context fits with all 5 layers; the
     # 131072-token f16 cache (512 MiB per layer) fits only with some, so that trial gets fewer layers
     # instead of being skipped, and never a layer that would break the budget.
-    env = Environment(**{**ENV.__dict__, "gpu_name": "Fake GPU", "vram_total_bytes": 12 << 30, "gpu_offload": True})
-    truth = MemoryModel(model_facts(load_model_info(long_context_model)), on_gpu=True)
-    launcher = FakeLauncher(env=env, peak_fn=lambda c: int(truth.predict(c) * 1.02), free_bytes=11 << 30)
-    request = StudyRequest(model=str(long_context_model), storage=f"sqlite:///{tmp_path}/s.db", trials=8, seed=3,
-                           vram_budget="1536MiB", min_headroom="64MiB", min_ctx=4096)
-    t = open_tuner(request, launcher=launcher, env=env, probe=FakeGpuProbe())
+    t, launcher = fake_gpu_study(long_context_model, tmp_path, 11 << 30, [POINT, replace(POINT, n_ctx=131072)],
+                                 trials=8, seed=3)
     assert t.space.fit_layers
-    small = BenchConfig(n_gpu_layers=5, n_ctx=8192, n_batch=2048, n_ubatch=512, flash_attn=True, n_threads=4,
-                        n_threads_batch=4)
-    for cfg in (small, replace(small, n_ctx=131072)):
-        t.study.enqueue_trial(t.space.params_of(cfg))
-    t.run()
     limit = 1536 * 2**20 - 64 * 2**20
-    sampled = [tr.user_attrs[RESULT_ATTR]["config"] for tr in measured_trials(t.study.trials)
-               if not tr.user_attrs.get("baseline")]
-    sampled = [BenchConfig.from_dict(c) for c in sampled]
+    sampled = sampled_configs(t)
     by_ctx = {c.n_ctx: c for c in sampled[:2]}  # the two enqueued points come first
     assert by_ctx[8192].n_gpu_layers == 5
     assert 0 < by_ctx[131072].n_gpu_layers < 5
@@ -131,17 +138,8 @@ def test_on_a_gpu_each_trial_offloads_the_most_layers_that_fit(long_context_mode
 def test_layers_fit_what_is_free_when_other_programs_hold_part_of_the_budget(long_context_model, tmp_path):
     # Same fake GPU, but only 1 GiB of it free: the 65536-token f16 cache (1 GiB, 256 MiB a layer) would
     # fit the 1.5 GiB budget with every layer, and the free memory only with fewer.
-    env = Environment(**{**ENV.__dict__, "gpu_name": "Fake GPU", "vram_total_bytes": 12 << 30, "gpu_offload": True})
-    truth = MemoryModel(model_facts(load_model_info(long_context_model)), on_gpu=True)
-    launcher = FakeLauncher(env=env, peak_fn=lambda c: int(truth.predict(c) * 1.02), free_bytes=1 << 30)
-    request = StudyRequest(model=str(long_context_model), storage=f"sqlite:///{tmp_path}/s.db", trials=3, seed=3,
-                           vram_budget="1536MiB", min_headroom="64MiB", min_ctx=4096)
-    t = open_tuner(request, launcher=launcher, env=env, probe=FakeGpuProbe())
-    cfg = BenchConfig(n_gpu_layers=5, n_ctx=65536, n_batch=2048, n_ubatch=512, flash_attn=True, n_threads=4,
-                      n_threads_batch=4)
-    t.study.enqueue_trial(t.space.params_of(cfg))
-    t.run()
-    [first] = [BenchConfig.from_dict(tr.user_attrs[RESULT_ATTR]["config"]) for tr in measured_trials(t.study.trials)
-               if not tr.user_attrs.get("baseline")][:1]
+    t, launcher = fake_gpu_study(long_context_model, tmp_path, 1 << 30, [replace(POINT, n_ctx=65536)], trials=3,
+                                 seed=3)
+    first = sampled_configs(t)[0]
     assert first.n_ctx == 65536 and 0 < first.n_gpu_layers < 5
     assert launcher.peak(first) <= (1 << 30) - 64 * 2**20
