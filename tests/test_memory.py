@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import replace
 
 import pytest
@@ -16,6 +17,8 @@ from tuner.probe import FakeGpuProbe, NoGpuProbe
 from tuner.records import RESULT_ATTR, measured_trials
 from tuner.result import Environment
 from tuner.session import StudyRequest, open_tuner
+from tuner.study import START_ATTR
+from tuner.study_view import StudyView
 from tuner.synth import SHAPES, describe_shape
 from test_study import ENV
 
@@ -143,3 +146,44 @@ def test_layers_fit_what_is_free_when_other_programs_hold_part_of_the_budget(lon
     first = sampled_configs(t)[0]
     assert first.n_ctx == 65536 and 0 < first.n_gpu_layers < 5
     assert launcher.peak(first) <= (1 << 30) - 64 * 2**20
+
+
+def h200_speeds(c: BenchConfig) -> tuple[float, float]:
+    """(tg, pp) of the Mistral twin on the H200 as measured there (docs/benchmarks.md §6): 104 t/s tg with
+    all 41 layers, each layer left on the CPU adding 48 ms / threads per token (24 t/s at ngl 33 with
+    12 threads), 6% less without flash attention, 1-2% less with a quantized KV cache."""
+    cpu_layers = 41 - c.n_gpu_layers
+    tg = 1 / (1 / 104 + cpu_layers * 0.048 / min(c.n_threads, 16))
+    tg *= (1.0 if c.flash_attn else 0.94) * {"f16": 1.0, "q8_0": 0.99, "q4_0": 0.98}[c.type_k]
+    pp = 1 / (1 / 2560 + cpu_layers * 0.0012 / min(c.n_threads_batch, 16))
+    return tg, pp
+
+
+def test_the_mistral_twin_under_12_gib_gets_every_layer_at_16k(tiny_model, tmp_path, monkeypatch):
+    # The H200 run of 2026-11-27 (docs/benchmarks.md §6), replayed on a fake GPU: the Mistral-Small-24B
+    # twin's header, a 12 GiB budget, --min-ctx 16384 and the reference user's baseline. Peaks are the
+    # memory model's prior off by up to +-2%, and speeds as measured there. With layers sampled, 13 trials
+    # found no full offload at 16k; fitted, the fastest preset must be one.
+    info = replace(describe_shape(SHAPES["mistral-small-24b"], "q2_k"), path=str(tiny_model))
+    monkeypatch.setattr("tuner.session.load_model_info", lambda path: info)
+    truth = MemoryModel(model_facts(info), on_gpu=True)
+    env = Environment(**{**FAKE_GPU.__dict__, "vram_total_bytes": 140 << 30, "physical_cores": 16})
+
+    def peak(c):
+        return int(truth.predict(c) * (1 + 0.02 * ((zlib.crc32(c.settings_key().encode()) % 201) - 100) / 100))
+
+    launcher = FakeLauncher(env=env, n_layer=41, peak_fn=peak, free_bytes=139 << 30)
+    launcher.speeds = h200_speeds
+    request = StudyRequest(model=str(tiny_model), storage=f"sqlite:///{tmp_path}/s.db", trials=12, seed=0,
+                           vram_budget="12GiB", min_ctx=16384, baseline_flags="llama-server --ctx-size 2048 "
+                           "--batch-size 512 --n-gpu-layers 49 --threads 8 --parallel 1")
+    t = open_tuner(request, launcher=launcher, env=env, probe=FakeGpuProbe())
+    t.run()
+    fastest = StudyView(t.study).presets["fastest"].candidate.figures
+    assert fastest.config.n_gpu_layers == 41 and fastest.config.n_ctx >= 16384
+    assert fastest.peak_memory_bytes <= (12 << 30) - (512 << 20)
+    # The first sampled point is llama.cpp's defaults at 16k with the least quantized cache that holds
+    # every layer; here its f16 cache at 16k is predicted just over the limit, so q8_0.
+    [start] = [tr for tr in t.study.trials if tr.user_attrs.get(START_ATTR)]
+    first = BenchConfig.from_dict(start.user_attrs[RESULT_ATTR]["config"])
+    assert (first.n_gpu_layers, first.n_ctx, first.type_k, first.n_ubatch) == (41, 16384, "q8_0", 512)

@@ -43,6 +43,7 @@ from tuner.space import SearchSpace
 from tuner.tracking import RUN_ID_ATTR, Tracker
 
 INTERRUPTED_ATTR = "interrupted"
+START_ATTR = "start_point"  # the first sampled point on a GPU (Tuner._start_point)
 FINGERPRINT_ATTR = "fingerprint"
 SKIP_MARGIN_PRIOR, SKIP_MARGIN_FITTED = 0.15, 0.05
 CONFIRM_PREFIX = "confirm:"
@@ -149,11 +150,29 @@ class Tuner:
 
     def enqueue_baselines(self) -> None:
         """Queue each baseline once in the study's lifetime, ahead of sampled trials."""
-        done = {t.user_attrs.get(BASELINE_ATTR) for t in self.study.get_trials(deepcopy=False)}
+        trials = self.study.get_trials(deepcopy=False)
+        done = {t.user_attrs.get(BASELINE_ATTR) for t in trials}
         for name, cfg in self.baselines.items():
             if name not in done:
                 self.study.enqueue_trial(self.space.params_of(cfg),
                                          user_attrs={BASELINE_ATTR: name, CONFIG_ATTR: cfg.to_dict()})
+        start = self._start_point()
+        if start is not None and not any(t.user_attrs.get(START_ATTR) for t in trials):
+            self.study.enqueue_trial(self.space.params_of(start), user_attrs={START_ATTR: True})
+
+    def _start_point(self) -> BenchConfig | None:
+        """On a GPU, the first sampled point: llama.cpp's defaults at ``--min-ctx`` (its own default,
+        the training context, seldom fits a consumer card), with the least quantized KV cache that
+        lets every layer fit. It anchors the sampler where the fast configurations are."""
+        defaults = self.baselines.get("llama.cpp defaults")
+        if not self.space.fit_layers or defaults is None:
+            return None
+        base = replace(defaults, n_ctx=self.limits.min_ctx, flash_attn=True)
+        for kv in ("f16", "q8_0", "q4_0"):
+            cfg = replace(base, type_k=kv, type_v=kv)
+            if self.memory.max_layers(cfg, self._layer_limit()) == self.model.n_gpu_layers_all:
+                return cfg
+        return base
 
     # -- the trial loop -----------------------------------------------------
     def measured_count(self) -> int:
@@ -307,12 +326,16 @@ class Tuner:
         """``cfg`` with as many layers on the GPU as the memory model (less its own error) says fit
         the budget, or what is free if less, and the headroom; unchanged when none fit, so that it
         is skipped as too big."""
+        ngl = self.memory.max_layers(cfg, self._layer_limit())
+        return cfg if ngl is None else replace(cfg, n_gpu_layers=ngl)
+
+    def _layer_limit(self) -> int:
+        """The predicted peak a fitted trial may reach: the budget (or what is free, if less) less the
+        headroom and the memory model's own error."""
         budget = self.limits.budget_bytes
         free = self.launcher.gpu_free_bytes()
         room = min(budget, free) if free is not None else budget
-        limit = room - self.limits.min_headroom_bytes - self.memory.uncertainty(budget)
-        ngl = self.memory.max_layers(cfg, limit)
-        return cfg if ngl is None else replace(cfg, n_gpu_layers=ngl)
+        return room - self.limits.min_headroom_bytes - self.memory.uncertainty(budget)
 
     def _too_big(self, predicted: int) -> bool:
         """True when even a generous error of the memory model would not bring the config within budget."""
