@@ -89,7 +89,7 @@ class SearchSpace:
         gpu = machine.gpu_offload
         self.ints: dict[str, tuple[int, int]] = {"n_threads": (1, machine.physical_cores),
                                                  "n_threads_batch": (1, machine.physical_cores)}
-        # On a GPU, each trial gets as many layers as the memory model says fit (see Study), since
+        # On a GPU, each trial gets as many layers as the memory model says fit (Tuner._fit_layers), since
         # a layer left on the CPU costs far more speed than any other setting gains; --range searches them.
         self.fit_layers = gpu and "n_gpu_layers" not in options.ranges and "n_gpu_layers" not in options.pins
         if gpu and not self.fit_layers:

@@ -167,10 +167,10 @@ class Tuner:
         defaults = self.baselines.get("llama.cpp defaults")
         if not self.space.fit_layers or defaults is None:
             return None
-        base = replace(defaults, n_ctx=self.limits.min_ctx, flash_attn=True)
+        base, limit = replace(defaults, n_ctx=self.limits.min_ctx, flash_attn=True), self._layer_limit()
         for kv in ("f16", "q8_0", "q4_0"):
             cfg = replace(base, type_k=kv, type_v=kv)
-            if self.memory.max_layers(cfg, self._layer_limit()) == self.model.n_gpu_layers_all:
+            if self.memory.max_layers(cfg, limit) == self.model.n_gpu_layers_all:
                 return cfg
         return base
 
