@@ -25,7 +25,7 @@ BASELINE="llama-server --ctx-size 2048 --batch-size 512 --n-gpu-layers 49 --thre
 
 # The study gives each trial as many of the 41 layers as fit 12 GiB (the default on a GPU), and stops
 # starting trials 40 s before this script's budget ends. (On 2026-11-27 it ran with layers searched in
-# 30..41 instead: 13 trials found no full offload at 16k context; docs/benchmarks.md §9.)
+# 30..41 instead: 13 trials found no full offload at 16k context; docs/benchmarks.md §6.)
 study() {
     local trials=$1 stop=$(( $(left) - 40 ))
     [ "$stop" -gt 30 ] || { step "no time left for the study"; return; }

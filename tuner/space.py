@@ -196,12 +196,3 @@ class SearchSpace:
             if cfg not in seen:
                 seen.add(cfg)
                 yield cfg
-
-    def describe(self) -> list[str]:
-        """One line per dimension, for the user."""
-        lines = [f"{k}: {lo}..{hi}" for k, (lo, hi) in self.ints.items()]
-        lines += [f"{k}: {', '.join(map(str, v))}" for k, v in self.choices.items()]
-        lines += [f"{k} = {v} (fixed)" for k, v in self.fixed.items() if not (k == "n_gpu_layers" and self.fit_layers)]
-        if self.fit_layers:
-            lines.append("n_gpu_layers: as many as fit the budget (--range n_gpu_layers=LO:HI searches it)")
-        return lines

@@ -156,8 +156,8 @@ class Tuner:
             if name not in done:
                 self.study.enqueue_trial(self.space.params_of(cfg),
                                          user_attrs={BASELINE_ATTR: name, CONFIG_ATTR: cfg.to_dict()})
-        start = self._start_point()
-        if start is not None and not any(t.user_attrs.get(START_ATTR) for t in trials):
+        start = None if any(t.user_attrs.get(START_ATTR) for t in trials) else self._start_point()
+        if start is not None:
             self.study.enqueue_trial(self.space.params_of(start), user_attrs={START_ATTR: True})
 
     def _start_point(self) -> BenchConfig | None:
