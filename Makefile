@@ -7,7 +7,7 @@ CUDA   ?= 0
 STAMP  := $(VENV)/.installed-cuda$(CUDA)
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 
-.PHONY: install test tune bench-fidelity clean
+.PHONY: install test test-fast tune bench-fidelity clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,15 @@ endif
 
 install: $(STAMP)
 
+# The layer contracts (import-linter) and ruff first: seconds, and they fail before the slow tests.
 test: install
+	$(BIN)/lint-imports
+	$(BIN)/ruff check tuner tests bench
 	$(BIN)/python -m pytest -q
+
+# The fast lane: no llama.cpp, no GPU (under a minute on 2 cores).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
 # A short study (20 configurations) of the demo model; run again, it resumes.
 tune: install

@@ -44,15 +44,15 @@ sys.path.insert(0, str(ROOT))
 
 import optuna  # noqa: E402
 
-from tuner.config import BenchConfig  # noqa: E402
-from tuner.demo import demo_model  # noqa: E402
-from tuner.fingerprint import build_environment, model_sha256  # noqa: E402
-from tuner.launcher import Launcher, SubprocessLauncher  # noqa: E402
-from tuner.probe import detect_probe  # noqa: E402
-from tuner.records import is_feasible  # noqa: E402
-from tuner.result import TrialResult  # noqa: E402
-from tuner.session import StudyRequest, open_tuner  # noqa: E402
-from tuner.study_view import StudyView, confirm_leaders  # noqa: E402
+from tuner.measure.config import BenchConfig  # noqa: E402
+from tuner.model.demo import demo_model  # noqa: E402
+from tuner.measure.environment import build_environment, model_sha256  # noqa: E402
+from tuner.measure.launcher import Launcher, SubprocessLauncher  # noqa: E402
+from tuner.measure.probe import detect_probe  # noqa: E402
+from tuner.study.objectives import is_feasible  # noqa: E402
+from tuner.measure.result import TrialResult  # noqa: E402
+from tuner.study.session import StudyRequest, open_tuner  # noqa: E402
+from tuner.study.view import StudyView, confirm_leaders  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRID_FILE = RESULTS / "efficiency-grid.json"
@@ -315,7 +315,8 @@ def report(summary: dict) -> None:
         med = statistics.median(r["verified_tg"] for r in rs)
         print(f"| {sampler} | median | {statistics.median(r['fastest_tg'] for r in rs):.2f} | {med:.2f} "
               f"| {100 * (med / v_best - 1):+.1f}% | {100 * (med / h_best - 1):+.1f}% "
-              f"| {100 * (med / v_base - 1):+.1f}% | {statistics.median(r['trials_to_3pct'] or trials + 1 for r in rs)} |")
+              f"| {100 * (med / v_base - 1):+.1f}% "
+              f"| {statistics.median(r['trials_to_3pct'] or trials + 1 for r in rs)} |")
     print("\nverified configurations (tg t/s per round, drift-free tg):")
     for k, v in sorted(summary["verified"].items(), key=lambda kv: -truth.get(kv[0], 0)):
         print(f"  {describe(v.get('config')) or k}: {' '.join(f'{x:.1f}' for x in v['samples'])} "

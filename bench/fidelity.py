@@ -38,10 +38,10 @@ sys.path.insert(0, str(ROOT))
 
 from llama_bench_build import llama_bench_binary  # noqa: E402
 
-from tuner.config import BenchConfig  # noqa: E402
-from tuner.demo import demo_model  # noqa: E402
-from tuner.launcher import SubprocessLauncher  # noqa: E402
-from tuner.probe import cpu_name, detect_probe  # noqa: E402
+from tuner.measure.config import BenchConfig  # noqa: E402
+from tuner.model.demo import demo_model  # noqa: E402
+from tuner.measure.launcher import SubprocessLauncher  # noqa: E402
+from tuner.measure.probe import cpu_name, detect_probe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = [dict(n_threads=t, n_batch=b, flash_attn=fa) for t in (1, 2) for b in (128, 512) for fa in (False, True)]
@@ -143,7 +143,8 @@ def noise_rows(rows: list[dict]) -> list[tuple[str, list[float], list[float]]]:
     for r in rows:
         rounds = r["rounds"]
         out.append((f"| {r['n_threads']} | {r['n_batch']} | {int(r['flash_attn'])}",
-                    [100 * x["tg_cv"] for x in rounds["llama_tuner"]], [100 * x["tg_cv"] for x in rounds["llama_bench"]]))
+                    [100 * x["tg_cv"] for x in rounds["llama_tuner"]],
+                    [100 * x["tg_cv"] for x in rounds["llama_bench"]]))
     out.append((f"| all {sum(len(r['rounds']['llama_tuner']) for r in rows)} rounds | |",
                 [cv for _, ours, _ in out for cv in ours], [cv for _, _, lb in out for cv in lb]))
     return out
@@ -196,7 +197,7 @@ def main() -> None:
     model = args.model or demo_model(ROOT / "models")
     binary = llama_bench_binary()
     launcher = SubprocessLauncher(detect_probe(), timeout_s=900)
-    # Both tools crash with repack on where llama.cpp's AMX kernels do (tuner.repack_check).
+    # Both tools crash with repack on where llama.cpp's AMX kernels do (tuner.measure.repack_check).
     configs = [{**c, "repack": launcher.repack_crash() is None} for c in configs]
     rows = []
     for c in configs:

@@ -22,10 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent  # the demo model lives in ROOT/models, whatever the cwd
 sys.path.insert(0, str(ROOT))
 
-from tuner.demo import demo_model  # noqa: E402
-from tuner.memory import MemoryModel, model_facts  # noqa: E402
-from tuner.model_info import load_model_info  # noqa: E402
-from tuner.result import TrialResult  # noqa: E402
+from tuner.model.demo import demo_model  # noqa: E402
+from tuner.model.facts import ModelFacts  # noqa: E402
+from tuner.study.memory_model import MemoryModel  # noqa: E402
+from tuner.model.info import load_model_info  # noqa: E402
+from tuner.measure.result import TrialResult  # noqa: E402
 
 GRID_FILE = Path(__file__).resolve().parent / "results" / "efficiency-grid.json"
 
@@ -44,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     results = [TrialResult.from_dict(v) for v in json.loads(GRID_FILE.read_text())["results"].values()]
     results = [r for r in results if r.ok and r.peak_memory_bytes]
-    facts = model_facts(load_model_info(demo_model(ROOT / "models")))
+    facts = ModelFacts.of(load_model_info(demo_model(ROOT / "models")))
     prior = MemoryModel(facts, on_gpu=False)
     print("prior:   ", summary(prior.errors(results)))
     rng = random.Random(args.seed)

@@ -23,15 +23,19 @@ cfg = {"n_ctx": 256, "n_batch": 128, "n_ubatch": 128, "n_threads": 1, "n_threads
        "type_k": "f16", "type_v": "f16", "offload_kqv": True, "swa_full": False, "n_prompt": 0, "n_gen": 128,
        "n_depth": 0, "repetitions": 1, "seed": 1}
 cp = C.llama_context_default_params()
-for k in ("n_ctx","n_batch","n_ubatch","n_threads","n_threads_batch"): setattr(cp, k, cfg[k])
-cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED; cp.no_perf = False
+for k in ("n_ctx", "n_batch", "n_ubatch", "n_threads", "n_threads_batch"):
+    setattr(cp, k, cfg[k])
+cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+cp.no_perf = False
 ctx = C.llama_init_from_model(model, cp)
 t = child.Timer(ctx, model, cfg)
-C.llama_memory_clear(t.memory, False); t.generate(1)
+C.llama_memory_clear(t.memory, False)
+t.generate(1)
 for rep in range(5):
     C.llama_memory_clear(t.memory, False)
     C.llama_perf_context_reset(ctx)
     wall = t.generate(128) / 1e9
     perf = C.llama_perf_context(ctx)
     print(f"rep {rep}: wall {wall*1000:.1f} ms, llama.cpp eval {perf.t_eval_ms:.1f} ms over {perf.n_eval} tokens, "
-          f"outside llama.cpp {(wall*1000 - perf.t_eval_ms)/128*1000:.1f} us/token ({100*(wall*1000-perf.t_eval_ms)/(wall*1000):.2f}%)")
+          f"outside llama.cpp {(wall*1000 - perf.t_eval_ms)/128*1000:.1f} us/token "
+          f"({100*(wall*1000-perf.t_eval_ms)/(wall*1000):.2f}%)")

@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 from fidelity import run_llama_bench, run_tuner  # noqa: E402
 from llama_bench_build import llama_bench_binary  # noqa: E402
 
-from tuner.demo import demo_model  # noqa: E402
-from tuner.launcher import SubprocessLauncher  # noqa: E402
-from tuner.probe import detect_probe  # noqa: E402
+from tuner.model.demo import demo_model  # noqa: E402
+from tuner.measure.launcher import SubprocessLauncher  # noqa: E402
+from tuner.measure.probe import detect_probe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("fa", type=int, choices=(0, 1))
     ap.add_argument("rounds", type=int)
     ap.add_argument("--tools", default="lb,tuner,quiet")
-    ap.add_argument("--old", type=Path, help="checkout whose tuner.child the 'old' tool runs")
+    ap.add_argument("--old", type=Path, help="checkout whose tuner.measure.child the 'old' tool runs")
     ap.add_argument("--repack", type=int, choices=(0, 1), help="default: on unless it crashes here")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -88,7 +88,8 @@ def main() -> None:
                 f"{statistics.median(cvs):.2f}%, {100 * sum(cv <= 2 for cv in cvs) / len(cvs):.0f}% of rounds <= 2%")
         if "lb" in res and name != "lb":
             k = sum(cv > lb for (_, cv), (_, lb) in zip(res[name], res["lb"]))
-            line += f"; noisier than llama-bench in {k} of {len(cvs)} rounds (sign test p = {sign_test(k, len(cvs)):.3f})"
+            line += (f"; noisier than llama-bench in {k} of {len(cvs)} rounds "
+                     f"(sign test p = {sign_test(k, len(cvs)):.3f})")
         print(line)
     RESULTS.mkdir(exist_ok=True)
     tag = f"-{args.tag}" if args.tag else ""

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tuner.repack_check import repack_crash
-from tuner.synth import SHAPES, Shape, write_synthetic_gguf
+from tuner.measure.launcher import SubprocessLauncher
+from tuner.measure.probe import NoGpuProbe
+from tuner.model.twins import SHAPES, Shape, write_synthetic_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
-# Where llama.cpp's AMX kernels die of SIGILL (tuner.repack_check), tests measure with repack off.
-REPACK_WORKS = repack_crash() is None
+# Where llama.cpp's AMX kernels die of SIGILL (tuner.measure.repack_check), tests measure with repack off.
+REPACK_WORKS = SubprocessLauncher(NoGpuProbe()).repack_crash() is None
 NO_REPACK = "" if REPACK_WORKS else " --no-repack"
 
 
@@ -27,7 +28,7 @@ def private_hash_cache(tmp_path_factory):
 
 def pytest_collection_modifyitems(config, items):
     """Skip tests marked ``gpu`` where no NVIDIA GPU is visible."""
-    from tuner.probe import NoGpuProbe, detect_probe
+    from tuner.measure.probe import NoGpuProbe, detect_probe
 
     if isinstance(detect_probe(), NoGpuProbe):
         skip = pytest.mark.skip(reason="needs an NVIDIA GPU (run through ../shared/device)")
@@ -57,21 +58,22 @@ def small_model(models_dir) -> Path:
 @pytest.fixture(scope="session")
 def long_context_model(models_dir) -> Path:
     """4 layers with 8 KV heads of 128 and a 131072-token context: its full KV cache needs 2 GiB."""
-    shape = Shape("llama", 4, 1024, 8, 8, 128, 1024, 1024, n_ctx_train=131072)
+    shape = Shape(arch="llama", n_layer=4, n_embd=1024, n_head=8, n_head_kv=8, head_dim=128, n_ff=1024,
+                  n_vocab=1024, n_ctx_train=131072)
     return write_synthetic_gguf(models_dir / "long-context.gguf", shape, "q8_0")
 
 
 @pytest.fixture(scope="session")
 def unknown_arch_model(models_dir) -> Path:
     """A well-formed GGUF whose architecture llama.cpp does not know: a load error."""
-    shape = Shape("nosucharch", 2, 256, 4, 2, 64, 512, 1024)
+    shape = Shape(arch="nosucharch", n_layer=2, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=512, n_vocab=1024)
     return write_synthetic_gguf(models_dir / "nosucharch.gguf", shape, "q8_0")
 
 
 @pytest.fixture(scope="session")
 def demo_model_path(models_dir) -> Path:
     """The real Gemma 3 270M Q4_K_M from the demo package."""
-    from tuner.demo import demo_model
+    from tuner.model.demo import demo_model
 
     return demo_model(models_dir)
 
@@ -103,7 +105,8 @@ class CliResult:
 
 @pytest.fixture
 def run_cli():
-    """Run ``python -m tuner ARGS`` in a real process (so exit codes and tracebacks are real)."""
+    """Run ``python -m tuner ARGS`` in a real process (so exit codes and tracebacks are real): for commands
+    that start children, and to check what a real process prints."""
 
     def run(*args: str, timeout: float = 300, env: dict[str, str] | None = None, cwd: Path | None = None) -> CliResult:
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -111,6 +114,22 @@ def run_cli():
         p = subprocess.run([sys.executable, "-m", "tuner", *map(str, args)], capture_output=True, text=True,
                            timeout=timeout, env=full_env, cwd=cwd or ROOT)
         return CliResult(p.returncode, p.stdout, p.stderr)
+
+    return run
+
+
+@pytest.fixture
+def cli():
+    """Run ``llama-tuner ARGS`` in this process through click's CliRunner: for commands that start no child."""
+    from click.testing import CliRunner
+
+    from tuner.cli.main import cli as group
+
+    def run(*args: str) -> CliResult:
+        result = CliRunner().invoke(group, [str(a) for a in args], prog_name="llama-tuner")
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception  # a traceback a real process would print: fail with it
+        return CliResult(result.exit_code, result.stdout, result.stderr)
 
     return run
 

@@ -22,10 +22,23 @@ BASES = {"yours", "llama.cpp defaults"} if REPACK_WORKS else {"yours"}
     (("--baseline", "-c 2048 --weird-flag"), "unsupported llama-server flag --weird-flag"),
     (("--min-ctx", "99999999"), "exceeds the model's training context"),
     (("--sampler", "annealing"), "invalid value for '--sampler'"),
+    (("--set", "n_prompt=0"), "--set n_prompt=0 leaves the study without a prompt test"),
+    (("--set", "n_gen=0"), "--set n_gen=0 leaves the study without a generation test"),
+    (("--baseline", "-c 256 -b 256 -ub 256"), "n_ctx 256 is too small"),
+    (("--range", "n_ctx=8192:1024"), "is empty"),
+    (("--range", "n_threads=1:2", "--baseline", "-c abc"), "-c 'abc' is not a number"),
 ])
-def test_tune_bad_input_is_one_line(run_cli, tiny_model, tmp_path, args, needle):
-    r = run_cli("tune", tiny_model, "--storage", f"sqlite:///{tmp_path}/s.db", "--no-mlflow", *args)
+def test_tune_bad_input_is_one_line_before_any_work(cli, tiny_model, tmp_path, monkeypatch, args, needle):
+    """Refused before a llama_cpp child, the bandwidth probe or the repack check runs, and before a study exists."""
+    def work(*_, **__):
+        raise AssertionError("work started before the input was checked")
+
+    monkeypatch.setattr("tuner.study.session.build_environment", work)
+    monkeypatch.setattr("tuner.study.session.detect_probe", work)
+    monkeypatch.setattr("tuner.measure.launcher.SubprocessLauncher.repack_crash", work)
+    r = cli("tune", tiny_model, "--storage", f"sqlite:///{tmp_path}/s.db", "--no-mlflow", *args)
     assert_one_line_error(r, needle)
+    assert not (tmp_path / "s.db").exists()
 
 
 def test_tune_refuses_a_non_gguf_model(run_cli, bad_files, tmp_path):
@@ -33,8 +46,8 @@ def test_tune_refuses_a_non_gguf_model(run_cli, bad_files, tmp_path):
     assert_one_line_error(r, "not a GGUF file")
 
 
-def test_report_and_export_of_a_missing_study_name_the_existing_ones(run_cli, tmp_path):
-    r = run_cli("report", "nope", "--storage", f"sqlite:///{tmp_path}/s.db")
+def test_report_and_export_of_a_missing_study_name_the_existing_ones(cli, tmp_path):
+    r = cli("report", "nope", "--storage", f"sqlite:///{tmp_path}/s.db")
     assert_one_line_error(r, "no study named 'nope'")
 
 
@@ -43,11 +56,11 @@ def test_tune_report_export_on_a_tiny_model(run_cli, tiny_model, tmp_path):
     storage = f"sqlite:///{tmp_path}/s.db"
     common = ("--storage", storage, "--no-mlflow", "--min-ctx", "512", "--set", "n_prompt=64", "--set", "n_gen=16",
               "--set", "repetitions=2")
-    r = run_cli("tune", tiny_model, "--study", "t", "--trials", "6", "--baseline", "-c 1024 -b 512 -t 1" + NO_REPACK, *common)
+    baseline = ("--baseline", "-c 1024 -b 512 -t 1" + NO_REPACK)
+    r = run_cli("tune", tiny_model, "--study", "t", "--trials", "6", *baseline, *common)
     assert r.code == 0, r.err
     assert "presets:" in r.out and "llama-server (fastest):" in r.out and "tg vs yours" in r.out
-    again = run_cli("tune", tiny_model, "--study", "t", "--trials", "6", "--baseline", "-c 1024 -b 512 -t 1" + NO_REPACK,
-                    *common)
+    again = run_cli("tune", tiny_model, "--study", "t", "--trials", "6", *baseline, *common)
     assert again.code == 0 and "6 configurations measured" in again.out  # resumed, nothing new
     report = run_cli("report", "t", "--storage", storage)
     assert report.code == 0 and "baseline: yours" in report.out and "baseline: llama.cpp defaults" in report.out

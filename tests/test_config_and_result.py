@@ -6,10 +6,11 @@ import statistics
 
 import pytest
 
-from tuner.config import BenchConfig, InvalidConfig
-from tuner.model_info import load_model_info
-from tuner.result import Environment, Rates, Status, TrialResult
-from tuner.sweep import build_configs, expand_sweep, markdown_table
+from tuner.measure.config import BenchConfig, InvalidConfig
+from tuner.model.info import load_model_info
+from tuner.measure.result import Environment, Rates, Status, TrialResult
+from tuner.measure.sweep import build_configs, expand_sweep
+from tuner.report.tables import markdown_table
 
 
 @pytest.mark.parametrize("settings,needle", [

@@ -9,12 +9,12 @@ import optuna
 from optuna.distributions import IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from tuner.coordination import (RETRY_ATTR, SETTINGS_ATTR, SURPLUS_ATTR, WORKER_ATTR, Heartbeat, OrphanSweeper,
+from tuner.study.coordination import (RETRY_ATTR, SETTINGS_ATTR, SURPLUS_ATTR, WORKER_ATTR, Heartbeat, OrphanSweeper,
                                 RetryStaleTrial, requeue, twins_ahead)
-from tuner.fakes import FakeLauncher
-from tuner.optuna_setup import make_storage
-from tuner.records import BASELINE_ATTR, measured_trials
-from tuner.session import StudyRequest, open_tuner
+from tuner.testing.fakes import FakeLauncher
+from tuner.study.storage import make_storage
+from tuner.study.objectives import BASELINE_ATTR, measured_trials
+from tuner.study.session import StudyRequest, open_tuner
 from test_study import ENV
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)

@@ -21,13 +21,13 @@ from optuna.trial import TrialState
 
 from conftest import ROOT
 from tuner.errors import UserError
-from tuner.fakes import FakeLauncher
-from tuner.records import BASELINE_ATTR, REUSED_ATTR, measured_trials
-from tuner.result import Environment
-from tuner.session import StudyRequest, open_tuner
-from tuner.optuna_setup import make_storage
-from tuner.coordination import retried_numbers
-from tuner.worker import join_study
+from tuner.testing.fakes import FakeLauncher
+from tuner.study.objectives import BASELINE_ATTR, REUSED_ATTR, measured_trials
+from tuner.measure.result import Environment
+from tuner.study.session import StudyRequest, open_tuner
+from tuner.study.storage import make_storage
+from tuner.study.coordination import retried_numbers
+from tuner.study.worker import join_study
 from test_study import ENV
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tuner.config import BenchConfig
-from tuner.export import FORMATS, render
-from tuner.presets import Candidate
-from tuner.result import Environment, Rates, Status, TrialResult
+from tuner.measure.config import BenchConfig
+from tuner.report.export import FORMATS, render
+from tuner.study.presets import Candidate
+from tuner.measure.result import Environment, Rates, Status, TrialResult
 
 GOLDEN = Path(__file__).parent / "golden"
 MODEL = "/models/My Models/Qwen3-8B-Q4_K_M.gguf"  # a space, so quoting matters

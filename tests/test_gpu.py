@@ -6,12 +6,12 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from tuner.config import BenchConfig
-from tuner.launcher import SubprocessLauncher
-from tuner.model_info import load_model_info
-from tuner.probe import detect_probe
-from tuner.records import measured_trials, result_of
-from tuner.result import Status
+from tuner.measure.config import BenchConfig
+from tuner.measure.launcher import SubprocessLauncher
+from tuner.model.info import load_model_info
+from tuner.measure.probe import detect_probe
+from tuner.study.objectives import measured_trials, result_of
+from tuner.measure.result import Status
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 TEST = dict(n_ctx=1024, n_batch=256, n_ubatch=256, n_prompt=256, n_gen=32, repetitions=3, flash_attn=True)

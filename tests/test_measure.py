@@ -12,13 +12,12 @@ import psutil
 import pytest
 
 from conftest import REPACK_WORKS, assert_one_line_error
-from tuner.config import BenchConfig
-from tuner.launcher import SubprocessLauncher
-from tuner.probe import NoGpuProbe
-from tuner.repack_check import CHECK, cpu_has_amx, repack_crash
-from tuner.result import Status
+from tuner.measure.config import BenchConfig
+from tuner.measure.launcher import SubprocessLauncher
+from tuner.measure.probe import NoGpuProbe
+from tuner.measure.repack_check import CHECK, cpu_has_amx, repack_crash_reason
+from tuner.measure.result import Status, TrialResult
 
-pytestmark = pytest.mark.slow
 FAST = dict(n_ctx=512, n_batch=128, n_ubatch=128, n_prompt=128, n_gen=16, repetitions=3, n_threads=1,
             repack=REPACK_WORKS)
 
@@ -28,6 +27,7 @@ def measure(model, configs, timeout_s=120, fault=None, **kw):
     return list(SubprocessLauncher(NoGpuProbe(), timeout_s=timeout_s, extra_env=env, **kw).measure(str(model), configs))
 
 
+@pytest.mark.slow
 def test_measures_a_generated_model_like_llama_bench(tiny_model):
     [r] = measure(tiny_model, [BenchConfig(**FAST)])
     assert r.status == Status.OK, r.reason
@@ -42,6 +42,7 @@ def test_measures_a_generated_model_like_llama_bench(tiny_model):
     assert r.config.n_threads_batch == 1  # resolved before launch, so "threads=1" is really one
 
 
+@pytest.mark.slow
 def test_context_only_changes_reuse_the_loaded_model(small_model):
     configs = [BenchConfig(**{**FAST, "flash_attn": fa}) for fa in (False, True)]
     configs.append(BenchConfig(**{**FAST, "n_depth": 64}))
@@ -51,6 +52,7 @@ def test_context_only_changes_reuse_the_loaded_model(small_model):
     assert results[2].config.n_depth == 64 and results[2].tg_mean > 0
 
 
+@pytest.mark.slow
 def test_a_changed_model_setting_reloads(small_model):
     results = measure(small_model, [BenchConfig(**FAST), BenchConfig(**{**FAST, "use_mmap": False})])
     assert [r.status for r in results] == [Status.OK, Status.OK]
@@ -60,9 +62,9 @@ def test_a_changed_model_setting_reloads(small_model):
 THREADPOOL_CHECK = """
 import json, sys
 from llama_cpp import llama_cpp as C
-from tuner.child import Timer, load_model, new_context
-from tuner.config import BenchConfig
-from tuner.cpu_threadpool import attach_threadpools
+from tuner.measure.child import Timer, load_model, new_context
+from tuner.measure.config import BenchConfig
+from tuner.measure.threadpool import attach_threadpools
 
 C.llama_backend_init()
 model, _ = load_model(sys.argv[1], {"n_gpu_layers": 0, "repack": sys.argv[2] == "1"})
@@ -82,6 +84,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_contexts_get_cpu_threadpools_as_in_llama_bench(tiny_model):
     """One pool when batches use as many threads as generation, a second one when not; both time."""
     proc = subprocess.run([sys.executable, "-c", THREADPOOL_CHECK, str(tiny_model), str(int(REPACK_WORKS))],
@@ -91,12 +94,14 @@ def test_contexts_get_cpu_threadpools_as_in_llama_bench(tiny_model):
     assert proc.stderr.count("attach_threadpool: call") == 2  # llama.cpp's own debug line
 
 
+@pytest.mark.slow
 def test_invalid_config_is_recorded_not_launched(tiny_model):
     results = measure(tiny_model, [BenchConfig(**{**FAST, "type_v": "q4_0"}), BenchConfig(**FAST)])
     assert results[0].status == Status.INVALID and "flash attention" in results[0].reason
     assert results[0].wall_time_s is None and results[1].status == Status.OK
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault,status,signal_name", [
     ("abort@pp#0", Status.CRASH, "SIGABRT"),
     ("segv@tg#0", Status.CRASH, "SIGSEGV"),
@@ -109,20 +114,32 @@ def test_a_crashing_child_is_a_result_and_the_next_config_still_runs(tiny_model,
     assert results[1].status == Status.OK  # measured by a fresh child
 
 
+@pytest.mark.slow
 def test_sigill_names_the_amx_kernels_and_the_fix(tiny_model):
     [r] = measure(tiny_model, [BenchConfig(**FAST)], fault="sigill@pp")
     assert r.status == Status.CRASH and "ggml-org/llama.cpp#26954" in r.reason and "--repack 0" in r.reason
 
 
+@pytest.mark.slow
 def test_the_repack_check_agrees_with_a_real_measurement(tiny_model):
     """Repack off always runs; repack on crashes exactly where the check says it does."""
     on, off = measure(tiny_model, [BenchConfig(**{**CHECK.to_dict(), "repack": r}) for r in (True, False)])
     assert off.status == Status.OK, off.reason
     if on.status == Status.OK:
-        assert repack_crash() is None
+        assert SubprocessLauncher(NoGpuProbe()).repack_crash() is None
     else:
-        assert on.status == Status.CRASH and on.signal == "SIGILL", on.reason
-        assert cpu_has_amx() and repack_crash() == on.reason
+        assert on.status == Status.CRASH and on.signal in ("SIGILL", "SIGSEGV"), on.reason
+        assert cpu_has_amx() and SubprocessLauncher(NoGpuProbe()).repack_crash() == on.reason
+
+
+def test_repack_is_said_to_crash_only_when_on_dies_of_a_signal_and_off_runs():
+    cfg = BenchConfig(**FAST)
+    died = TrialResult(Status.CRASH, cfg, "m", reason="child died of SIGSEGV", signal="SIGSEGV")
+    ran = TrialResult(Status.OK, cfg, "m")
+    assert repack_crash_reason(died, ran) == "child died of SIGSEGV"
+    assert repack_crash_reason(ran, ran) is None
+    assert repack_crash_reason(died, died) is None  # both crash: repack is not the cause
+    assert repack_crash_reason(TrialResult(Status.CRASH, cfg, "m", reason="exit 3", exit_code=3), ran) is None
 
 
 def test_amx_is_read_from_the_cpu_flags(tmp_path):
@@ -132,25 +149,42 @@ def test_amx_is_read_from_the_cpu_flags(tmp_path):
     assert not cpu_has_amx(str(tmp_path / "missing"))
 
 
+@pytest.mark.slow
 def test_a_child_that_exits_without_a_result_is_a_crash(tiny_model):
     [r] = measure(tiny_model, [BenchConfig(**FAST)], fault="exit@context")
     assert r.status == Status.CRASH and r.exit_code == 3 and "code 3" in r.reason
 
 
+@pytest.mark.slow
 def test_a_hanging_child_is_killed_at_the_timeout(tiny_model):
     t0 = time.monotonic()
     [r] = measure(tiny_model, [BenchConfig(**FAST)], timeout_s=3, fault="hang@pp")
     assert r.status == Status.TIMEOUT and "3 s" in r.reason
     assert time.monotonic() - t0 < 30
-    leftovers = [p for p in psutil.process_iter(["cmdline"]) if "tuner.child" in " ".join(p.info["cmdline"] or [])]
+    leftovers = [p for p in psutil.process_iter(["cmdline"])
+                 if "tuner.measure.child" in " ".join(p.info["cmdline"] or [])]
     assert leftovers == []
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)  # before the fix the launcher waited for such a child forever
+def test_a_child_that_hangs_after_sending_its_results_is_killed_and_its_results_kept(tiny_model):
+    t0 = time.monotonic()
+    [r] = measure(tiny_model, [BenchConfig(**FAST)], fault="hang@shutdown", exit_grace_s=1)
+    assert r.status == Status.OK, r.reason
+    assert time.monotonic() - t0 < 60
+    leftovers = [p for p in psutil.process_iter(["cmdline"])
+                 if "tuner.measure.child" in " ".join(p.info["cmdline"] or [])]
+    assert leftovers == []
+
+
+@pytest.mark.slow
 def test_an_unknown_architecture_is_a_load_error(unknown_arch_model):
     [r] = measure(unknown_arch_model, [BenchConfig(**FAST)])
     assert r.status == Status.LOAD_ERROR and "unknown model architecture" in r.reason
 
 
+@pytest.mark.slow
 def test_running_out_of_memory_is_oom(long_context_model):
     # Under a 1.5 GiB cap the 4096-token context fits; the full 2 GiB KV cache cannot.
     configs = [BenchConfig(**{**FAST, "n_ctx": 4096}), BenchConfig(**{**FAST, "n_ctx": 131072})]
@@ -159,6 +193,7 @@ def test_running_out_of_memory_is_oom(long_context_model):
     assert full.status == Status.OOM and "allocate" in full.reason, (full.status, full.reason)
 
 
+@pytest.mark.slow
 def test_bench_cli_sweeps_and_prints_a_table(run_cli, tiny_model):
     r = run_cli("bench", tiny_model, "-t", "1,2", "-c", 512, "-b", 128, "-p", 64, "-n", 8, "-r", 2,
                 "--repack", int(REPACK_WORKS))
@@ -180,5 +215,5 @@ def test_bench_cli_sweeps_and_prints_a_table(run_cli, tiny_model):
     (("-c", "99999"), "training context"),
     (("-t", "1,,2"), "empty value"),
 ])
-def test_bench_cli_bad_input_is_one_line(run_cli, tiny_model, args, needle):
-    assert_one_line_error(run_cli("bench", tiny_model, *args), needle)
+def test_bench_cli_bad_input_is_one_line(cli, tiny_model, args, needle):
+    assert_one_line_error(cli("bench", tiny_model, *args), needle)

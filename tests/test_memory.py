@@ -8,18 +8,19 @@ from dataclasses import replace
 import pytest
 
 from conftest import REPACK_WORKS, assert_one_line_error
-from tuner.config import BenchConfig
-from tuner.fakes import FakeLauncher
-from tuner.launcher import SubprocessLauncher
-from tuner.memory import MemoryModel, model_facts
-from tuner.model_info import load_model_info
-from tuner.probe import FakeGpuProbe, NoGpuProbe
-from tuner.records import RESULT_ATTR, measured_trials
-from tuner.result import Environment
-from tuner.session import StudyRequest, open_tuner
-from tuner.study import START_ATTR
-from tuner.study_view import StudyView
-from tuner.synth import SHAPES, describe_shape
+from tuner.measure.config import BenchConfig
+from tuner.testing.fakes import FakeGpuProbe, FakeLauncher
+from tuner.measure.launcher import SubprocessLauncher
+from tuner.model.facts import ModelFacts
+from tuner.study.memory_model import MemoryModel
+from tuner.model.info import load_model_info
+from tuner.measure.probe import NoGpuProbe
+from tuner.study.objectives import RESULT_ATTR, measured_trials
+from tuner.measure.result import Environment
+from tuner.study.session import StudyRequest, open_tuner
+from tuner.study.tuner import START_ATTR
+from tuner.study.view import StudyView
+from tuner.model.twins import SHAPES, describe_shape
 from test_study import ENV
 
 SMALL_TEST = dict(n_prompt=32, n_gen=4, repetitions=1, n_threads=1, repack=REPACK_WORKS)
@@ -35,7 +36,7 @@ def test_kv_prediction_matches_llama_cpps_kv_buffers(demo_model_path, n_ctx, kv,
     [r] = SubprocessLauncher(NoGpuProbe()).measure(str(demo_model_path), [cfg])
     assert r.ok, r.reason
     reported = sum(r.buffers["kv"].values())
-    predicted = MemoryModel(model_facts(info), on_gpu=False).plan(cfg.resolved()).host_kv
+    predicted = MemoryModel(ModelFacts.of(info), on_gpu=False).plan(cfg.resolved()).host_kv
     assert abs(predicted - reported) <= 0.001 * reported + 64 * 1024  # llama.cpp prints MiB to 2 decimals
 
 
@@ -47,7 +48,7 @@ def test_compute_and_peak_are_refitted_from_measurements(demo_model_path):
                                 (8192, 64, False), (32768, 256, False)]]
     results = list(SubprocessLauncher(NoGpuProbe()).measure(str(demo_model_path), configs))
     assert all(r.ok for r in results), [r.reason for r in results]
-    mm = MemoryModel(model_facts(info), on_gpu=False)
+    mm = MemoryModel(ModelFacts.of(info), on_gpu=False)
     mm.fit(results[:4])
     for r in results[4:]:  # predict configs it has not seen
         compute = sum(r.buffers["compute"].values())
@@ -60,7 +61,7 @@ def test_compute_and_peak_are_refitted_from_measurements(demo_model_path):
 
 def test_the_mistral_twin_plan_agrees_with_the_measured_h200_figure():
     info = describe_shape(SHAPES["mistral-small-24b"], "q2_k")
-    mm = MemoryModel(model_facts(info), on_gpu=True)
+    mm = MemoryModel(ModelFacts.of(info), on_gpu=True)
     cfg = BenchConfig(n_gpu_layers=41, n_ctx=16384, n_batch=2048, n_ubatch=512, flash_attn=True,
                       n_threads=8, n_threads_batch=8)
     # ../shared/device/README.md: this twin, all layers, ctx 16384, flash attention: 11,617 MiB used.
@@ -69,12 +70,12 @@ def test_the_mistral_twin_plan_agrees_with_the_measured_h200_figure():
     assert mm.predict(cfg) <= 12 * 2**30  # so a 12 GiB budget admits it
 
 
-def test_plan_cli_on_a_twin(run_cli, long_context_model):
-    r = run_cli("inspect", long_context_model, "--plan", "--vram-budget", "2GiB", "--ctx", "65536")
+def test_plan_cli_on_a_twin(cli, long_context_model):
+    r = cli("inspect", long_context_model, "--plan", "--vram-budget", "2GiB", "--ctx", "65536")
     assert r.code == 0, r.err
     assert "largest context that fits with all layers" in r.out and "most layers that fit" in r.out
     assert "(over)" in r.out  # the 131072 context with f16 KV (2 GiB of cache) does not fit 2 GiB
-    assert_one_line_error(run_cli("inspect", long_context_model, "--plan", "--ctx", "999999"), "--ctx")
+    assert_one_line_error(cli("inspect", long_context_model, "--plan", "--ctx", "999999"), "--ctx")
 
 
 FAKE_GPU = Environment(**{**ENV.__dict__, "gpu_name": "Fake GPU", "vram_total_bytes": 12 << 30, "gpu_offload": True})
@@ -85,7 +86,7 @@ POINT = BenchConfig(n_gpu_layers=5, n_ctx=8192, n_batch=2048, n_ubatch=512, flas
 def fake_gpu_study(model, tmp_path, free_bytes, points=(), **request):
     """A study on a fake 12 GiB GPU with a 1.5 GiB budget, whose measured peaks are 2% above what
     the memory model predicts, with ``points`` (configs) enqueued first."""
-    truth = MemoryModel(model_facts(load_model_info(model)), on_gpu=True)
+    truth = MemoryModel(ModelFacts.of(load_model_info(model)), on_gpu=True)
     launcher = FakeLauncher(env=FAKE_GPU, peak_fn=lambda c: int(truth.predict(c) * 1.02), free_bytes=free_bytes)
     req = StudyRequest(model=str(model), storage=f"sqlite:///{tmp_path}/s.db", vram_budget="1536MiB",
                        min_headroom="64MiB", min_ctx=4096, **request)
@@ -165,8 +166,8 @@ def test_the_mistral_twin_under_12_gib_gets_every_layer_at_16k(tiny_model, tmp_p
     # memory model's prior off by up to +-2%, and speeds as measured there. With layers sampled, 13 trials
     # found no full offload at 16k; fitted, the fastest preset must be one.
     info = replace(describe_shape(SHAPES["mistral-small-24b"], "q2_k"), path=str(tiny_model))
-    monkeypatch.setattr("tuner.session.load_model_info", lambda path: info)
-    truth = MemoryModel(model_facts(info), on_gpu=True)
+    monkeypatch.setattr("tuner.study.session.load_model_info", lambda path: info)
+    truth = MemoryModel(ModelFacts.of(info), on_gpu=True)
     env = Environment(**{**FAKE_GPU.__dict__, "vram_total_bytes": 140 << 30, "physical_cores": 16})
 
     def peak(c):

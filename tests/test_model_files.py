@@ -11,9 +11,9 @@ from gguf.quants import dequantize
 
 from conftest import assert_one_line_error
 from tuner.errors import UserError
-from tuner.gguf_header import read_gguf_header
-from tuner.model_info import load_model_info, swa_layer_flags
-from tuner.synth import SHAPES, plan_tensors
+from tuner.model.gguf_header import read_gguf_header
+from tuner.model.info import load_model_info, swa_layer_flags
+from tuner.model.twins import SHAPES, plan_tensors
 
 
 def test_header_matches_gguf_packages_reader(tiny_model):
@@ -93,36 +93,43 @@ def test_bad_files_raise_one_clear_error(bad_files, kind, needle):
     ("truncated_header", "truncated"), ("truncated_data", "truncated"),
 ])
 @pytest.mark.parametrize("command", ["inspect", "bench"])
-def test_cli_bad_files_one_line_exit_2(run_cli, bad_files, kind, needle, command):
-    assert_one_line_error(run_cli(command, bad_files[kind]), needle)
+def test_cli_bad_files_one_line_exit_2(cli, bad_files, kind, needle, command):
+    assert_one_line_error(cli(command, bad_files[kind]), needle)
 
 
-def test_inspect_json_lists_every_tensor(run_cli, tiny_model):
-    r = run_cli("inspect", tiny_model, "--json")
+def test_inspect_json_lists_every_tensor(cli, tiny_model):
+    r = cli("inspect", tiny_model, "--json")
     assert r.code == 0, r.err
     d = json.loads(r.out)
     assert d["n_layer"] == 2 and d["quant"] == "Q4_K_M"
     assert len(d["tensors"]) == len(read_gguf_header(tiny_model).tensors)
     assert d["kv_bytes_per_token"]["f16"]["all"] == 2 * 2 * (2 * 64) * 2
-    text = run_cli("inspect", tiny_model)
+    text = cli("inspect", tiny_model)
     assert "blk.*.attn_v.weight" in text.out and "KV q8_0" in text.out
 
 
-def test_synth_cli_writes_a_loadable_custom_shape(run_cli, tmp_path):
+def test_synth_cli_writes_a_loadable_custom_shape(cli, tmp_path):
     out = tmp_path / "custom.gguf"
-    r = run_cli("synth", "--layers", 3, "--embd", 256, "--heads", 4, "--kv-heads", 1, "--ffn", 768,
+    r = cli("synth", "--layers", 3, "--embd", 256, "--heads", 4, "--kv-heads", 1, "--ffn", 768,
                 "--vocab", 512, "--quant", "q8_0", out)
     assert r.code == 0, r.err
     info = load_model_info(out)
     assert (info.n_layer, info.n_embd, info.n_head_kv[0], info.n_ff, info.n_vocab) == (3, 256, 1, 768, 512)
-    assert_one_line_error(run_cli("synth", "--like", "nosuch", "--quant", "q8_0", tmp_path / "x.gguf"), "nosuch")
-    assert_one_line_error(run_cli("synth", "--layers", 2, "--quant", "q8_0", tmp_path / "x.gguf"), "--embd")
+    assert_one_line_error(cli("synth", "--like", "nosuch", "--quant", "q8_0", tmp_path / "x.gguf"), "nosuch")
+    assert_one_line_error(cli("synth", "--layers", 2, "--quant", "q8_0", tmp_path / "x.gguf"), "--embd")
+
+
+def test_synth_names_the_real_flags_of_a_missing_shape_field(cli, tmp_path):
+    r = cli("synth", "--arch", "llama", "--embd", 640, "--quant", "q4_0", tmp_path / "out.gguf")
+    assert_one_line_error(r, "--layers, --heads, --ffn, --vocab")
+    for flag in r.err.split("needs ")[1].split(";")[0].split(", "):  # every flag it names is one synth takes
+        assert cli("synth", "--help").out.count(flag + " ") >= 1, flag
 
 
 def test_model_hash_cache_is_reused_and_drops_files_that_changed(tmp_path):
     import json
 
-    from tuner.fingerprint import model_sha256
+    from tuner.measure.environment import model_sha256
 
     cache = tmp_path / "cache.json"
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"

@@ -9,20 +9,22 @@ import types
 
 import pytest
 
-from tuner.probe import FakeGpuProbe, GpuInfo, NoGpuProbe, NvmlProbe, detect_probe
-from tuner.sampler import MemorySampler
+from tuner.testing.fakes import FakeGpuProbe
+from tuner.measure.probe import GpuInfo, NoGpuProbe, NvmlProbe, detect_probe
+from tuner.measure.peak_memory import MemorySampler
 
 
 def test_peak_bandwidth_from_bus_width_and_memory_clock():
     # H100 SXM: 5120-bit HBM3 at 2619 MHz -> 3.35 TB/s.
-    assert GpuInfo(0, "H100", "x", 80 << 30, 5120, 2619).peak_bandwidth_gbs == pytest.approx(3352.3, rel=1e-3)
-    assert GpuInfo(0, "old", "x", 1, None, None).peak_bandwidth_gbs is None
+    assert GpuInfo(index=0, name="H100", driver="x", total_bytes=80 << 30, bus_width_bits=5120,
+                   max_mem_clock_mhz=2619).peak_bandwidth_gbs == pytest.approx(3352.3, rel=1e-3)
+    assert GpuInfo(index=0, name="old", driver="x", total_bytes=1).peak_bandwidth_gbs is None
 
 
 def test_sampler_takes_the_process_figure_from_the_probe():
     probe = FakeGpuProbe()
     probe.per_process[os.getpid()] = 3 << 30
-    s = MemorySampler(os.getpid(), probe, 0, vram_used_before=probe.used)
+    s = MemorySampler(os.getpid(), probe=probe, gpu_index=0, vram_used_before=probe.used)
     s.sample()
     probe.per_process[os.getpid()] = 1 << 30
     peaks = s.window()
@@ -32,7 +34,7 @@ def test_sampler_takes_the_process_figure_from_the_probe():
 
 def test_sampler_falls_back_to_device_growth_when_pids_are_hidden():
     probe = FakeGpuProbe(report_pids=False)
-    s = MemorySampler(os.getpid(), probe, 0, vram_used_before=probe.used)
+    s = MemorySampler(os.getpid(), probe=probe, gpu_index=0, vram_used_before=probe.used)
     probe.used += 5 << 30
     assert s.window().vram == 5 << 30
 
@@ -40,7 +42,7 @@ def test_sampler_falls_back_to_device_growth_when_pids_are_hidden():
 def test_sampler_thread_sees_a_short_peak():
     child = subprocess.Popen([sys.executable, "-c",
                               "import time; b = bytearray(300 * 2**20); time.sleep(0.5); del b; time.sleep(0.5)"])
-    s = MemorySampler(child.pid, NoGpuProbe(), None, None, interval=0.02).start()
+    s = MemorySampler(child.pid, probe=NoGpuProbe(), gpu_index=None, vram_used_before=None, interval=0.02).start()
     child.wait()
     s.stop()
     assert s.window().rss > 300 * 2**20

@@ -6,19 +6,20 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tuner.baseline import parse_server_flags
-from tuner.config import BenchConfig, InvalidConfig
+from tuner.study.baselines import parse_server_flags
+from tuner.measure.config import BenchConfig, InvalidConfig
 from tuner.errors import UserError
-from tuner.fakes import FakeLauncher
-from tuner.model_info import load_model_info
-from tuner.presets import Candidate, choose_presets
-from tuner.records import RESULT_ATTR, REUSED_ATTR, Limits, constraints, measured_trials, result_of
-from tuner.result import Environment, Interleaved, Rates, Status, TrialResult
-from tuner.session import StudyRequest, open_tuner
-from tuner.space import Machine, SearchSpace, SpaceOptions
-from tuner.coordination import WORKER_ATTR
-from tuner.study import INTERRUPTED_ATTR
-from tuner.study_view import StudyView, confirm_leaders
+from tuner.testing.fakes import FakeLauncher
+from tuner.model.info import load_model_info
+from tuner.study.presets import Candidate, choose_presets
+from tuner.study.keys import RESULT_ATTR, REUSED_ATTR, WORKER_ATTR
+from tuner.study.objectives import Limits, constraints, measured_trials, result_of
+from tuner.measure.result import Environment, Interleaved, Rates, Status, TrialResult
+from tuner.study.session import StudyRequest, open_tuner
+from tuner.study.space import Machine, SearchSpace, SpaceOptions
+from tuner.study.keys import INTERRUPTED_ATTR
+from tuner.study.worker import join_study
+from tuner.study.view import StudyView, confirm_leaders
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 ENV = Environment(host="fakehost", cpu="Fake CPU", physical_cores=8, ram_total_bytes=32 << 30,
@@ -241,6 +242,33 @@ def test_running_the_same_command_again_measures_nothing_new(long_context_model,
     assert len(more.measured) == 3 and t.measured_count() == 15
     old = {c.settings_key() for c in first.measured}
     assert not old & {c.settings_key() for c in more.measured}
+
+
+def test_resuming_with_another_objective_changes_what_the_presets_rank_by(long_context_model, tmp_path):
+    tuner_for(long_context_model, tmp_path, trials=6).run()
+    assert StudyView(tuner_for(long_context_model, tmp_path, trials=6).study).objective == "tg"
+    again = FakeLauncher(env=ENV)
+    t = tuner_for(long_context_model, tmp_path, again, trials=6, objective="pp")
+    assert t.notes == ["objective changed from tg to pp: presets now rank by pp"]
+    t.run()
+    view = StudyView(t.study)
+    assert view.objective == "pp" and again.measured == []  # nothing to measure again: every trial has pp
+    fastest = view.presets["fastest"].candidate.figures.pp_mean
+    assert fastest == max(c.figures.pp_mean for c in view.candidates) or view.presets["fastest"].ties
+
+
+def test_a_later_trials_count_reaches_workers_that_are_already_running(long_context_model, tmp_path):
+    url = f"sqlite:///{tmp_path}/studies.db"
+    creator = tuner_for(long_context_model, tmp_path, trials=4, study_name="s")
+    creator.run()
+    worker = join_study("s", url, launcher=FakeLauncher(env=ENV), env=ENV)
+    assert worker.target() == 4
+    more = tuner_for(long_context_model, tmp_path, trials=7, study_name="s")
+    assert more.notes == ["--trials changed from 4 to 7; workers of this study follow"]
+    assert worker.target() == 7  # read from the study, not from what the worker was started with
+    worker.run(enqueue_baselines=False)
+    assert worker.measured_count() == 7
+    assert join_study("s", url, launcher=FakeLauncher(env=ENV), env=ENV).target() == 7
 
 
 def test_failures_are_recorded_constraints_not_scores(long_context_model, tmp_path):

@@ -16,17 +16,18 @@ import optuna
 import pytest
 
 from conftest import REPACK_WORKS, ROOT
-from tuner.compare import compare_text, row_for, token_cost
-from tuner.fakes import FakeLauncher
-from tuner.launcher import SubprocessLauncher
-from tuner.probe import NoGpuProbe
-from tuner.session import StudyRequest, open_tuner
-from tuner.study_view import StudyView
-from tuner.tracking import MlflowTracker, sync
+from tuner.model.facts import ModelFacts, TokenCost
+from tuner.report.compare import ModelRow, compare_text, row_for, versus
+from tuner.study.tracker import Tracker
+from tuner.testing.fakes import FakeLauncher
+from tuner.measure.launcher import SubprocessLauncher
+from tuner.measure.probe import NoGpuProbe
+from tuner.study.session import StudyRequest, open_tuner
+from tuner.study.view import StudyView
+from tuner.tracking.mlflow_tracker import MlflowTracker, sync
 from test_study import ENV
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-GOLDEN = Path(__file__).parent / "golden"
 
 
 def free_port() -> int:
@@ -76,7 +77,7 @@ def test_a_real_study_logs_one_nested_run_per_trial(tiny_model, tmp_path):
         assert {"n_ctx", "n_batch", "n_ubatch", "n_threads", "flash_attn", "type_k"} <= set(d.params)
         assert d.tags["llama_cpp_python"] and d.tags["model_sha256"]
         if d.tags["status"] != "ok":  # llama.cpp's defaults (repack on) where its AMX kernels crash
-            assert not REPACK_WORKS and d.params["repack"] == "True" and "SIGILL" in d.tags["failure_reason"]
+            assert not REPACK_WORKS and d.params["repack"] == "True" and "died of SIG" in d.tags["failure_reason"]
             continue
         assert d.metrics["tg_tps"] > 0 and d.metrics["pp_tps"] > 0 and "peak_rss_bytes" in d.metrics
         assert d.tags["architecture"] == "llama" and d.tags["quant"] == "Q4_K_M"
@@ -138,32 +139,79 @@ def test_mlflow_outage_loses_nothing_and_sync_fills_it_once(long_context_model, 
 
 
 def test_sync_cli_reports_an_unreachable_server_in_one_line(run_cli, long_context_model, tmp_path):
-    from tuner.tracking import Tracker
-
     study(long_context_model, tmp_path, Tracker(), study_name="s1")
     r = run_cli("sync", "s1", "--storage", f"sqlite:///{tmp_path}/studies.db", "--tracking-uri",
                 f"http://127.0.0.1:{free_port()}", env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
     assert r.code == 2 and len(r.err.strip().splitlines()) == 1 and "not reachable" in r.err
 
 
+def facts(n_swa: int = 0, swa_layers: tuple[int, ...] = ()) -> ModelFacts:
+    """Four layers of 10..40 bytes, an output of 5 bytes, one f16 K+V cell of 2 bytes per layer."""
+    return ModelFacts(architecture="llama", quant="Q8_0", name="m", n_params=1, file_size=100, n_layer=4, n_embd=8,
+                      n_ff=16, n_head=2, n_vocab=32, n_swa=n_swa, swa_layers=list(swa_layers),
+                      layer_bytes=[10, 20, 30, 40], output_bytes=5, token_embd_bytes=7, tied_embeddings=False,
+                      k_layer_bytes={"f16": [1] * 4, "q8_0": [2] * 4}, v_layer_bytes={"f16": [1] * 4, "q8_0": [3] * 4})
+
+
 def test_token_cost_follows_llama_cpp_offload_order():
-    facts = {"n_layer": 4, "layer_bytes": [10, 20, 30, 40], "output_bytes": 5, "n_swa": 0,
-             "kv_bytes_per_token": {"f16": {"full": 8, "swa": 0}}}
-    assert token_cost(facts, 0, "f16", "f16", 0).gpu_weights == 0
-    one = token_cost(facts, 1, "f16", "f16", 0)
+    f = facts()
+    assert f.token_cost(0, "f16", "f16", 0).gpu_weights == 0
+    one = f.token_cost(1, "f16", "f16", 0)
     assert (one.gpu_weights, one.cpu_weights, one.offloaded_layers) == (5, 100, 0)  # output first
-    three = token_cost(facts, 3, "f16", "f16", 10)
+    three = f.token_cost(3, "f16", "f16", 10)
     assert (three.gpu_weights, three.cpu_weights, three.kv) == (5 + 30 + 40, 30, 80)  # then the last layers
+    assert f.token_cost(0, "f16", "q8_0", 10).kv == 4 * (1 + 3) * 10  # K and V each of its own type
 
 
-def test_compare_two_recorded_studies_matches_golden(tiny_model, long_context_model, tmp_path):
-    from tuner.tracking import Tracker
+def test_sliding_window_layers_read_at_most_their_window():
+    cost = facts(n_swa=4, swa_layers=(0, 1)).token_cost(0, "f16", "f16", 10)
+    assert cost.kv == 2 * 2 * 10 + 2 * 2 * 4
 
+
+def test_model_facts_survive_the_study_store_and_ignore_keys_of_older_versions():
+    stored = {**facts().to_dict(), "kv_bytes_per_token": {"f16": {"full": 8, "swa": 0}}}
+    assert ModelFacts.from_dict(stored) == facts()
+    with pytest.raises(KeyError):
+        ModelFacts.from_dict({"n_layer": 4})
+
+
+def row(model: str, tg: float, total_bytes: int) -> ModelRow:
+    cost = TokenCost(gpu_weights=total_bytes, cpu_weights=0, kv=0, offloaded_layers=4, n_layer=4)
+    return ModelRow(study="s-" + model, model=model, preset="fastest", tg=tg, pp=100.0, n_ctx=4096, peak=1 << 30,
+                    headroom=1 << 29, cost=cost, peak_bandwidth_gbs=1000.0)
+
+
+@pytest.mark.parametrize("fast,slow,why", [
+    (row("small", 100.0, 1 << 30), row("big", 50.0, 2 << 30), "reads 2.00x fewer bytes per token"),
+    (row("small", 100.0, 1 << 30), row("big", 80.0, 2 << 30),
+     "fewer bytes per token (1.00 GiB vs 2.00 GiB), which outweighs its 1.60x lower"),
+    (row("big", 100.0, 2 << 30), row("small", 80.0, 1 << 30), "2.50x the bandwidth, which outweighs the 2.00x more"),
+])
+def test_the_reason_one_model_is_faster_follows_from_bytes_and_bandwidth(fast, slow, why):
+    text = versus(fast, slow)
+    assert text.startswith(f"{fast.model} generates {fast.tg / slow.tg:.2f}x as fast as {slow.model}")
+    assert why in text
+    # speed ratio = bytes ratio x bandwidth ratio: the two factors named account for the whole gap
+    ratio = slow.cost.total / fast.cost.total * fast.bandwidth_gbs / slow.bandwidth_gbs
+    assert fast.tg / slow.tg == pytest.approx(ratio)
+
+
+def test_compare_of_two_recorded_studies_ranks_by_speed_and_explains_by_bytes(tiny_model, long_context_model,
+                                                                              tmp_path):
     a = study(long_context_model, tmp_path, Tracker(), study_name="long", trials=6)
     b = study(tiny_model, tmp_path, Tracker(), study_name="tiny", trials=6, min_ctx=512,
               launcher=FakeLauncher(env=ENV, weights_bytes=1 << 30, n_layer=2))
-    text = compare_text([row_for(StudyView(a.study)), row_for(StudyView(b.study))])
-    golden = GOLDEN / "compare.txt"
-    if os.environ.get("UPDATE_GOLDEN"):
-        golden.write_text(text)
-    assert text == golden.read_text()
+    rows = [row_for(StudyView(a.study)), row_for(StudyView(b.study))]
+    fast, slow = sorted(rows, key=lambda r: -r.tg)
+    text = compare_text(rows)
+    table = text.split("\n\n")[0].splitlines()
+    assert len(table) == 4 and "long-context.gguf" in text and "tiny-q4_k_m.gguf" in text
+    for r in rows:  # each model's bytes per token come from its own header: weights of every layer, plus KV
+        assert r.cost.total == sum(StudyView(a.study if r.study == "long" else b.study).facts.layer_bytes) + \
+            StudyView(a.study if r.study == "long" else b.study).facts.output_bytes + r.cost.kv
+    claim = text.strip().splitlines()[-1]
+    assert claim.startswith(f"- {fast.model} generates {fast.tg / slow.tg:.2f}x as fast as {slow.model}")
+    if fast.cost.total < slow.cost.total:
+        assert "fewer bytes per token" in claim
+    else:  # the faster one reads more: only a higher achieved bandwidth can explain it
+        assert "the bandwidth, which outweighs" in claim and "more bytes" in claim

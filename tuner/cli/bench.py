@@ -1,0 +1,97 @@
+"""``llama-tuner bench``: measure configurations like llama-bench, each in a safe child."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+# (short flag, long flag, BenchConfig field, help)
+BENCH_FLAGS = [
+    ("-ngl", "--n-gpu-layers", "n_gpu_layers", "Layers to offload; -1 = all (default 0)."),
+    ("-mmp", "--mmap", "use_mmap", "Memory-map the model: 0 or 1 (default 1)."),
+    (None, "--repack", "repack", "Repacked/AMX CPU weight buffers: 0 or 1 (default 1)."),
+    ("-c", "--ctx-size", "n_ctx", "Context size (default 4096)."),
+    ("-b", "--batch-size", "n_batch", "Logical batch size (default 2048)."),
+    ("-ub", "--ubatch-size", "n_ubatch", "Physical batch size (default 512)."),
+    ("-t", "--threads", "n_threads", "Generation threads (default: physical cores)."),
+    ("-tb", "--threads-batch", "n_threads_batch", "Prompt threads (default: same as -t)."),
+    ("-fa", "--flash-attn", "flash_attn", "Flash attention: 0 or 1 (default 0)."),
+    ("-ctk", "--cache-type-k", "type_k", "K cache type (default f16)."),
+    ("-ctv", "--cache-type-v", "type_v", "V cache type (default f16)."),
+    ("-p", "--n-prompt", "n_prompt", "Prompt tokens to process (default 512)."),
+    ("-n", "--n-gen", "n_gen", "Tokens to generate (default 128)."),
+    ("-d", "--n-depth", "n_depth", "Tokens already in the cache before each test (default 0)."),
+    ("-r", "--repetitions", "repetitions", "Timed repetitions (default 5)."),
+]
+
+
+def _bench_options(f):
+    for short, long, field, help_text in reversed(BENCH_FLAGS):
+        decls = [d for d in (short, long) if d]  # --repack has no short form in llama-bench either
+        f = click.option(*decls, field, default=None, metavar="LIST", help=help_text)(f)
+    return f
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@_bench_options
+@click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True,
+              help="Seconds one configuration may take (load and measure) before it is killed.")
+@click.option("--json", "as_json", is_flag=True, help="Print every result as JSON instead of a table.")
+def bench(model: str, timeout_s: float, as_json: bool, **values) -> None:
+    """Measure MODEL like llama-bench. Comma-separated values sweep every combination.
+
+    Each configuration runs in a child process that is killed after --timeout;
+    a crash or out-of-memory is reported as that row's result. Settings that only
+    change the context reuse the loaded model.
+    """
+    from tuner.measure.bandwidth import bandwidth_of
+    from tuner.measure.launcher import SubprocessLauncher
+    from tuner.model.facts import ModelFacts
+    from tuner.model.info import load_model_info
+    from tuner.measure.probe import detect_probe
+    from tuner.measure.sweep import build_configs
+    from tuner.report.tables import markdown_table, result_rows
+
+    info = load_model_info(model)
+    configs = build_configs(values, info)
+    launcher = SubprocessLauncher(detect_probe(), timeout_s=timeout_s)
+    facts = ModelFacts.of(info)
+    results, rows = [], []
+    for r in launcher.measure(model, configs):
+        r.bandwidth = bandwidth_of(r, facts, r.env)
+        results.append(r)
+        rows.extend(result_rows(info, r))
+        if not as_json:
+            click.echo(f"[{len(results)}/{len(configs)}] {r.status.value}", err=True)
+    if as_json:
+        click.echo(json.dumps([_json_result(r) for r in results], indent=2))
+    else:
+        click.echo(markdown_table(rows))
+        notes = [bandwidth_line(r) for r in results if r.bandwidth]
+        if notes:
+            click.echo("\n" + "\n".join(notes))
+        env = results[0].env if results else None
+        if env:
+            click.echo(f"\nbuild: llama-cpp-python {env.llama_cpp_python}, {env.llama_cpp_build}; "
+                       f"{env.gpu_name or env.cpu}")
+
+
+def bandwidth_line(r) -> str:
+    """How much memory bandwidth one result's generation achieved, and its share of the peak."""
+    c, bw = r.config, r.bandwidth
+    share = f" = {100 * bw['bandwidth_share']:.0f}% of the peak" if "bandwidth_share" in bw else ""
+    return (f"tg{c.n_gen} at ngl {c.n_gpu_layers}, t {c.n_threads}, fa {int(c.flash_attn)}, {c.type_k}/{c.type_v}: "
+            f"{bw['bytes_per_token'] / 2**20:,.0f} MiB read per token "
+            f"({bw['gpu_bytes_per_token'] / 2**20:,.0f} MiB on the GPU) -> {bw['achieved_gbs']:,.1f} GB/s{share}")
+
+
+def _json_result(r) -> dict:
+    d = r.to_dict()
+    d["pp_mean"], d["tg_mean"] = r.pp_mean, r.tg_mean
+    d["pp_stddev"] = r.pp.stddev if r.pp else None
+    d["tg_stddev"] = r.tg.stddev if r.tg else None
+    d["headroom_bytes"] = r.headroom_bytes
+    return d

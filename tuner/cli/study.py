@@ -1,0 +1,184 @@
+"""``llama-tuner tune``, ``export`` and ``report``: run a study, hand over its presets."""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+from tuner.errors import UserError
+from tuner.report.export import FORMATS
+from tuner.study.presets import OBJECTIVES, PRESET_NAMES
+from tuner.study.storage import DEFAULT_STORAGE, SAMPLERS
+
+
+def _pairs(items: tuple[str, ...], option: str, sep: str = "=") -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition(sep)
+        if not eq or not key.strip() or not value.strip():
+            raise UserError(f"{option} {item!r} is not KEY{sep}VALUE", f"write {option} n_threads{sep}4")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _ranges(items: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    out = {}
+    for key, span in _pairs(items, "--range").items():
+        m = re.fullmatch(r"(-?\d+):(-?\d+)", span)
+        if not m:
+            raise UserError(f"--range {key}={span!r} is not LO:HI", f"write --range {key}=1:8")
+        out[key] = (int(m.group(1)), int(m.group(2)))
+    return out
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--study", "study_name", help="Study name (default: <model>@<hardware>); the same name resumes.")
+@click.option("--trials", type=int, default=20, show_default=True, help="Configurations to measure.")
+@click.option("--timeout", "timeout", help="Stop starting trials after this long, e.g. 20m.")
+@click.option("--vram-budget", help="Peak memory allowed, e.g. 12GiB (RAM on CPU-only machines; default: all).")
+@click.option("--min-headroom", default="512MiB", show_default=True, help="Memory to leave free at the peak.")
+@click.option("--min-ctx", type=int, default=4096, show_default=True, help="Smallest context worth having.")
+@click.option("--depth", type=int, default=0, show_default=True, help="Tokens already in the cache when measuring.")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default="tg", show_default=True,
+              help="What 'fastest' means: generation, prompt processing, or their geometric mean.")
+@click.option("--baseline", "baseline_flags", help='Your llama-server command line, e.g. "-c 2048 -b 512 -t 8".')
+@click.option("--set", "pins", multiple=True, metavar="KEY=VALUE", help="Pin a setting (repeatable).")
+@click.option("--range", "ranges", multiple=True, metavar="KEY=LO:HI", help="Narrow a searched setting.")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="tpe", show_default=True)
+@click.option("--seed", type=int, help="Sampler seed.")
+@click.option("--storage", default=DEFAULT_STORAGE, show_default=True, help="Optuna storage URL.")
+@click.option("--trial-timeout", default="15m", show_default=True, help="Kill one measurement after this long.")
+@click.option("--no-confirm", is_flag=True, help="Skip re-measuring the top 3 before choosing presets.")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db).")
+@click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
+def tune(model: str, study_name: str | None, trials: int, timeout: str | None, vram_budget: str | None,
+         min_headroom: str, min_ctx: int, depth: int, objective: str, baseline_flags: str | None,
+         pins: tuple[str, ...], ranges: tuple[str, ...], sampler: str, seed: int | None, storage: str,
+         trial_timeout: str, no_confirm: bool, tracking_uri: str | None, no_mlflow: bool) -> None:
+    """Find the best llama.cpp settings for MODEL on this machine, then print its presets."""
+    from tuner.cli.tracking import make_tracker
+    from tuner.study.session import StudyRequest, open_tuner
+
+    request = StudyRequest(model=model, study_name=study_name, trials=trials, timeout=timeout,
+                           vram_budget=vram_budget, min_headroom=min_headroom, min_ctx=min_ctx, depth=depth,
+                           objective=objective, baseline_flags=baseline_flags, pins=_pairs(pins, "--set"),
+                           ranges=_ranges(ranges), sampler=sampler, seed=seed, storage=storage,
+                           trial_timeout=trial_timeout)
+    tuner = open_tuner(request, tracker=make_tracker(tracking_uri, no_mlflow))
+    run_and_print(tuner, confirm=not no_confirm)
+
+
+def run_and_print(tuner, confirm: bool) -> None:
+    """Run the study with a live display, confirm the top candidates, print presets and commands."""
+    from tuner.cli.progress import make_progress
+    from tuner.report.export import llama_server_command
+    from tuner.report.study_report import header, presets_table, why_lines
+    from tuner.study.view import StudyView, confirm_leaders
+
+    crash = tuner.launcher.repack_crash() if tuner.space.fixed.get("repack") is False else None
+    if crash:
+        click.echo(f"note: llama.cpp's repacked (AMX) weights crash on this CPU ({crash.split(':')[0]}, "
+                   "ggml-org/llama.cpp#26954): searching repack off only (llama-server --no-repack)", err=True)
+    if tuner.space.fit_layers:
+        click.echo("note: each trial offloads as many layers as the memory model says fit the budget "
+                   "(--range n_gpu_layers=LO:HI searches them instead)", err=True)
+    for note in tuner.notes:
+        click.echo(f"note: {note}", err=True)
+    already, target = tuner.measured_count(), tuner.target()
+    if already:
+        click.echo(f"resuming study {tuner.study.study_name}: {already} of {target} configurations "
+                   "already measured", err=True)
+    progress = make_progress(target, already)
+    tuner.observers.append(progress)
+    try:
+        with progress:
+            tuner.run()
+            if confirm and StudyView(tuner.study).candidates:
+                confirm_leaders(tuner, on_pass=lambda top: progress.phase(_confirm_line(tuner, top)))
+            progress.phase("writing the study's summary to MLflow")
+            tuner.tracker.study_finished(StudyView(tuner.study))
+    except KeyboardInterrupt:
+        raise UserError(f"interrupted after {tuner.measured_count()} measured configurations (all saved)",
+                        "run the same command again to resume") from None
+    view = StudyView(tuner.study)
+    click.echo(header(view))
+    click.echo("\npresets:\n" + presets_table(view))
+    click.echo(why_lines(view.presets))
+    for name, p in view.presets.items():
+        click.echo(f"\nllama-server ({name}):\n  " + llama_server_command(view.model_path, p.candidate.figures.config))
+
+
+def _confirm_line(tuner, numbers: list[int]) -> str:
+    """What the confirmation pass measures, and about how long it takes (from the trials' own times)."""
+    from tuner.cli.progress import clock
+    from tuner.study.objectives import result_of
+
+    reps = tuner.settings.confirm_repetitions
+    results = [result_of(tuner.study.trials[n]) for n in numbers]
+    estimate = sum((r.wall_time_s or 0) * reps / max(1, r.config.repetitions) for r in results)
+    return (f"confirming the leaders (trials {', '.join(map(str, numbers))}): {reps} more repetitions each, "
+            f"taking turns, ~{clock(estimate)}")
+
+
+@click.command()
+@click.option("--study", "study_name", required=True, help="The study to join (created by `tune`).")
+@click.option("--storage", required=True, help="The study's storage, e.g. postgresql://user@db/tuning.")
+@click.option("--gpu", type=int, help="The GPU this worker measures on (sets CUDA_VISIBLE_DEVICES).")
+@click.option("--model", help="The model file's path on this machine, if not the study's path.")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: the study's).")
+@click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
+def worker(study_name: str, storage: str, gpu: int | None, model: str | None, tracking_uri: str | None,
+           no_mlflow: bool) -> None:
+    """Join a study and measure its trials on this machine until it has its count."""
+    from tuner.cli.tracking import make_tracker
+    from tuner.study.keys import TRACKING_URI_ATTR
+    from tuner.study.worker import join_study
+
+    tracker = make_tracker(tracking_uri or _study_attr(storage, study_name, TRACKING_URI_ATTR), no_mlflow)
+    tuner = join_study(study_name, storage, gpu=gpu, model=model, tracker=tracker)
+    before = tuner.measured_count()
+    try:
+        tuner.run(enqueue_baselines=False)
+    except KeyboardInterrupt:
+        raise UserError("worker interrupted; its trial will be retried", "start it again to rejoin") from None
+    click.echo(f"{study_name}: {tuner.measured_count()}/{tuner.settings.trials} configurations measured "
+               f"({tuner.measured_count() - before} while this worker ran)")
+
+
+def _study_attr(storage: str, study_name: str, key: str):
+    import optuna
+
+    from tuner.study.storage import make_storage
+
+    try:
+        return optuna.load_study(study_name=study_name, storage=make_storage(storage)).user_attrs.get(key)
+    except KeyError:
+        return None
+
+
+@click.command()
+@click.argument("study")
+@click.option("--preset", type=click.Choice(PRESET_NAMES), default="fastest", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="llama-server", show_default=True)
+@click.option("--storage", default=DEFAULT_STORAGE, show_default=True)
+def export(study: str, preset: str, fmt: str, storage: str) -> None:
+    """Print a preset of STUDY as a llama-server command, Python kwargs, an Ollama Modelfile or JSON."""
+    from tuner.report.export import render_study_preset
+    from tuner.study.storage import make_storage
+    from tuner.study.view import StudyView
+
+    click.echo(render_study_preset(StudyView.load(make_storage(storage), study), fmt, preset), nl=False)
+
+
+@click.command()
+@click.argument("study")
+@click.option("--storage", default=DEFAULT_STORAGE, show_default=True)
+def report(study: str, storage: str) -> None:
+    """Print STUDY's trials and presets, with each preset's gain over the baselines."""
+    from tuner.report.study_report import full_report
+    from tuner.study.storage import make_storage
+    from tuner.study.view import StudyView
+
+    click.echo(full_report(StudyView.load(make_storage(storage), study)))

@@ -1,0 +1,46 @@
+"""llama-bench-style sweeps: comma-separated values expand to every combination of configurations.
+Their results print as llama-bench's table (:mod:`tuner.report.tables`)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+from tuner.measure.config import CONTEXT_KEYS, MODEL_KEYS, TEST_KEYS, BenchConfig, InvalidConfig
+from tuner.model.info import ModelInfo
+
+SWEEP_ORDER = MODEL_KEYS + CONTEXT_KEYS + TEST_KEYS
+
+
+def expand_sweep(values: dict[str, str | None]) -> list[dict[str, str]]:
+    """Every combination of comma-separated values, model settings varying slowest.
+
+    Model-load settings lead the product, as in llama-bench, so consecutive
+    configurations share a loaded model as long as possible.
+    """
+    keys = [k for k in SWEEP_ORDER if values.get(k) not in (None, "")]
+    lists = []
+    for k in keys:
+        items = [v.strip() for v in str(values[k]).split(",")]
+        if any(not v for v in items):
+            raise InvalidConfig(f"empty value in {k}={values[k]!r}", "separate values with single commas, e.g. 1,2")
+        lists.append(items)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*lists)]
+
+
+def build_configs(values: dict[str, str | None], model: ModelInfo | None) -> list[BenchConfig]:
+    """Validated, machine-resolved configurations for a sweep; InvalidConfig on the first bad one.
+
+    Batch sizes the user did not give follow the ones given, as llama.cpp's own
+    clamping would (batch <= context, ubatch <= batch); given values are checked.
+    """
+    configs = []
+    defaults = BenchConfig()
+    for combo in expand_sweep(values):
+        cfg = BenchConfig.from_dict(combo)
+        if "n_batch" not in combo:
+            cfg = replace(cfg, n_batch=min(defaults.n_batch, cfg.n_ctx))
+        if "n_ubatch" not in combo:
+            cfg = replace(cfg, n_ubatch=min(defaults.n_ubatch, cfg.n_batch))
+        configs.append(cfg.resolved(model))
+    return configs

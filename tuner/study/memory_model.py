@@ -1,0 +1,162 @@
+"""Memory before loading: predict a configuration's peak VRAM (or RAM) from the GGUF header.
+
+The prediction adds what llama.cpp allocates on the limiting device:
+
+- weights: the output layer and the last ``n_gpu_layers - 1`` repeating layers go to
+  the GPU (llama.cpp's offload order); the rest, and the token embedding, stay in RAM;
+- KV cache: per layer and token (``ModelInfo.kv_bytes_per_token``) for the context
+  padded to 256 cells; sliding-window layers hold min(n_ctx, n_swa + n_ubatch) cells
+  padded to 256 unless ``swa_full``; on the GPU for offloaded layers with offload_kqv;
+- compute buffers: llama.cpp reserves a graph for ``n_ubatch`` tokens with every
+  one an output, so the logits (n_ubatch x n_vocab x 4 bytes) dominate for large
+  vocabularies, plus attention scores (without flash attention) and FFN activations.
+  Its coefficients are refitted from the compute buffers llama.cpp reports;
+- a correction for what llama.cpp does not report (the CUDA context, the
+  interpreter), refitted from every measured peak of the study as the median of
+  measured minus predicted.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import KW_ONLY, dataclass, field, replace
+import numpy as np
+
+from tuner.measure.config import BenchConfig
+from tuner.measure.result import TrialResult
+from tuner.model.facts import ModelFacts
+
+CELL_PAD = 256
+DEFAULT_CORRECTION = {"gpu": 400 * 2**20, "host": 60 * 2**20}  # CUDA context / interpreter, before any fit
+
+
+def _pad(n: int) -> int:
+    return -(-n // CELL_PAD) * CELL_PAD
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """Predicted allocations (bytes) per device."""
+
+    gpu_weights: int
+    host_weights: int
+    gpu_kv: int
+    host_kv: int
+    gpu_compute: int
+    host_compute: int
+    gpu_layers: int
+
+    def total(self, device: str) -> int:
+        """Everything llama.cpp allocates on ``device`` ("gpu" or "host")."""
+        if device == "gpu":
+            return self.gpu_weights + self.gpu_kv + self.gpu_compute
+        return self.host_weights + self.host_kv + self.host_compute
+
+
+def compute_features(facts: ModelFacts, cfg: BenchConfig) -> np.ndarray:
+    """The terms the compute buffer grows with: logits, attention scores, FFN, a constant."""
+    ub = cfg.n_ubatch
+    attn = 0 if cfg.flash_attn else ub * _pad(cfg.n_ctx) * facts.n_head * 4
+    return np.array([ub * facts.n_vocab * 4, attn, ub * facts.n_ff * 4, 1.0], dtype=float)
+
+
+PRIOR_COEFFS = np.array([1.0, 1.0, 3.0, 2 * 2**20])
+
+
+@dataclass
+class MemoryModel:
+    """Predicts peak memory; ``fit`` refines it from measured results of the same model."""
+
+    facts: ModelFacts
+    _: KW_ONLY
+    on_gpu: bool
+    coeffs: np.ndarray = field(default_factory=lambda: PRIOR_COEFFS.copy())
+    correction: int | None = None
+    residuals: list[float] = field(default_factory=list)
+
+    @property
+    def device(self) -> str:
+        """The device whose memory limits the study."""
+        return "gpu" if self.on_gpu else "host"
+
+    def plan(self, cfg: BenchConfig) -> Plan:
+        """Allocations of ``cfg`` per device."""
+        f = self.facts
+        n_layer, ngl = f.n_layer, cfg.n_gpu_layers if self.on_gpu else 0
+        first_gpu = f.first_gpu_layer(ngl)
+        layers = f.layer_bytes
+        gpu_w = sum(layers[first_gpu:]) + (f.output_bytes if ngl > 0 else 0)
+        # A tied output is the token embedding itself while it stays on the host.
+        host_out = 0 if ngl > 0 or f.tied_embeddings else f.output_bytes
+        host_w = sum(layers[:first_gpu]) + f.token_embd_bytes + host_out
+        kv_per_layer = self._kv_cells(cfg)
+        gpu_kv = host_kv = 0
+        for il in range(n_layer):
+            size = kv_per_layer[il]
+            if il >= first_gpu and cfg.offload_kqv and ngl > 0:
+                gpu_kv += size
+            else:
+                host_kv += size
+        compute = max(0.0, float(compute_features(f, cfg) @ self.coeffs))
+        on_gpu_compute = ngl > 0
+        return Plan(gpu_weights=gpu_w, host_weights=host_w, gpu_kv=gpu_kv, host_kv=host_kv,
+                    gpu_compute=int(compute) if on_gpu_compute else 0,
+                    host_compute=0 if on_gpu_compute else int(compute), gpu_layers=max(0, n_layer - first_gpu))
+
+    def _kv_cells(self, cfg: BenchConfig) -> list[int]:
+        """KV bytes of each layer: its cells times its bytes per cell."""
+        f = self.facts
+        n_ctx = _pad(cfg.n_ctx)
+        swa_cells = n_ctx if cfg.swa_full or not f.n_swa else _pad(min(n_ctx, f.n_swa + cfg.n_ubatch))
+        swa = set(f.swa_layers)
+        return [f.kv_cell_bytes(cfg.type_k, cfg.type_v, [il]) * (swa_cells if il in swa else n_ctx)
+                for il in range(f.n_layer)]
+
+    def predict(self, cfg: BenchConfig) -> int:
+        """Predicted peak on the limiting device, including the fitted correction."""
+        correction = self.correction if self.correction is not None else DEFAULT_CORRECTION[self.device]
+        return self.plan(cfg).total(self.device) + correction
+
+    def max_layers(self, cfg: BenchConfig, limit: int) -> int | None:
+        """The most layers (n_gpu_layers) with which ``cfg`` is predicted to stay within ``limit`` bytes
+        on the GPU, or None when even none fit (the compute buffer or the context alone is too big)."""
+        for ngl in range(self.facts.n_layer + 1, -1, -1):
+            if self.predict(replace(cfg, n_gpu_layers=ngl)) <= limit:
+                return ngl
+        return None
+
+    def uncertainty(self, budget: int) -> int:
+        """Bytes to keep in reserve for the model's own error: 3% of the budget before any
+        measurement; afterwards its typical error, the median distance of the residuals from
+        the correction (at least 0.5% of the budget). Not the largest: the headroom already
+        keeps a reserve, a trial that overshoots is one recorded infeasible trial, while too
+        wide a margin would hide the best configuration (on the H200, the Mistral twin's
+        16k context with f16 KV and all layers peaks 159 MiB under a 12 GiB budget's headroom)."""
+        if self.correction is None or not self.residuals:
+            return int(0.03 * budget)
+        typical = statistics.median(abs(r - self.correction) for r in self.residuals)
+        return int(max(0.005 * budget, typical))
+
+    def fit(self, results: list[TrialResult]) -> None:
+        """Refit the compute coefficients (from llama.cpp's buffers) and the correction (from peaks)."""
+        ok = [r for r in results if r.ok and r.buffers]
+        rows, targets = [], []
+        for r in ok:
+            compute = sum(r.buffers.get("compute", {}).values())
+            rows.append(compute_features(self.facts, r.config))
+            targets.append(compute)
+        if len(rows) >= 4:
+            x, y = np.array(rows), np.array(targets, dtype=float)
+            scale = np.where(x.max(axis=0) > 0, x.max(axis=0), 1.0)
+            sol, *_ = np.linalg.lstsq(x / scale, y, rcond=None)
+            self.coeffs = np.clip(sol / scale, 0, None)
+        measured = [(r, r.peak_memory_bytes) for r in ok if r.peak_memory_bytes]
+        if measured:
+            self.correction = 0
+            self.residuals = [peak - self.predict(r.config) for r, peak in measured]
+            self.correction = int(statistics.median(self.residuals))
+
+    def errors(self, results: list[TrialResult]) -> list[float]:
+        """Prediction error of each measured result, in % of its measured peak."""
+        return [100 * (self.predict(r.config) - r.peak_memory_bytes) / r.peak_memory_bytes
+                for r in results if r.ok and r.peak_memory_bytes]

@@ -1,0 +1,1 @@
+"""The tracking layer: a study and its trials in MLflow, with plots."""

@@ -1,0 +1,224 @@
+"""MLflow tracking: one parent run per study, one nested run per trial, artifacts at the end.
+
+The Optuna storage is the source of truth. When MLflow cannot be reached, or its
+SQLite file is locked, the tracker warns once and stops trying for this run; the
+study goes on, and ``llama-tuner sync STUDY`` later writes what is missing. Every
+write first looks the run up by its tags (study, trial number), so syncing twice,
+or after a crash between creating a run and recording its id, never duplicates.
+What the parent run's files say (presets, commands, tables) is the report layer's
+business: the caller hands the tracker a writer for them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from tuner import __version__
+from tuner.measure.result import TrialResult
+from tuner.study.keys import (ENVIRONMENT_ATTR, FINGERPRINT_ATTR, MODEL_FACTS_ATTR, MODEL_FILE_ATTR, OBJECTIVE_ATTR,
+                              PARENT_RUN_ATTR, RESULT_ATTR, STUDY_RUN_PREFIX, TRACKING_URI_ATTR)
+from tuner.study.objectives import constraints as constraints_of
+from tuner.study.objectives import result_of
+from tuner.study.tracker import Tracker
+from tuner.tracking.plots import write_plots
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+STUDY_TAG, TRIAL_TAG, KIND_TAG = "llama_tuner.study", "optuna_trial", "llama_tuner.kind"
+ArtifactWriter = Callable[[Any, Path], dict[str, float]]  # (study view, folder) -> summary metrics
+
+
+def default_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else the project's SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+
+
+def _experiment_name(attrs: dict[str, Any]) -> str:
+    return Path(attrs.get(MODEL_FILE_ATTR, "model")).stem
+
+
+class MlflowTracker(Tracker):
+    """Logs to MLflow at ``uri``; degrades to a warning when MLflow is unavailable."""
+
+    def __init__(self, uri: str, warn: Callable[[str], None], *, write_files: ArtifactWriter | None = None,
+                 artifact_root: str | None = None):
+        """Log to ``uri``; ``warn`` hears of failures, ``write_files`` writes the parent run's files."""
+        if uri.startswith("http"):
+            # Fail fast instead of MLflow's default minutes of retries: the study must not wait on tracking.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            artifact_root = artifact_root or str(Path(uri.removeprefix("sqlite:///")).parent.resolve() / "artifacts")
+        self.uri, self.warn, self.artifact_root, self.write_files = uri, warn, artifact_root, write_files
+        self.enabled = True
+        self._client = None
+        self.experiment_id: str | None = None
+        self.parent_id: str | None = None
+        self.study_name = ""
+        self.attrs: dict[str, Any] = {}
+        self.remember: Callable[[str, Any], None] | None = None
+
+    @property
+    def client(self):
+        """The MLflow client (imported lazily: mlflow is slow to import)."""
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def _guard(self, what: str, fn: Callable[[], Any]) -> Any:
+        if not self.enabled:
+            return None
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - any MLflow failure must leave the study running
+            self.enabled = False
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            self.warn(f"MLflow at {self.uri} failed while {what} ({first}); the study goes on, "
+                      f"run `llama-tuner sync {self.study_name}` once MLflow is back")
+            return None
+
+    # -- lifecycle ----------------------------------------------------------
+    def study_started(self, study_name: str, attrs: dict[str, Any],
+                      remember: Callable[[str, Any], None] | None = None) -> None:
+        self.study_name, self.attrs, self.remember = study_name, attrs, remember
+        self._guard("opening the experiment", self._open)
+
+    def _open(self) -> None:
+        name = _experiment_name(self.attrs)
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            location = f"{self.artifact_root}/{name}" if self.artifact_root else None
+            self.experiment_id = self.client.create_experiment(name, artifact_location=location)
+        else:
+            self.experiment_id = exp.experiment_id
+        # Workers of one study share the parent run its creator made (stored on the study).
+        known = self.attrs.get(PARENT_RUN_ATTR) if self.attrs.get(TRACKING_URI_ATTR) == self.uri else None
+        found = known or self._find({STUDY_TAG: self.study_name, KIND_TAG: "study"})
+        if found:
+            self.parent_id = found
+            return
+        env = self.attrs.get(ENVIRONMENT_ATTR, {})
+        tags = {STUDY_TAG: self.study_name, KIND_TAG: "study", "mlflow.runName": self.study_name,
+                "model_file": self.attrs.get(MODEL_FILE_ATTR, ""), "objective": self.attrs.get(OBJECTIVE_ATTR, ""),
+                "model_sha256": self.attrs.get(FINGERPRINT_ATTR, {}).get("model_sha256", ""),
+                "gpu_name": env.get("gpu_name") or "", "host": env.get("host", ""), "llama_tuner": __version__}
+        self.parent_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
+        if self.remember:
+            self.remember(PARENT_RUN_ATTR, self.parent_id)
+            self.remember(TRACKING_URI_ATTR, self.uri)
+
+    def _find(self, tags: dict[str, str]) -> str | None:
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def trial_measured(self, trial, result: TrialResult, constraints: dict[str, float]) -> str | None:
+        run_id = self._guard(f"logging trial {trial.number}",
+                             lambda: self.log_trial(trial.number, trial.user_attrs, result, constraints))
+        return run_id
+
+    def log_trial(self, number: int, user_attrs: dict[str, Any], result: TrialResult,
+                  constraints: dict[str, float]) -> str:
+        """Create (or find) the trial's nested run and log everything; returns its run id."""
+        if self.parent_id is None:
+            self._open()
+        existing = self._find({STUDY_TAG: self.study_name, TRIAL_TAG: str(number)})
+        if existing:
+            return existing
+        from mlflow.entities import Metric, Param, RunTag
+
+        run = self.client.create_run(self.experiment_id, tags=trial_tags(number, user_attrs, result, constraints,
+                                                                         self.study_name, self.attrs,
+                                                                         self.parent_id))
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, 0) for k, v in trial_metrics(result).items()]
+        for key, rates in (("tg_tps_rep", result.tg), ("pp_tps_rep", result.pp)):
+            if rates:
+                metrics += [Metric(key, r, now, i) for i, r in enumerate(rates.rates)]
+        params = [Param(k, str(v)) for k, v in result.config.to_dict().items()]
+        tags = [RunTag(f"constraint.{k}", f"{v:.4g}") for k, v in constraints.items()]
+        self.client.log_batch(run.info.run_id, metrics=metrics, params=params, tags=tags)
+        self.client.set_terminated(run.info.run_id, "FINISHED" if result.ok else "FAILED")
+        return run.info.run_id
+
+    def study_finished(self, view) -> None:
+        self._guard("writing the study's artifacts", lambda: self.log_study_artifacts(view))
+
+    def log_study_artifacts(self, view) -> None:
+        """The plots, and the files of ``write_files`` (trials, presets, commands), on the parent run."""
+        if self.parent_id is None:
+            self._open()
+        with tempfile.TemporaryDirectory(prefix="llama-tuner-artifacts-") as tmp:
+            summary = self.write_files(view, Path(tmp)) if self.write_files else {}
+            write_plots(view, Path(tmp))
+            self.client.log_artifacts(self.parent_id, tmp)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()])
+        self.client.set_terminated(self.parent_id, "FINISHED")  # a resumed study may still log to it
+
+
+def trial_tags(number: int, user_attrs: dict[str, Any], result: TrialResult, constraints: dict[str, float],
+               study_name: str, attrs: dict[str, Any], parent_id: str | None) -> dict[str, str]:
+    """The tags of a trial's run: model, hardware, versions, status and where it belongs."""
+    env, fp = result.env, attrs.get(FINGERPRINT_ATTR, {})
+    facts = attrs.get(MODEL_FACTS_ATTR, {})
+    tags = {
+        STUDY_TAG: study_name, TRIAL_TAG: str(number), KIND_TAG: "trial", "mlflow.runName": f"trial {number}",
+        "model_file": attrs.get("model_file", ""), "model_sha256": fp.get("model_sha256", ""),
+        "architecture": facts.get("architecture", ""), "quant": facts.get("quant", ""),
+        "gpu_name": env.gpu_name or "none", "gpu_driver": env.gpu_driver or "none",
+        "llama_cpp_python": env.llama_cpp_python, "llama_cpp_build": env.llama_cpp_build,
+        "llama_tuner": __version__, "host": env.host, "status": result.status.value,
+        "failure_reason": result.reason[:500], "feasible": str(all(v <= 0 for v in constraints.values())),
+    }
+    for key in ("baseline", "reused_from"):
+        if key in user_attrs:
+            tags[key] = str(user_attrs[key])
+    if parent_id:
+        tags["mlflow.parentRunId"] = parent_id
+    return tags
+
+
+def trial_metrics(result: TrialResult) -> dict[str, float]:
+    """Means, deviations, memory and times of a result (only those measured)."""
+    out = {"tg_tps": result.tg_mean, "tg_tps_stddev": result.tg.stddev if result.tg else None,
+           "pp_tps": result.pp_mean, "pp_tps_stddev": result.pp.stddev if result.pp else None,
+           "peak_vram_bytes": result.peak_vram_bytes, "peak_rss_bytes": result.peak_rss_bytes,
+           "headroom_bytes": result.headroom_bytes, "load_time_s": result.load_time_s,
+           "context_time_s": result.context_time_s, "wall_time_s": result.wall_time_s}
+    out.update(result.bandwidth or {})
+    if result.predicted_peak_bytes is not None:
+        out["predicted_peak_bytes"] = result.predicted_peak_bytes
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def sync(view, tracker: MlflowTracker) -> tuple[int, int]:
+    """Write the runs MLflow lacks for ``view``'s study; returns (created, already there).
+
+    Raises:
+        Exception: whatever MLflow raises when it cannot be reached (the caller reports it in one line).
+    """
+    tracker.study_name, tracker.attrs, tracker.remember = view.name, view.attrs, view.study.set_user_attr
+    tracker._open()
+    created = present = 0
+    for t in view.study.get_trials(deepcopy=False):
+        if RESULT_ATTR not in t.user_attrs or t.state.name != "COMPLETE":
+            continue
+        existing = tracker._find({STUDY_TAG: view.name, TRIAL_TAG: str(t.number)})
+        if existing:
+            present += 1
+            continue
+        result = result_of(t)
+        run_id = tracker.log_trial(t.number, t.user_attrs, result, constraints_of(result, view.limits))
+        view.study.set_user_attr(f"{STUDY_RUN_PREFIX}{t.number}", run_id)
+        created += 1
+    tracker.log_study_artifacts(view)
+    return created, present
