@@ -20,7 +20,8 @@ from tuner.measure.result import Environment
 from tuner.study.session import StudyRequest, open_tuner
 from tuner.study.tuner import START_ATTR
 from tuner.study.view import StudyView
-from tuner.model.twins import SHAPES, describe_shape
+from tuner.model.twins import SHAPES, Shape, describe_shape
+from tuner.report.memory_plan import _cfg, max_context
 from test_study import ENV
 
 SMALL_TEST = dict(n_prompt=32, n_gen=4, repetitions=1, n_threads=1, repack=REPACK_WORKS)
@@ -188,3 +189,41 @@ def test_the_mistral_twin_under_12_gib_gets_every_layer_at_16k(tiny_model, tmp_p
     [start] = [tr for tr in t.study.trials if tr.user_attrs.get(START_ATTR)]
     first = BenchConfig.from_dict(start.user_attrs[RESULT_ATTR]["config"])
     assert (first.n_gpu_layers, first.n_ctx, first.type_k, first.n_ubatch) == (41, 16384, "q8_0", 512)
+
+
+# -- direct checks of the plan and the model's error margin ------------------
+
+def _long_twin():
+    """The long-context test model's header, without writing it: 2 GiB of f16 KV cache at 131072 tokens."""
+    return describe_shape(Shape(arch="llama", n_layer=4, n_embd=1024, n_head=8, n_head_kv=8, head_dim=128,
+                                n_ff=1024, n_vocab=1024, n_ctx_train=131072), "q8_0")
+
+
+@pytest.mark.parametrize("budget_mib", [700, 1200, 2500, 2700])
+def test_max_context_is_the_largest_multiple_of_256_that_fits(budget_mib):
+    info, budget = _long_twin(), budget_mib * 2**20
+    mm = MemoryModel(ModelFacts.of(info), on_gpu=True)
+    ctx = max_context(mm, info, info.n_gpu_layers_all, "f16", budget, 512)
+    assert ctx % 256 == 0 and 0 < ctx <= info.n_ctx_train
+    assert mm.predict(_cfg(info, info.n_gpu_layers_all, ctx, "f16", 512)) <= budget
+    if ctx < info.n_ctx_train:
+        assert mm.predict(_cfg(info, info.n_gpu_layers_all, ctx + 256, "f16", 512)) > budget
+    q4 = max_context(mm, info, info.n_gpu_layers_all, "q4_0", budget, 512)
+    assert q4 >= ctx  # a smaller cache never holds less context
+
+
+def test_max_context_is_zero_when_nothing_fits_and_the_training_context_when_all_does():
+    info = _long_twin()
+    mm = MemoryModel(ModelFacts.of(info), on_gpu=True)
+    assert max_context(mm, info, info.n_gpu_layers_all, "f16", 2**20, 512) == 0
+    assert max_context(mm, info, info.n_gpu_layers_all, "f16", 2**40, 512) == info.n_ctx_train
+
+
+def test_uncertainty_is_3_percent_before_any_fit_then_the_typical_residual_at_least_half_a_percent():
+    mm = MemoryModel(ModelFacts.of(_long_twin()), on_gpu=True)
+    budget = 10 * 2**30
+    assert mm.uncertainty(budget) == int(0.03 * budget)
+    mm.correction, mm.residuals = 100, [100 + 200 * 2**20, 100 - 100 * 2**20, 100 + 50 * 2**20]
+    assert mm.uncertainty(budget) == 100 * 2**20  # the median distance from the correction
+    mm.residuals = [100, 100 + 2**20, 100 - 2**20]
+    assert mm.uncertainty(budget) == int(0.005 * budget)  # never below half a percent of the budget

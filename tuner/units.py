@@ -12,7 +12,11 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)", re.IGNORECASE)
 
 
 def parse_size(text: str, option: str = "size") -> int:
-    """Bytes in ``text``: 12GiB and 12G are binary (GiB), 12GB is decimal; a bare number is bytes."""
+    """Bytes in ``text``: 12GiB and 12G are binary (GiB), 12GB is decimal; a bare number is bytes.
+
+    Raises:
+        UserError: ``text`` is not a size (the message names ``option``).
+    """
     m = _SIZE.match(str(text))
     if not m or (m.group(3) and not m.group(2)):
         raise UserError(f"{option} {text!r} is not a size", "write it like 12GiB, 12G or 512MiB")
@@ -23,7 +27,11 @@ def parse_size(text: str, option: str = "size") -> int:
 
 
 def parse_duration(text: str, option: str = "duration") -> float:
-    """Seconds in ``text``: 90s, 20m, 1h30m; a bare number is seconds."""
+    """Seconds in ``text``: 90s, 20m, 1h30m; a bare number is seconds.
+
+    Raises:
+        UserError: ``text`` is not a duration (the message names ``option``).
+    """
     s = str(text).strip()
     if re.fullmatch(r"\d+(\.\d+)?", s):
         return float(s)

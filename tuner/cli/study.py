@@ -71,7 +71,11 @@ def tune(model: str, study_name: str | None, trials: int, timeout: str | None, v
 
 
 def run_and_print(tuner, confirm: bool) -> None:
-    """Run the study with a live display, confirm the top candidates, print presets and commands."""
+    """Run the study with a live display, confirm the top candidates, print presets and commands.
+
+    Raises:
+        UserError: the run was interrupted (everything measured is saved).
+    """
     from tuner.cli.progress import make_progress
     from tuner.report.export import llama_server_command
     from tuner.report.study_report import header, presets_table, why_lines

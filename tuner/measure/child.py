@@ -100,6 +100,7 @@ class Events:
         self.out = os.fdopen(fd, "w", buffering=1)
 
     def send(self, event: str, **data: Any) -> None:
+        """Write one event (``env``, ``loaded``, ``result``) as a JSON line, with the peak RSS so far."""
         self.out.write(json.dumps({"event": event, "rss": peak_rss(), **data}) + "\n")
         self.out.flush()
 

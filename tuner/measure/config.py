@@ -69,7 +69,11 @@ class BenchConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BenchConfig":
-        """Build from a mapping, rejecting unknown keys and values of the wrong type."""
+        """Build from a mapping, rejecting unknown keys and values of the wrong type.
+
+        Raises:
+            InvalidConfig: an unknown setting, or a value of the wrong type.
+        """
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(data) - set(known))
         if unknown:
@@ -103,6 +107,9 @@ class BenchConfig:
 
         ``n_gpu_layers`` of -1 or beyond the model means "all" (n_layer + 1), and the
         thread counts default to the physical cores, as llama.cpp's tools do.
+
+        Raises:
+            InvalidConfig: see :meth:`validate`.
         """
         threads = self.n_threads or cores or physical_cores()
         ngl = self.n_gpu_layers
@@ -113,7 +120,11 @@ class BenchConfig:
         return out
 
     def validate(self, model: ModelInfo | None = None) -> None:
-        """Raise InvalidConfig with the first problem found, naming the fix."""
+        """Raise InvalidConfig with the first problem found, naming the fix.
+
+        Raises:
+            InvalidConfig: a configuration llama.cpp would reject, clamp or misread.
+        """
         _check_range("n_gpu_layers", self.n_gpu_layers, -1, None)
         for key in ("n_ctx", "n_batch", "n_ubatch", "repetitions"):
             _check_range(key, getattr(self, key), 1, None)

@@ -70,7 +70,11 @@ def machine_environment(probe: GpuProbe, gpu_index: int | None) -> Environment:
 
 
 def build_environment(probe: GpuProbe, gpu_index: int | None) -> Environment:
-    """This machine plus the llama.cpp build, asked of a child (the optimizer never imports llama_cpp)."""
+    """This machine plus the llama.cpp build, asked of a child (the optimizer never imports llama_cpp).
+
+    Raises:
+        UserError: llama-cpp-python does not start in a child process.
+    """
     env = machine_environment(probe, gpu_index)
     p = subprocess.run([sys.executable, "-m", "tuner.measure.child", "--info"], capture_output=True, text=True)
     if p.returncode != 0:

@@ -189,7 +189,7 @@ class SubprocessLauncher(Launcher):
         if len(results) < len(runs):
             peaks = sampler.window()
             i, cfg = runs[len(results)]
-            status, reason = _classify_death(code, timed_out, self.timeout_s, _tail(log))
+            status, reason = classify_death(code, timed_out, self.timeout_s, _tail(log))
             results.append(TrialResult(status, cfg, model_path, reason=reason, exit_code=code if code >= 0 else None,
                                        signal=signal.Signals(-code).name if code < 0 else None, log_tail=_tail(log),
                                        load_time_s=load_time, wall_time_s=time.monotonic() - t_run,
@@ -218,7 +218,7 @@ class SubprocessLauncher(Launcher):
         if tail:
             if OOM_PATTERN.search(tail):
                 status = Status.OOM
-            evidence = _evidence(tail)
+            evidence = evidence_line(tail)
             reason = f"{reason}: {evidence}" if evidence else reason
         return TrialResult(
             status, cfg, model_path, reason=reason, log_tail=tail,
@@ -266,7 +266,7 @@ def _tail(log) -> str:
     return log.read()
 
 
-def _evidence(tail: str) -> str:
+def evidence_line(tail: str) -> str:
     """The log line that best explains a failure.
 
     An out-of-memory line wins; then a Python traceback's last line; then the first
@@ -282,11 +282,11 @@ def _evidence(tail: str) -> str:
     return (line or (lines[-1] if lines else ""))[:200]
 
 
-def _classify_death(code: int, timed_out: bool, timeout_s: float, tail: str) -> tuple[Status, str]:
+def classify_death(code: int, timed_out: bool, timeout_s: float, tail: str) -> tuple[Status, str]:
     """Status and one-line reason for a child that ended without reporting its run."""
     if timed_out:
         return Status.TIMEOUT, f"no result within {timeout_s:g} s; the child was killed"
-    last = _evidence(tail)
+    last = evidence_line(tail)
     detail = f": {last}" if last else ""
     if OOM_PATTERN.search(tail):
         return Status.OOM, f"out of memory{detail}"

@@ -52,7 +52,11 @@ class GpuProbe(ABC):
 
     @abstractmethod
     def memory(self, index: int) -> DeviceMemory:
-        """Used, free and total memory of GPU ``index``."""
+        """Used, free and total memory of GPU ``index``.
+
+        Raises:
+            LookupError: there is no such GPU.
+        """
 
     @abstractmethod
     def process_memory(self, index: int, pid: int) -> int | None:

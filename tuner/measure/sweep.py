@@ -17,6 +17,9 @@ def expand_sweep(values: dict[str, str | None]) -> list[dict[str, str]]:
 
     Model-load settings lead the product, as in llama-bench, so consecutive
     configurations share a loaded model as long as possible.
+
+    Raises:
+        InvalidConfig: an empty value in a comma-separated list.
     """
     keys = [k for k in SWEEP_ORDER if values.get(k) not in (None, "")]
     lists = []
@@ -33,6 +36,9 @@ def build_configs(values: dict[str, str | None], model: ModelInfo | None) -> lis
 
     Batch sizes the user did not give follow the ones given, as llama.cpp's own
     clamping would (batch <= context, ubatch <= batch); given values are checked.
+
+    Raises:
+        InvalidConfig: a combination llama.cpp would reject.
     """
     configs = []
     defaults = BenchConfig()

@@ -74,6 +74,9 @@ def attach_threadpools(ctx, n_threads: int, n_threads_batch: int) -> Threadpools
     """Create the generation (and, if its size differs, batch) pool and attach them to ``ctx``.
 
     Returns no pools, leaving ggml's per-graph default, where the build has no CPU backend.
+
+    Raises:
+        RuntimeError: ggml could not create a threadpool.
     """
     fns = _cpu_functions()
     if fns is None:

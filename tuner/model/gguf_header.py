@@ -165,7 +165,11 @@ def _tensor_bytes(type_name: str, shape: tuple[int, ...]) -> int:
 
 
 def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
-    """Parse the header of the GGUF file at ``path``; UserError if it is not a whole GGUF."""
+    """Parse the header of the GGUF file at ``path``; UserError if it is not a whole GGUF.
+
+    Raises:
+        UserError: the file is missing, a directory, not GGUF, or truncated.
+    """
     p = check_model_path(path)
     size = p.stat().st_size
     damaged = f"{p} is truncated or damaged"

@@ -34,7 +34,11 @@ SWA_PATTERNS: dict[str, tuple[int, bool]] = {
 
 
 def cache_type_bytes(cache_type: str, n_elements: int) -> int:
-    """Bytes that ``n_elements`` values take in a KV cache of ``cache_type``."""
+    """Bytes that ``n_elements`` values take in a KV cache of ``cache_type``.
+
+    Raises:
+        UserError: an unknown cache type.
+    """
     if cache_type not in KV_CACHE_TYPES:
         raise UserError(f"unknown KV cache type {cache_type!r}", f"use one of {', '.join(KV_CACHE_TYPES)}")
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[cache_type.upper()]]
@@ -132,7 +136,11 @@ def _file_type_name(metadata: dict[str, Any], counts: Counter) -> str:
 
 
 def model_info_from_header(path: str, header: GGUFHeader) -> ModelInfo:
-    """Build a ModelInfo from a parsed header; UserError if essential keys are missing."""
+    """Build a ModelInfo from a parsed header; UserError if essential keys are missing.
+
+    Raises:
+        UserError: a key llama.cpp needs is missing from the header.
+    """
     md = header.metadata
     arch = md.get("general.architecture")
     if not isinstance(arch, str):
@@ -186,5 +194,9 @@ def model_info_from_header(path: str, header: GGUFHeader) -> ModelInfo:
 
 
 def load_model_info(path: str | os.PathLike) -> ModelInfo:
-    """Read the GGUF header at ``path`` and describe the model; UserError on a bad file."""
+    """Read the GGUF header at ``path`` and describe the model; UserError on a bad file.
+
+    Raises:
+        UserError: see :func:`tuner.model.gguf_header.read_gguf_header`.
+    """
     return model_info_from_header(str(path), read_gguf_header(path))

@@ -113,7 +113,11 @@ def _fit(type_name: str, ne0: int) -> str:
 
 
 def plan_tensors(shape: Shape, quant: str) -> list[PlannedTensor]:
-    """Every tensor of a ``shape`` model quantized as ``quant``, in file order."""
+    """Every tensor of a ``shape`` model quantized as ``quant``, in file order.
+
+    Raises:
+        UserError: an unknown quant type.
+    """
     if quant not in QUANTS:
         raise UserError(f"unknown quant {quant!r}", f"use one of {', '.join(QUANTS)}")
     e, hd, v = shape.n_embd, shape.head_dim, shape.n_vocab
@@ -188,7 +192,11 @@ def _tensor_iter(plan: list[PlannedTensor], seed: int) -> Iterator[tuple[Planned
 
 def write_synthetic_gguf(path: str | os.PathLike, shape: Shape, quant: str, seed: int = 0,
                          name: str | None = None, progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write a random-weight GGUF of ``shape`` and ``quant`` to ``path`` (atomically)."""
+    """Write a random-weight GGUF of ``shape`` and ``quant`` to ``path`` (atomically).
+
+    Raises:
+        UserError: an unknown quant type.
+    """
     plan = plan_tensors(shape, quant)
     out = Path(path)
     tmp = out.with_name(out.name + ".part")

@@ -41,7 +41,11 @@ _TRUE, _FALSE = {"on", "enabled", "1", "true"}, {"off", "disabled", "0", "false"
 
 
 def parse_server_flags(command: str, model: ModelInfo) -> BenchConfig:
-    """The configuration a ``llama-server`` command line runs (unset flags take llama-server's defaults)."""
+    """The configuration a ``llama-server`` command line runs (unset flags take llama-server's defaults).
+
+    Raises:
+        UserError: a flag llama-tuner does not know, a bad value, or an invalid configuration.
+    """
     try:
         args = shlex.split(command)
     except ValueError as exc:

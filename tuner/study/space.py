@@ -71,6 +71,12 @@ class SearchSpace:
 
     def __init__(self, model: ModelInfo, machine: Machine, options: SpaceOptions,
                  baselines: tuple[BenchConfig, ...] = ()):
+        """The space of ``model`` on ``machine`` shaped by ``options``, with the ``baselines``' values in it.
+
+        Raises:
+            InvalidConfig: an unknown pin or range key, an empty range, or a range this build cannot search.
+            UserError: --min-ctx above the training context, or too small for --depth and the test.
+        """
         self.model, self.machine, self.options = model, machine, options
         known = {f.name for f in fields(BenchConfig)}
         for key in options.pins:

@@ -19,6 +19,9 @@ def make_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_
 
     Connections are checked before use (``pool_pre_ping``), so a restarted
     PostgreSQL server is reconnected to instead of failing the worker.
+
+    Raises:
+        UserError: the storage URL cannot be opened.
     """
     if url.startswith("sqlite:///"):
         path = url.removeprefix("sqlite:///")
@@ -36,7 +39,11 @@ def make_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_
 
 
 def make_sampler(name: str, seed: int | None, trials: int) -> optuna.samplers.BaseSampler:
-    """The sampler for ``--sampler``: tpe (default), random, or gp (needs PyTorch)."""
+    """The sampler for ``--sampler``: tpe (default), random, or gp (needs PyTorch).
+
+    Raises:
+        UserError: an unknown sampler, or gp without PyTorch.
+    """
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
                                           n_startup_trials=max(5, min(10, trials // 4)))

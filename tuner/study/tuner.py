@@ -74,8 +74,11 @@ class SurplusTrial(Exception):
 class Observer(Protocol):
     """Hears about the study's progress (the live display, MLflow tracking)."""
 
-    def trial_started(self, number: int, config: BenchConfig) -> None: ...
-    def trial_finished(self, trial: FrozenTrial, result: TrialResult, reused: bool) -> None: ...
+    def trial_started(self, number: int, config: BenchConfig) -> None:
+        """Trial ``number`` is about to measure (or reuse) ``config``."""
+
+    def trial_finished(self, trial: FrozenTrial, result: TrialResult, reused: bool) -> None:
+        """A trial completed with ``result`` (``reused``: copied from an earlier measurement)."""
 
 
 @dataclass
