@@ -17,6 +17,7 @@ import pytest
 
 from conftest import REPACK_WORKS, ROOT
 from tuner.model.facts import ModelFacts, TokenCost
+from tuner.report.artifacts import write_tables
 from tuner.report.compare import ModelRow, compare_text, row_for, versus
 from tuner.study.tracker import Tracker
 from tuner.testing.fakes import FakeLauncher
@@ -61,7 +62,8 @@ def test_a_real_study_logs_one_nested_run_per_trial(tiny_model, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     warnings: list[str] = []
     launcher = SubprocessLauncher(NoGpuProbe(), timeout_s=120)
-    t = study(tiny_model, tmp_path, MlflowTracker(uri, warnings.append), launcher=launcher, env=None, trials=3,
+    tracker = MlflowTracker(uri, warnings.append, write_files=write_tables)  # as `tune` makes it
+    t = study(tiny_model, tmp_path, tracker, launcher=launcher, env=None, trials=3,
               min_ctx=512,
               pins={"n_prompt": "64", "n_gen": "16", "repetitions": "2"})
     assert warnings == []
