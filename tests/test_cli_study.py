@@ -54,12 +54,17 @@ def test_report_and_export_of_a_missing_study_name_the_existing_ones(cli, tmp_pa
 @pytest.mark.slow
 def test_tune_report_export_on_a_tiny_model(run_cli, tiny_model, tmp_path):
     storage = f"sqlite:///{tmp_path}/s.db"
-    common = ("--storage", storage, "--no-mlflow", "--min-ctx", "512", "--set", "n_prompt=64", "--set", "n_gen=16",
-              "--set", "repetitions=2")
+    common = ("--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--min-ctx", "512",
+              "--set", "n_prompt=64", "--set", "n_gen=16", "--set", "repetitions=2")
     baseline = ("--baseline", "-c 1024 -b 512 -t 1" + NO_REPACK)
     r = run_cli("tune", tiny_model, "--study", "t", "--trials", "6", *baseline, *common)
     assert r.code == 0, r.err
     assert "presets:" in r.out and "llama-server (fastest):" in r.out and "tg vs yours" in r.out
+    # stdout is a pipe here: one plain line per measured trial and per phase, and no library chatter
+    trial_lines = [ln for ln in r.out.splitlines() if ln.startswith("[") and "] trial " in ln]
+    assert len(trial_lines) >= 6 and trial_lines[-1].startswith("[6/6]") and "left" in trial_lines[-1]
+    assert any(ln.startswith("confirming the leaders") for ln in r.out.splitlines())
+    assert "INFO" not in r.out + r.err and "[I 20" not in r.out + r.err  # MLflow's and Optuna's INFO formats
     again = run_cli("tune", tiny_model, "--study", "t", "--trials", "6", *baseline, *common)
     assert again.code == 0 and "6 configurations measured" in again.out  # resumed, nothing new
     report = run_cli("report", "t", "--storage", storage)
