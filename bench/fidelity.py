@@ -24,6 +24,7 @@ Usage: python bench/fidelity.py [--rounds 5] [--max-rounds 15] [--model PATH] [-
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import random
@@ -180,7 +181,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path)
     ap.add_argument("--only", action="append", metavar="T,B,FA",
                     help="measure only this configuration (threads,batch,flash-attn 0/1); repeatable")
-    ap.add_argument("--out", default="fidelity.json", help="results file name under bench/results/")
+    ap.add_argument("--out", default=f"fidelity-{datetime.date.today()}.json",
+                    help="results file name under bench/results/ (default: dated)")
     ap.add_argument("--report", type=Path, nargs="+", metavar="FILE",
                     help="print the tables of results files (rounds pooled per configuration), measure nothing")
     args = ap.parse_args()
