@@ -52,7 +52,8 @@ from tuner.measure.probe import detect_probe  # noqa: E402
 from tuner.study.objectives import is_feasible  # noqa: E402
 from tuner.measure.result import TrialResult  # noqa: E402
 from tuner.study.session import StudyRequest, open_tuner  # noqa: E402
-from tuner.study.view import StudyView, confirm_leaders  # noqa: E402
+from tuner.study.confirmation import confirm_leaders  # noqa: E402
+from tuner.study.view import StudyView  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRID_FILE = RESULTS / "efficiency-grid.json"

@@ -19,7 +19,8 @@ from tuner.study.session import StudyRequest, open_tuner
 from tuner.study.space import Machine, SearchSpace, SpaceOptions
 from tuner.study.keys import INTERRUPTED_ATTR
 from tuner.study.worker import join_study
-from tuner.study.view import StudyView, confirm_leaders
+from tuner.study.confirmation import confirm, confirm_leaders
+from tuner.study.view import StudyView
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 ENV = Environment(host="fakehost", cpu="Fake CPU", physical_cores=8, ram_total_bytes=32 << 30,
@@ -383,7 +384,7 @@ def test_leaders_are_confirmed_together_taking_turns(long_context_model, tmp_pat
     t.run()
     top = StudyView(t.study).top(3)
     calls = len(t.launcher.measured)
-    out = t.confirm(top)
+    out = confirm(t, top)
     plan = t.launcher.measured[calls:]
     keys = {n: result_of(t.study.trials[n]).config.settings_key() for n in top}
     assert len(plan) == 15 and all(c.repetitions == 2 for c in plan)  # 10 repetitions, 2 at a time

@@ -79,7 +79,8 @@ def run_and_print(tuner, confirm: bool) -> None:
     from tuner.cli.progress import make_progress
     from tuner.report.export import llama_server_command
     from tuner.report.study_report import header, presets_table, why_lines
-    from tuner.study.view import StudyView, confirm_leaders
+    from tuner.study.confirmation import confirm_leaders
+    from tuner.study.view import StudyView
 
     crash = tuner.launcher.repack_crash() if tuner.space.fixed.get("repack") is False else None
     if crash:

@@ -15,7 +15,6 @@ trials of dead workers elsewhere are failed by Optuna's RDB heartbeat and retrie
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -34,7 +33,7 @@ from tuner.measure.probe import host_name
 from tuner.measure.bandwidth import bandwidth_of
 from tuner.study.coordination import (Heartbeat, OrphanSweeper, fail_stale, grace_period, requeue,
                                       retried_numbers, twins_ahead)
-from tuner.study.keys import (BASELINE_ATTR, CONFIG_ATTR, CONFIRM_PREFIX, IMPUTED_ATTR, INTERRUPTED_ATTR,
+from tuner.study.keys import (BASELINE_ATTR, CONFIG_ATTR, IMPUTED_ATTR, INTERRUPTED_ATTR,
                               RESULT_ATTR, REUSED_ATTR, RUN_ID_ATTR, SETTINGS_ATTR, SKIPPED_ATTR, START_ATTR,
                               SURPLUS_ATTR, WORKER_ATTR, ENVIRONMENT_ATTR, FINGERPRINT_ATTR, LIMITS_ATTR,
                               MODEL_FACTS_ATTR, MODEL_FILE_ATTR, MODEL_PATH_ATTR, OBJECTIVE_ATTR, OBJECTIVE_NAMES,
@@ -44,12 +43,11 @@ from tuner.study.memory_model import MemoryModel
 from tuner.study.storage import GRACE_S, make_sampler
 from tuner.study.objectives import (Limits, constraints, measured_trials, objective_values, result_of,
                                     worst_rates)
-from tuner.measure.result import Environment, Interleaved, Status, TrialResult, merge_rounds
+from tuner.measure.result import Environment, Status, TrialResult
 from tuner.study.space import SearchSpace
 from tuner.study.tracker import Tracker
 
 SKIP_MARGIN_PRIOR, SKIP_MARGIN_FITTED = 0.15, 0.05
-CONFIRM_PER_ROUND = 2
 MAX_CONSECUTIVE_REPEATS = 30
 
 
@@ -391,34 +389,6 @@ class Tuner:
         running = [t for t in trials if t.state == TrialState.RUNNING and t.number < trial.number
                    and not t.user_attrs.get(SURPLUS_ATTR)]
         return len(measured_trials(trials)) + len(running) >= self.target()
-
-    # -- noise: confirm the best candidates ---------------------------------
-    def confirm(self, trial_numbers: list[int]) -> dict[int, TrialResult]:
-        """Re-measure the given trials together, taking turns, and store the confirmations.
-
-        Each configuration gets ``confirm_repetitions`` more repetitions, measured
-        CONFIRM_PER_ROUND at a time in rounds (the order rotates each round), so that
-        drift of the machine during the confirmation hits every candidate alike and
-        :func:`tuner.study.presets.tied` can compare them round by round. On a GPU, where
-        candidates may differ in offload and so need a model load each, there are
-        two rounds instead of one per CONFIRM_PER_ROUND repetitions.
-        """
-        bases = {n: result_of(self.study.trials[n]) for n in trial_numbers}
-        total = self.settings.confirm_repetitions
-        one_model = len({json.dumps(r.config.model_params(), sort_keys=True) for r in bases.values()}) == 1
-        per_round = min(CONFIRM_PER_ROUND, total) if one_model else max(1, -(-total // 2))
-        rounds = -(-total // per_round)
-        order = list(trial_numbers)
-        plan = [order[(i + r) % len(order)] for r in range(rounds) for i in range(len(order))]
-        configs = [BenchConfig(**{**bases[n].config.to_dict(), "repetitions": per_round}) for n in plan]
-        parts: dict[int, list[TrialResult]] = {n: [] for n in order}
-        for n, result in zip(plan, self.launcher.measure(self.model.path, configs)):
-            parts[n].append(result)
-        batch = Interleaved(f"{self.study.study_name}:{time.time():.3f}:{','.join(map(str, order))}", per_round)
-        out = {n: merge_rounds(parts[n], batch) for n in order}
-        for n, result in out.items():
-            self.study.set_user_attr(f"{CONFIRM_PREFIX}{n}", result.to_dict())
-        return out
 
 
 def _results_by_key(study: optuna.Study) -> dict[str, tuple[int, TrialResult]]:

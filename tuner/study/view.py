@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -134,23 +133,3 @@ class StudyView:
     def presets(self) -> dict[str, Preset]:
         """fastest, max-context and balanced (empty if nothing feasible was measured)."""
         return choose_presets(self.candidates, self.objective, self.limits.budget_bytes)
-
-
-def confirm_leaders(tuner, passes: int = 3, on_pass: Callable[[list[int]], None] | None = None) -> None:
-    """Re-measure the fastest candidates, with the fastest baseline, together until they are one confirmed
-    batch (at most ``passes``).
-
-    A single measurement that was lucky falls back when measured again, and the
-    candidate next in line must then be confirmed too; it is confirmed together with
-    the others still in the lead, so all leaders are compared round by round.
-    ``on_pass`` hears the trial numbers of each pass before it is measured.
-    """
-    for _ in range(passes):
-        view = StudyView(tuner.study)
-        top = view.leaders(tuner.settings.confirm_top)
-        batches = {getattr(view.confirmations.get(n), "interleaved", None) for n in top}
-        if not top or (len(batches) == 1 and None not in batches):
-            return
-        if on_pass:
-            on_pass(top)
-        tuner.confirm(top)
