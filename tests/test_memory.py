@@ -37,7 +37,7 @@ def test_kv_prediction_matches_llama_cpps_kv_buffers(demo_model_path, n_ctx, kv,
     [r] = SubprocessLauncher(NoGpuProbe()).measure(str(demo_model_path), [cfg])
     assert r.ok, r.reason
     reported = sum(r.buffers["kv"].values())
-    predicted = MemoryModel(ModelFacts.of(info), on_gpu=False).plan(cfg.resolved()).host_kv
+    predicted = MemoryModel(ModelFacts.of(info), on_gpu=False).allocations(cfg.resolved()).host_kv
     assert abs(predicted - reported) <= 0.001 * reported + 64 * 1024  # llama.cpp prints MiB to 2 decimals
 
 
@@ -53,7 +53,7 @@ def test_compute_and_peak_are_refitted_from_measurements(demo_model_path):
     mm.fit(results[:4])
     for r in results[4:]:  # predict configs it has not seen
         compute = sum(r.buffers["compute"].values())
-        assert abs(mm.plan(r.config).host_compute - compute) <= 0.10 * compute + 2**20
+        assert abs(mm.allocations(r.config).host_compute - compute) <= 0.10 * compute + 2**20
         assert abs(mm.predict(r.config) - r.peak_memory_bytes) <= 0.10 * r.peak_memory_bytes
     # Gemma's 262k vocabulary: an ubatch of 512 reserves 512 x 262144 x 4 bytes of logits.
     big = sum(results[1].buffers["compute"].values())

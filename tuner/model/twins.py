@@ -184,9 +184,9 @@ def _tensor_data(t: PlannedTensor, rnd: _RandomBytes) -> np.ndarray:
     return data.reshape(t.shape[1], -1) if len(t.shape) == 2 else data.reshape(-1)
 
 
-def _tensor_iter(plan: list[PlannedTensor], seed: int) -> Iterator[tuple[PlannedTensor, np.ndarray]]:
+def _tensor_iter(planned: list[PlannedTensor], seed: int) -> Iterator[tuple[PlannedTensor, np.ndarray]]:
     rnd = _RandomBytes(seed)
-    for t in plan:
+    for t in planned:
         yield t, _tensor_data(t, rnd)
 
 
@@ -197,7 +197,7 @@ def write_synthetic_gguf(path: str | os.PathLike, shape: Shape, quant: str, seed
     Raises:
         UserError: an unknown quant type.
     """
-    plan = plan_tensors(shape, quant)
+    planned = plan_tensors(shape, quant)
     out = Path(path)
     tmp = out.with_name(out.name + ".part")
     arch = shape.arch
@@ -224,7 +224,7 @@ def write_synthetic_gguf(path: str | os.PathLike, shape: Shape, quant: str, seed
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
     w.add_add_bos_token(True)
-    for t in plan:
+    for t in planned:
         dtype = np.float32 if t.type_name == "F32" else np.float16 if t.type_name == "F16" else np.uint8
         byte_shape = t.shape[::-1] if dtype != np.uint8 else (t.shape[1] if len(t.shape) == 2 else 1, -1)
         if dtype == np.uint8:
@@ -235,8 +235,8 @@ def write_synthetic_gguf(path: str | os.PathLike, shape: Shape, quant: str, seed
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     done = 0
-    total = sum(t.n_bytes for t in plan)
-    for t, data in _tensor_iter(plan, seed):
+    total = sum(t.n_bytes for t in planned)
+    for t, data in _tensor_iter(planned, seed):
         w.write_tensor_data(data)
         done += t.n_bytes
         if progress:

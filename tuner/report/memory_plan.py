@@ -42,7 +42,7 @@ def plan_text(info: ModelInfo, budget: int, ctx: int, on_gpu: bool, ubatch: int 
     lines = [f"plan for {info.file_name} ({info.architecture}, {info.quant}, {info.n_layer} layers) within "
              f"{format_size(budget)} of {device}; flash attention on, ubatch {ubatch}; before any measurement "
              f"(a study refits this from what it measures)"]
-    p = mm.plan(_cfg(info, ngl_all, ctx, "f16", ubatch))
+    p = mm.allocations(_cfg(info, ngl_all, ctx, "f16", ubatch))
     dev = "gpu" if on_gpu else "host"
     overhead = mm.predict(_cfg(info, ngl_all, ctx, "f16", ubatch)) - p.total(dev)
     weights, kv, compute = ((p.gpu_weights, p.gpu_kv, p.gpu_compute) if on_gpu

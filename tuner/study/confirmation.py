@@ -37,10 +37,10 @@ def confirm(tuner: Tuner, trial_numbers: list[int]) -> dict[int, TrialResult]:
     per_round = min(CONFIRM_PER_ROUND, total) if one_model else max(1, -(-total // 2))
     rounds = -(-total // per_round)
     order = list(trial_numbers)
-    plan = [order[(i + r) % len(order)] for r in range(rounds) for i in range(len(order))]
-    configs = [BenchConfig(**{**bases[n].config.to_dict(), "repetitions": per_round}) for n in plan]
+    schedule = [order[(i + r) % len(order)] for r in range(rounds) for i in range(len(order))]
+    configs = [BenchConfig(**{**bases[n].config.to_dict(), "repetitions": per_round}) for n in schedule]
     parts: dict[int, list[TrialResult]] = {n: [] for n in order}
-    for n, result in zip(plan, tuner.launcher.measure(tuner.model.path, configs)):
+    for n, result in zip(schedule, tuner.launcher.measure(tuner.model.path, configs)):
         parts[n].append(result)
     batch = Interleaved(f"{study.study_name}:{time.time():.3f}:{','.join(map(str, order))}", per_round)
     out = {n: merge_rounds(parts[n], batch) for n in order}

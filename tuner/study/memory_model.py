@@ -35,7 +35,7 @@ def _pad(n: int) -> int:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Plan:
+class Allocations:
     """Predicted allocations (bytes) per device."""
 
     gpu_weights: int
@@ -79,7 +79,7 @@ class MemoryModel:
         """The device whose memory limits the study."""
         return "gpu" if self.on_gpu else "host"
 
-    def plan(self, cfg: BenchConfig) -> Plan:
+    def allocations(self, cfg: BenchConfig) -> Allocations:
         """Allocations of ``cfg`` per device."""
         f = self.facts
         n_layer, ngl = f.n_layer, cfg.n_gpu_layers if self.on_gpu else 0
@@ -99,7 +99,7 @@ class MemoryModel:
                 host_kv += size
         compute = max(0.0, float(compute_features(f, cfg) @ self.coeffs))
         on_gpu_compute = ngl > 0
-        return Plan(gpu_weights=gpu_w, host_weights=host_w, gpu_kv=gpu_kv, host_kv=host_kv,
+        return Allocations(gpu_weights=gpu_w, host_weights=host_w, gpu_kv=gpu_kv, host_kv=host_kv,
                     gpu_compute=int(compute) if on_gpu_compute else 0,
                     host_compute=0 if on_gpu_compute else int(compute), gpu_layers=max(0, n_layer - first_gpu))
 
@@ -115,7 +115,7 @@ class MemoryModel:
     def predict(self, cfg: BenchConfig) -> int:
         """Predicted peak on the limiting device, including the fitted correction."""
         correction = self.correction if self.correction is not None else DEFAULT_CORRECTION[self.device]
-        return self.plan(cfg).total(self.device) + correction
+        return self.allocations(cfg).total(self.device) + correction
 
     def max_layers(self, cfg: BenchConfig, limit: int) -> int | None:
         """The most layers (n_gpu_layers) with which ``cfg`` is predicted to stay within ``limit`` bytes
