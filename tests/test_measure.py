@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ from tuner.measure.launcher import SubprocessLauncher
 from tuner.measure.probe import NoGpuProbe
 from tuner.measure.repack_check import CHECK, cpu_has_amx, repack_crash_reason
 from tuner.measure.result import Status, TrialResult
+from tuner.report.llama_bench_output import FIELDS
 
 FAST = dict(n_ctx=512, n_batch=128, n_ubatch=128, n_prompt=128, n_gen=16, repetitions=3, n_threads=1,
             repack=REPACK_WORKS)
@@ -205,6 +208,29 @@ def test_bench_cli_sweeps_and_prints_a_table(run_cli, tiny_model):
     results = json.loads(j.out)
     assert [x["config"]["flash_attn"] for x in results] == [False, True]
     assert all(x["status"] == "ok" and len(x["tg"]["samples_ns"]) == 2 for x in results)
+
+
+@pytest.mark.slow
+def test_bench_speaks_llama_bench_in_jsonl_and_sql(run_cli, tiny_model, tmp_path):
+    common = ("-t", "1", "-p", 64, "-n", 8, "-r", 2, "--repack", int(REPACK_WORKS))
+    j = run_cli("bench", tiny_model, *common, "-o", "jsonl")
+    assert j.code == 0, j.err
+    pp, tg = [json.loads(line) for line in j.out.splitlines()]
+    assert list(pp)[:len(FIELDS)] == list(FIELDS)
+    assert (pp["n_prompt"], pp["n_gen"], tg["n_prompt"], tg["n_gen"]) == (64, 0, 0, 8)
+    assert (pp["n_ctx"], tg["n_ctx"]) == (64, 8)  # llama-bench's per-test context: its own tokens
+    assert pp["model_type"].startswith("llama") and pp["model_n_params"] > 0 and len(tg["samples_ns"]) == 2
+    assert tg["avg_ts"] > 0 and pp["build_commit"] not in ("", "unknown")
+    sql = run_cli("bench", tiny_model, *common, "-o", "sql")
+    assert sql.code == 0, sql.err
+    db = tmp_path / "bench.sqlite"
+    if shutil.which("sqlite3"):  # the sqlite3 shell, as compare-llama-bench.py's users feed it
+        subprocess.run(["sqlite3", str(db)], input=sql.out, text=True, check=True)
+    else:
+        sqlite3.connect(db).executescript(sql.out)
+    con = sqlite3.connect(db)
+    assert tuple(r[1] for r in con.execute("PRAGMA table_info(llama_bench)"))[:len(FIELDS)] == FIELDS
+    assert con.execute("SELECT COUNT(*), MIN(avg_ts) > 0 FROM llama_bench").fetchone() == (2, 1)
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -6,13 +6,15 @@ import json
 
 import click
 
+from tuner.report.llama_bench_output import FORMATS as OUTPUTS
+
 
 # (short flag, long flag, BenchConfig field, help)
 BENCH_FLAGS = [
     ("-ngl", "--n-gpu-layers", "n_gpu_layers", "Layers to offload; -1 = all (default 0)."),
     ("-mmp", "--mmap", "use_mmap", "Memory-map the model: 0 or 1 (default 1)."),
     (None, "--repack", "repack", "Repacked/AMX CPU weight buffers: 0 or 1 (default 1)."),
-    ("-c", "--ctx-size", "n_ctx", "Context size (default 4096)."),
+    ("-c", "--ctx-size", "n_ctx", "Context size (default: each test's own tokens, as llama-bench)."),
     ("-b", "--batch-size", "n_batch", "Logical batch size (default 2048)."),
     ("-ub", "--ubatch-size", "n_ubatch", "Physical batch size (default 512)."),
     ("-t", "--threads", "n_threads", "Generation threads (default: physical cores)."),
@@ -39,35 +41,44 @@ def _bench_options(f):
 @_bench_options
 @click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True,
               help="Seconds one configuration may take (load and measure) before it is killed.")
-@click.option("--json", "as_json", is_flag=True, help="Print every result as JSON instead of a table.")
-def bench(model: str, timeout_s: float, as_json: bool, **values) -> None:
+@click.option("-o", "--output", "output", type=click.Choice(OUTPUTS), default="md", show_default=True,
+              help="llama-bench's output formats, with its field names; ours (peak memory, bandwidth) follow.")
+@click.option("--json", "as_json", is_flag=True, help="Print llama-tuner's own results (raw samples) as JSON.")
+def bench(model: str, timeout_s: float, output: str, as_json: bool, **values) -> None:
     """Measure MODEL like llama-bench. Comma-separated values sweep every combination.
 
     Each configuration runs in a child process that is killed after --timeout;
     a crash or out-of-memory is reported as that row's result. Settings that only
-    change the context reuse the loaded model.
+    change the context reuse the loaded model. Without -c, as llama-bench, pp and
+    tg are measured apart, each in a context of its own tokens (plus -d).
     """
     from tuner.measure.bandwidth import bandwidth_of
     from tuner.measure.launcher import SubprocessLauncher
     from tuner.model.facts import ModelFacts
     from tuner.model.info import load_model_info
     from tuner.measure.probe import detect_probe
-    from tuner.measure.sweep import build_configs
+    from tuner.measure.sweep import build_configs, per_test_configs
+    from tuner.report import llama_bench_output
     from tuner.report.tables import markdown_table, result_rows
 
     info = load_model_info(model)
-    configs = build_configs(values, info)
+    requested = build_configs(values, info)
+    # Each measured configuration, with the one the user asked for (llama-bench reports its batch sizes).
+    tests = ([(t, cfg) for cfg in requested for t in per_test_configs(cfg)] if values.get("n_ctx") is None
+             else [(cfg, cfg) for cfg in requested])
     launcher = SubprocessLauncher(detect_probe(), timeout_s=timeout_s)
     facts = ModelFacts.of(info)
-    results, rows = [], []
-    for r in launcher.measure(model, configs):
+    results, rows, bench_rows = [], [], []
+    for r, (_, asked) in zip(launcher.measure(model, [t for t, _ in tests]), tests):
         r.bandwidth = bandwidth_of(r, facts, r.env)
         results.append(r)
         rows.extend(result_rows(info, r))
-        if not as_json:
-            click.echo(f"[{len(results)}/{len(configs)}] {r.status.value}", err=True)
+        bench_rows.extend(llama_bench_output.rows(info, r, asked))
+        click.echo(f"[{len(results)}/{len(tests)}] {r.status.value}", err=True)
     if as_json:
         click.echo(json.dumps([_json_result(r) for r in results], indent=2))
+    elif output != "md":
+        click.echo(llama_bench_output.render(output, bench_rows), nl=False)
     else:
         click.echo(markdown_table(rows))
         notes = [bandwidth_line(r) for r in results if r.bandwidth]

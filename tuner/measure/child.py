@@ -135,6 +135,15 @@ def load_model(path: str, mp: dict[str, Any]):
     return model, time.perf_counter() - t0
 
 
+def describe_model(model) -> dict[str, Any]:
+    """What llama.cpp says of a loaded model, as llama-bench reports it: its type (``llama_model_desc``,
+    e.g. "gemma3 270M Q4_K - Medium"), size in bytes and parameter count."""
+    buf = ctypes.create_string_buffer(256)
+    C.llama_model_desc(model, buf, ctypes.sizeof(buf))
+    return {"type": buf.value.decode(errors="replace"), "size": int(C.llama_model_size(model)),
+            "n_params": int(C.llama_model_n_params(model))}
+
+
 def new_context(model, cfg: dict[str, Any]):
     """Create a context with the context-level settings, as llama-bench does."""
     cp = C.llama_context_default_params()
@@ -244,7 +253,7 @@ def run_job(job: dict[str, Any], events: Events) -> None:
             events.send("result", index=run["index"], status="load_error",
                         reason="llama.cpp could not load the model (llama_model_load_from_file failed)")
         return
-    events.send("loaded", load_time_s=load_s)
+    events.send("loaded", load_time_s=load_s, loaded_model=describe_model(model))
     for n, run in enumerate(job["runs"]):
         cfg = run["config"]
         _current_run = run["index"]

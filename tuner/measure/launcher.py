@@ -152,7 +152,7 @@ class SubprocessLauncher(Launcher):
                                 vram_used_before=before.used if before else None,
                                 interval=self.sample_interval).start()
         results: list[TrialResult] = []
-        load_time, timed_out, t_run, base_rss = None, False, t_spawn, None
+        load_time, timed_out, t_run, base_rss, loaded_model = None, False, t_spawn, None, None
         try:
             proc.stdin.write(json.dumps(job))
             proc.stdin.close()
@@ -171,7 +171,7 @@ class SubprocessLauncher(Launcher):
                     env.llama_cpp_python, env.llama_cpp_build = ev["llama_cpp_python"], ev["llama_cpp_build"]
                     env.gpu_offload, env.system_info = ev["gpu_offload"], ev["system_info"]
                 elif kind == "loaded":
-                    load_time = ev["load_time_s"]
+                    load_time, loaded_model = ev["load_time_s"], ev.get("loaded_model")
                 elif kind == "result":
                     peaks = sampler.window()
                     peaks.add_rss(ev["rss"])
@@ -179,6 +179,7 @@ class SubprocessLauncher(Launcher):
                     results.append(self._from_event(ev, cfg, model_path, env, peaks, load_time, before, ram_before,
                                                     started, log))
                     results[-1].base_rss_bytes = base_rss
+                    results[-1].loaded_model = loaded_model
                     results[-1].wall_time_s = time.monotonic() - t_run  # the first run's includes the spawn
                     t_run, started = time.monotonic(), _now()
         finally:

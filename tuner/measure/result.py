@@ -121,6 +121,7 @@ class TrialResult:
     env: Environment = field(default_factory=Environment)
     started_at: str = ""
     interleaved: Interleaved | None = None
+    loaded_model: dict[str, Any] | None = None  # llama.cpp's type, size and n_params of the model (llama-bench's)
 
     @property
     def ok(self) -> bool:

@@ -50,3 +50,17 @@ def build_configs(values: dict[str, str | None], model: ModelInfo | None) -> lis
             cfg = replace(cfg, n_ubatch=min(defaults.n_ubatch, cfg.n_batch))
         configs.append(cfg.resolved(model))
     return configs
+
+
+def per_test_configs(cfg: BenchConfig) -> list[BenchConfig]:
+    """llama-bench's tests of ``cfg``: pp and tg measured apart, each in a context of its own tokens
+    (``n_prompt`` or ``n_gen``, plus ``n_depth``), the batch sizes clamped to it as llama.cpp clamps them.
+    This is what ``bench`` measures unless ``-c`` is given."""
+    out = []
+    for n_prompt, n_gen in ((cfg.n_prompt, 0), (0, cfg.n_gen)):
+        if n_prompt or n_gen:
+            n_ctx = n_prompt + n_gen + cfg.n_depth
+            n_batch = min(cfg.n_batch, n_ctx)
+            out.append(replace(cfg, n_prompt=n_prompt, n_gen=n_gen, n_ctx=n_ctx, n_batch=n_batch,
+                               n_ubatch=min(cfg.n_ubatch, n_batch)))
+    return out
