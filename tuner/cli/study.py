@@ -7,7 +7,7 @@ import re
 import click
 
 from tuner.errors import UserError
-from tuner.report.export import FORMATS
+from tuner.report.export import FORMATS, MULTI_FORMATS
 from tuner.study.presets import OBJECTIVES, PRESET_NAMES
 from tuner.study.storage import DEFAULT_STORAGE, SAMPLERS
 
@@ -164,17 +164,27 @@ def _study_attr(storage: str, study_name: str, key: str):
 
 
 @click.command()
-@click.argument("study")
+@click.argument("studies", nargs=-1, required=True)
 @click.option("--preset", type=click.Choice(PRESET_NAMES), default="fastest", show_default=True)
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="llama-server", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS + MULTI_FORMATS), default="llama-server",
+              show_default=True, help="llama-swap: one model per study, several studies at once.")
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True)
-def export(study: str, preset: str, fmt: str, storage: str) -> None:
-    """Print a preset of STUDY as a llama-server command, Python kwargs, an Ollama Modelfile or JSON."""
-    from tuner.report.export import render_study_preset
+def export(studies: tuple[str, ...], preset: str, fmt: str, storage: str) -> None:
+    """Print a preset of STUDY as a llama-server command, Python kwargs, an Ollama Modelfile or JSON,
+    or the presets of several STUDIES as one llama-swap configuration."""
+    from tuner.report.export import llama_swap_config, render_study_preset
     from tuner.study.storage import make_storage
     from tuner.study.view import StudyView
 
-    click.echo(render_study_preset(StudyView.load(make_storage(storage), study), fmt, preset), nl=False)
+    if fmt not in MULTI_FORMATS and len(studies) != 1:
+        raise UserError(f"--format {fmt} exports one study, not {len(studies)}",
+                        "name one study, or use --format llama-swap for several")
+    store = make_storage(storage)
+    views = [StudyView.load(store, name) for name in studies]
+    if fmt == "llama-swap":
+        click.echo(llama_swap_config(views, preset), nl=False)
+    else:
+        click.echo(render_study_preset(views[0], fmt, preset), nl=False)
 
 
 @click.command()

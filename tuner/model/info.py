@@ -189,7 +189,7 @@ def model_info_from_header(path: str, header: GGUFHeader) -> ModelInfo:
         n_params=sum(t.n_elements for t in header.tensors), tensor_types=dict(counts),
         layer_bytes=layer_bytes, output_bytes=output_bytes,
         token_embd_bytes=embd.n_bytes if embd else 0, tied_embeddings=tied,
-        extra={"tensors": header.tensors},
+        extra={"tensors": header.tensors, "chat_template": "tokenizer.chat_template" in md},
     )
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import shlex
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from tuner.errors import UserError
 from tuner.measure.config import BenchConfig
@@ -13,18 +16,19 @@ from tuner.study.presets import Candidate, gain
 from tuner.study.view import StudyView
 from tuner.units import format_size
 
-FORMATS = ("llama-server", "llama-cpp-python", "ollama", "json")
+FORMATS = ("llama-server", "llama-cpp-python", "ollama", "json")  # one study's preset
+MULTI_FORMATS = ("llama-swap",)  # one entry per study
 _GGML_TYPE_NAMES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1",
                     "q5_0": "Q5_0", "q5_1": "Q5_1", "iq4_nl": "IQ4_NL"}
 
 
-def llama_server_command(model_path: str, c: BenchConfig) -> str:
-    """A llama-server command line for ``c``, the model path quoted for the shell.
+def llama_server_args(model_path: str, c: BenchConfig, program: str = "llama-server") -> list[str]:
+    """The llama-server argument list for ``c`` (the program first).
 
     ``--parallel 1`` is explicit: the figures are for one sequence, and a server
     with several slots divides the context among them.
     """
-    args = ["llama-server", "-m", shlex.quote(model_path), "--ctx-size", str(c.n_ctx), "--batch-size", str(c.n_batch),
+    args = [program, "-m", model_path, "--ctx-size", str(c.n_ctx), "--batch-size", str(c.n_batch),
             "--ubatch-size", str(c.n_ubatch), "--n-gpu-layers", str(c.n_gpu_layers), "--threads", str(c.n_threads),
             "--threads-batch", str(c.n_threads_batch), "--flash-attn", "on" if c.flash_attn else "off",
             "--cache-type-k", c.type_k, "--cache-type-v", c.type_v, "--parallel", "1"]
@@ -36,7 +40,39 @@ def llama_server_command(model_path: str, c: BenchConfig) -> str:
         args.append("--swa-full")
     if not c.offload_kqv:
         args.append("--no-kv-offload")
-    return " ".join(args)
+    return args
+
+
+def llama_server_command(model_path: str, c: BenchConfig) -> str:
+    """A llama-server command line for ``c``, quoted for the shell."""
+    return shlex.join(llama_server_args(model_path, c))
+
+
+def llama_swap_config(views: list[StudyView], preset: str) -> str:
+    """A llama-swap configuration (YAML) with one model per study, started with its ``preset``: several
+    tuned models behind one OpenAI-compatible endpoint. The model's name is its file's stem (the study's
+    name where two studies share a file name); llama-swap fills in ``${PORT}``.
+
+    Raises:
+        UserError: a study has no feasible configuration, so no preset.
+    """
+    stems = [Path(v.model_file).stem for v in views]
+    models = {}
+    for view, stem in zip(views, stems):
+        if preset not in view.presets:
+            raise UserError(f"study {view.name!r} has no feasible configuration, so no {preset} preset",
+                            f"see `llama-tuner report {view.name}`, or leave the study out")
+        cand = view.presets[preset].candidate
+        f = cand.figures
+        args = llama_server_args(view.model_path, f.config)
+        models[stem if stems.count(stem) == 1 else view.name] = {
+            "name": f"{stem} ({preset})",
+            "description": (f"llama-tuner study {view.name}, trial {cand.trial}: tg {f.tg_mean:.2f} t/s, "
+                            f"pp {f.pp_mean:.2f} t/s, peak {format_size(f.peak_memory_bytes)}"),
+            "cmd": f"{args[0]} --port ${{PORT}} {shlex.join(args[1:])}",
+        }
+    header = "# llama-swap configuration written by llama-tuner: one tuned preset per model\n"
+    return header + yaml.safe_dump({"models": models}, sort_keys=False, width=10_000)
 
 
 def llama_cpp_python_kwargs(model_path: str, c: BenchConfig) -> dict[str, Any]:

@@ -24,3 +24,6 @@ class Tracker:
 
     def study_finished(self, view) -> None:
         """The study ended (or was synced): write the parent run's summary and artifacts."""
+
+    def preset_served(self, view, preset: str, command: str) -> None:
+        """``llama-tuner serve`` started ``preset`` of the study with ``command``."""

@@ -150,6 +150,17 @@ class MlflowTracker(Tracker):
     def study_finished(self, view) -> None:
         self._guard("writing the study's artifacts", lambda: self.log_study_artifacts(view))
 
+    def preset_served(self, view, preset: str, command: str) -> None:
+        """Tag the study's parent run with the preset served last, when, and how."""
+        def tag() -> None:
+            self.study_name, self.attrs, self.remember = view.name, view.attrs, view.study.set_user_attr
+            self._open()
+            for key, value in {"served_preset": preset, "served_command": command[:5000],
+                               "served_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}.items():
+                self.client.set_tag(self.parent_id, key, value)
+
+        self._guard("recording the served preset", tag)
+
     def log_study_artifacts(self, view) -> None:
         """The plots, and the files of ``write_files`` (trials, presets, commands), on the parent run."""
         if self.parent_id is None:

@@ -1,0 +1,113 @@
+"""From a preset to a running server, and to a llama-swap configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import replace
+
+import mlflow
+import pytest
+import yaml
+
+from conftest import REPACK_WORKS, ROOT, assert_one_line_error
+from test_study import ENV
+from tuner.study.session import StudyRequest, open_tuner
+from tuner.study.view import StudyView
+from tuner.testing.fakes import FakeLauncher
+
+TWO_CORES = replace(ENV, physical_cores=2)
+
+
+def fake_study(model, storage: str, name: str) -> StudyView:
+    """A study whose presets come from the fake launcher: serving needs a real model file, not real figures."""
+    crash = None if REPACK_WORKS else "child died of SIGSEGV"
+    t = open_tuner(StudyRequest(model=str(model), storage=storage, study_name=name, trials=4, seed=1, min_ctx=1024),
+                   launcher=FakeLauncher(env=TWO_CORES, repack_crash_reason=crash), env=TWO_CORES)
+    t.run()
+    return StudyView(t.study)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(req, timeout=120))
+
+
+def test_llama_swap_export_holds_one_llama_server_cmd_per_study(cli, tiny_model, long_context_model, tmp_path):
+    storage = f"sqlite:///{tmp_path}/s.db"
+    views = [fake_study(tiny_model, storage, "tiny"), fake_study(long_context_model, storage, "long")]
+    r = cli("export", "tiny", "long", "--format", "llama-swap", "--storage", storage)
+    assert r.code == 0, r.err
+    models = yaml.safe_load(r.out)["models"]
+    assert set(models) == {"tiny-q4_k_m", "long-context"}
+    for view, key in zip(views, ("tiny-q4_k_m", "long-context")):
+        cfg = view.presets["fastest"].candidate.figures.config
+        args = shlex.split(models[key]["cmd"])
+        assert args[:3] == ["llama-server", "--port", "${PORT}"]  # llama-swap's port macro
+        assert args[args.index("-m") + 1] == view.model_path
+        assert args[args.index("--ctx-size") + 1] == str(cfg.n_ctx)
+        assert args[args.index("--threads") + 1] == str(cfg.n_threads)
+        assert ("--no-repack" in args) == (not cfg.repack)
+    assert_one_line_error(cli("export", "tiny", "long", "--storage", storage), "exports one study")
+
+
+@pytest.mark.slow
+def test_serve_answers_completions_and_chat_then_stops_on_ctrl_c(demo_model_path, tmp_path):
+    storage, tracking = f"sqlite:///{tmp_path}/s.db", f"sqlite:///{tmp_path}/mlflow.db"
+    fake_study(demo_model_path, storage, "demo")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin"}
+    proc = subprocess.Popen([sys.executable, "-m", "tuner", "serve", "demo", "--storage", storage, "--port", str(port),
+                             "--tracking-uri", tracking], stderr=subprocess.PIPE, text=True, env=env)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/models", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.5)
+        text = post(f"{base}/completions", {"prompt": "The capital of France is", "max_tokens": 8})
+        assert text["choices"][0]["text"].strip() and text["usage"]["completion_tokens"] > 0
+        chat = post(f"{base}/chat/completions", {"messages": [{"role": "user", "content": "Name a colour."}],
+                                                  "max_tokens": 8})
+        assert chat["choices"][0]["message"]["content"].strip()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first = proc.stderr.read().splitlines()[0]
+    assert first.startswith("serving gemma-3-270m") and f"at http://127.0.0.1:{port}/v1" in first, first
+    parent = mlflow.MlflowClient(tracking).search_runs(
+        [mlflow.MlflowClient(tracking).get_experiment_by_name(demo_model_path.stem).experiment_id],
+        filter_string="tags.`llama_tuner.kind` = 'study'")[0]
+    assert parent.data.tags["served_preset"] == "fastest" and "llama_cpp_server" in parent.data.tags["served_command"]
+
+
+def test_serve_refuses_a_busy_port_and_a_missing_server_program_in_one_line(cli, tiny_model, tmp_path):
+    storage = f"sqlite:///{tmp_path}/s.db"
+    fake_study(tiny_model, storage, "tiny")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = cli("serve", "tiny", "--storage", storage, "--port", port, "--no-mlflow", "--llama-server", sys.executable)
+        assert_one_line_error(r, f"cannot listen on 127.0.0.1:{port}", "--port")
+    r = cli("serve", "tiny", "--storage", storage, "--no-mlflow", "--llama-server", "/nonexistent/llama-server")
+    assert_one_line_error(r, "is not a program here")
