@@ -44,7 +44,8 @@ def _bench_options(f):
 @click.option("-o", "--output", "output", type=click.Choice(OUTPUTS), default="md", show_default=True,
               help="llama-bench's output formats, with its field names; ours (peak memory, bandwidth) follow.")
 @click.option("--json", "as_json", is_flag=True, help="Print llama-tuner's own results (raw samples) as JSON.")
-def bench(model: str, timeout_s: float, output: str, as_json: bool, **values) -> None:
+@click.option("--download", is_flag=True, help="Fetch an hf:ORG/REPO[:QUANT] model missing from the cache.")
+def bench(model: str, timeout_s: float, output: str, as_json: bool, download: bool, **values) -> None:
     """Measure MODEL like llama-bench. Comma-separated values sweep every combination.
 
     Each configuration runs in a child process that is killed after --timeout;
@@ -56,11 +57,13 @@ def bench(model: str, timeout_s: float, output: str, as_json: bool, **values) ->
     from tuner.measure.launcher import SubprocessLauncher
     from tuner.model.facts import ModelFacts
     from tuner.model.info import load_model_info
+    from tuner.model.stores import resolve_model
     from tuner.measure.probe import detect_probe
     from tuner.measure.sweep import build_configs, per_test_configs
     from tuner.report import llama_bench_output
     from tuner.report.tables import markdown_table, result_rows
 
+    model = resolve_model(model, download=download)
     info = load_model_info(model)
     requested = build_configs(values, info)
     # Each measured configuration, with the one the user asked for (llama-bench reports its batch sizes).

@@ -26,17 +26,49 @@ def _tensor_groups(tensors) -> list[tuple[str, str]]:
 
 
 @click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def models(as_json: bool) -> None:
+    """List the GGUF files in Ollama's store, the Hugging Face cache, llama.cpp's cache and LM Studio's folders."""
+    from tuner.model.info import load_model_info
+    from tuner.model.stores import find_models
+
+    rows = []
+    for m in find_models():
+        try:
+            info = load_model_info(m.path)
+            arch, quant = info.architecture, info.quant
+        except UserError as exc:
+            arch, quant = "unreadable", exc.problem
+        rows.append({"source": m.source, "name": m.name, "size": m.size, "architecture": arch, "quant": quant,
+                     "path": str(m.path)})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no GGUF files in Ollama's store, the Hugging Face cache, llama.cpp's cache or LM Studio's folders")
+        return
+    from tuner.report.tables import markdown_table
+
+    click.echo(markdown_table([[r["source"], r["name"], _mib(r["size"]), r["architecture"], r["quant"]] for r in rows],
+                              ("source", "name", "size", "architecture", "quant")))
+
+
+@click.command()
 @click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--download", is_flag=True, help="Fetch an hf:ORG/REPO[:QUANT] model missing from the cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 @click.option("--tensors", is_flag=True, help="List every tensor with its type, shape and size.")
 @click.option("--plan", is_flag=True, help="Predict what fits a memory budget: layers, context, KV type.")
 @click.option("--vram-budget", help="Budget for --plan, e.g. 12GiB (default: this GPU, else RAM).")
 @click.option("--ctx", "ctx", type=int, default=4096, show_default=True, help="Context for --plan.")
-def inspect(model: str, as_json: bool, tensors: bool, plan: bool, vram_budget: str | None, ctx: int) -> None:
-    """Describe MODEL from its GGUF header: shapes, quant types, bytes per part, KV cache per token."""
+def inspect(model: str, download: bool, as_json: bool, tensors: bool, plan: bool, vram_budget: str | None,
+            ctx: int) -> None:
+    """Describe MODEL (a path, ollama:NAME[:TAG] or hf:ORG/REPO[:QUANT]) from its GGUF header: shapes, quant
+    types, bytes per part, KV cache per token."""
     from tuner.model.info import load_model_info
+    from tuner.model.stores import resolve_model
 
-    info = load_model_info(model)
+    info = load_model_info(resolve_model(model, download=download))
     if plan:
         click.echo(_plan(info, vram_budget, ctx))
         return

@@ -53,13 +53,18 @@ def _ranges(items: tuple[str, ...]) -> dict[str, tuple[int, int]]:
 @click.option("--no-confirm", is_flag=True, help="Skip re-measuring the top 3 before choosing presets.")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db).")
 @click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
+@click.option("--download", is_flag=True, help="Fetch an hf:ORG/REPO[:QUANT] model missing from the cache.")
 def tune(model: str, study_name: str | None, trials: int, timeout: str | None, vram_budget: str | None,
          min_headroom: str, min_ctx: int, depth: int, objective: str, baseline_flags: str | None,
          pins: tuple[str, ...], ranges: tuple[str, ...], sampler: str, seed: int | None, storage: str,
-         trial_timeout: str, no_confirm: bool, tracking_uri: str | None, no_mlflow: bool) -> None:
-    """Find the best llama.cpp settings for MODEL on this machine, then print its presets."""
+         trial_timeout: str, no_confirm: bool, tracking_uri: str | None, no_mlflow: bool, download: bool) -> None:
+    """Find the best llama.cpp settings for MODEL (a path, ollama:NAME[:TAG] or hf:ORG/REPO[:QUANT]) on this
+    machine, then print its presets."""
     from tuner.cli.tracking import make_tracker
+    from tuner.model.stores import resolve_model
     from tuner.study.session import StudyRequest, open_tuner
+
+    model = resolve_model(model, download=download)
 
     request = StudyRequest(model=model, study_name=study_name, trials=trials, timeout=timeout,
                            vram_budget=vram_budget, min_headroom=min_headroom, min_ctx=min_ctx, depth=depth,
