@@ -18,11 +18,13 @@ import pytest
 from conftest import REPACK_WORKS, ROOT
 from tuner.model.facts import ModelFacts, TokenCost
 from tuner.report.artifacts import write_tables
+from tuner.report.study_report import study_description
 from tuner.report.compare import ModelRow, compare_text, row_for, versus
 from tuner.study.tracker import Tracker
 from tuner.testing.fakes import FakeLauncher
 from tuner.measure.launcher import SubprocessLauncher
 from tuner.measure.probe import NoGpuProbe
+from tuner.study.objectives import result_of
 from tuner.study.session import StudyRequest, open_tuner
 from tuner.study.view import StudyView
 from tuner.tracking.mlflow_tracker import MlflowTracker, sync
@@ -62,7 +64,7 @@ def test_a_real_study_logs_one_nested_run_per_trial(tiny_model, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     warnings: list[str] = []
     launcher = SubprocessLauncher(NoGpuProbe(), timeout_s=120)
-    tracker = MlflowTracker(uri, warnings.append, write_files=write_tables)  # as `tune` makes it
+    tracker = MlflowTracker(uri, warnings.append, write_files=write_tables, describe=study_description)  # as tune
     t = study(tiny_model, tmp_path, tracker, launcher=launcher, env=None, trials=3,
               min_ctx=512,
               pins={"n_prompt": "64", "n_gen": "16", "repetitions": "2"})
@@ -85,8 +87,20 @@ def test_a_real_study_logs_one_nested_run_per_trial(tiny_model, tmp_path):
         assert d.tags["architecture"] == "llama" and d.tags["quant"] == "Q4_K_M"
         number = int(d.tags["optuna_trial"])
         assert t.study.trials[number].user_attrs["mlflow_run_id"] == run.info.run_id
+        cfg = result_of(t.study.trials[number]).config
+        assert d.tags["mlflow.runName"].startswith(f"ngl0 c{cfg.n_ctx} {cfg.type_k} ")  # named by its settings
+        assert f"b{cfg.n_batch}/ub{cfg.n_ubatch}" in d.tags["mlflow.runName"]
+        assert d.metrics["tg_tps"] == round(d.metrics["tg_tps"], 2)  # no 13 decimals
+        # the measurement's own times, not the logging's few milliseconds
+        assert run.info.end_time - run.info.start_time == pytest.approx(1000 * d.metrics["wall_time_s"], abs=2)
         reps = mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "tg_tps_rep")
         assert [m.step for m in reps] == [0, 1]
+    p = parent[0].data
+    assert p.params["model"] == Path(tiny_model).name and p.params["min_ctx"] == "512"
+    assert p.params["workload"] == "pp64+tg16" and p.params["objective"] == "tg" and p.params["trials"] == "3"
+    assert "#### Presets" in p.tags["mlflow.note.content"] and "llama-server -m" in p.tags["mlflow.note.content"]
+    exp = mlflow.MlflowClient(uri).get_experiment_by_name(Path(tiny_model).stem)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the runs view, not GenAI's
     artifacts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(parent[0].info.run_id)}
     assert {"trials.csv", "presets.json", "llama-server-commands.txt", "pareto_front.png",
             "optimization_history.png"} <= artifacts

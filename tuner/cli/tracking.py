@@ -23,12 +23,14 @@ def warn(message: str) -> None:
 def make_tracker(tracking_uri: str | None, no_mlflow: bool):
     """The MLflow tracker for ``tune``, or a silent one with --no-mlflow."""
     from tuner.report.artifacts import write_tables
+    from tuner.report.study_report import study_description
     from tuner.study.tracker import Tracker
     from tuner.tracking.mlflow_tracker import MlflowTracker
 
     if no_mlflow:
         return Tracker()
-    return MlflowTracker(tracking_uri or default_tracking_uri(), warn, write_files=write_tables)
+    return MlflowTracker(tracking_uri or default_tracking_uri(), warn, write_files=write_tables,
+                         describe=study_description)
 
 
 @click.command()

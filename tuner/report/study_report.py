@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tuner.report.export import llama_server_command
 from tuner.study.presets import Preset, gain
 from tuner.study.keys import BASELINE_ATTR, REUSED_ATTR
 from tuner.study.objectives import result_of
@@ -87,6 +88,15 @@ def presets_table(view: StudyView) -> str:
 def why_lines(presets: dict[str, Preset]) -> str:
     """Why each preset was chosen."""
     return "\n".join(f"- {name}: {p.why}" for name, p in presets.items())
+
+
+def study_description(view: StudyView) -> str:
+    """The study in markdown for its MLflow parent run: what was tuned, the presets with their gains over the
+    baselines and why they won, and the llama-server command of each."""
+    commands = "\n".join(f"**{name}**\n\n```\n{llama_server_command(view.model_path, p.candidate.figures.config)}\n```"
+                         for name, p in view.presets.items())
+    return "\n\n".join(["### " + header(view).replace("\n", "\n\n"), "#### Presets", presets_table(view),
+                         why_lines(view.presets), "#### llama-server", commands or "no feasible configuration"])
 
 
 def full_report(view: StudyView) -> str:

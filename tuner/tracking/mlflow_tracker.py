@@ -19,16 +19,18 @@ from typing import Any, Callable
 
 from tuner import __version__
 from tuner.measure.result import TrialResult
-from tuner.study.keys import (ENVIRONMENT_ATTR, FINGERPRINT_ATTR, MODEL_FACTS_ATTR, MODEL_FILE_ATTR, OBJECTIVE_ATTR,
+from tuner.study.keys import (ENVIRONMENT_ATTR, FINGERPRINT_ATTR, MODEL_FILE_ATTR, OBJECTIVE_ATTR,
                               PARENT_RUN_ATTR, RESULT_ATTR, STUDY_RUN_PREFIX, TRACKING_URI_ATTR)
 from tuner.study.objectives import constraints as constraints_of
 from tuner.study.objectives import result_of
 from tuner.study.tracker import Tracker
 from tuner.tracking.plots import write_plots
+from tuner.tracking.run_fields import (EXPERIMENT_KIND, KIND_TAG, STUDY_TAG, TRIAL_TAG, run_times, study_params,
+                                       trial_metrics, trial_tags)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
-STUDY_TAG, TRIAL_TAG, KIND_TAG = "llama_tuner.study", "optuna_trial", "llama_tuner.kind"
 ArtifactWriter = Callable[[Any, Path], dict[str, float]]  # (study view, folder) -> summary metrics
+Describer = Callable[[Any], str]  # study view -> the parent run's description (markdown)
 
 
 def default_tracking_uri() -> str:
@@ -44,8 +46,9 @@ class MlflowTracker(Tracker):
     """Logs to MLflow at ``uri``; degrades to a warning when MLflow is unavailable."""
 
     def __init__(self, uri: str, warn: Callable[[str], None], *, write_files: ArtifactWriter | None = None,
-                 artifact_root: str | None = None):
-        """Log to ``uri``; ``warn`` hears of failures, ``write_files`` writes the parent run's files."""
+                 describe: Describer | None = None, artifact_root: str | None = None):
+        """Log to ``uri``; ``warn`` hears of failures, ``write_files`` writes the parent run's files and
+        ``describe`` its description."""
         if uri.startswith("http"):
             # Fail fast instead of MLflow's default minutes of retries: the study must not wait on tracking.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -54,6 +57,7 @@ class MlflowTracker(Tracker):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             artifact_root = artifact_root or str(Path(uri.removeprefix("sqlite:///")).parent.resolve() / "artifacts")
         self.uri, self.warn, self.artifact_root, self.write_files = uri, warn, artifact_root, write_files
+        self.describe = describe
         self.enabled = True
         self._client = None
         self.experiment_id: str | None = None
@@ -94,9 +98,12 @@ class MlflowTracker(Tracker):
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             location = f"{self.artifact_root}/{name}" if self.artifact_root else None
-            self.experiment_id = self.client.create_experiment(name, artifact_location=location)
+            self.experiment_id = self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
         else:
             self.experiment_id = exp.experiment_id
+            if not EXPERIMENT_KIND.keys() <= exp.tags.keys():  # made by an older llama-tuner
+                for key, value in EXPERIMENT_KIND.items():
+                    self.client.set_experiment_tag(self.experiment_id, key, value)
         # Workers of one study share the parent run its creator made (stored on the study).
         known = self.attrs.get(PARENT_RUN_ATTR) if self.attrs.get(TRACKING_URI_ATTR) == self.uri else None
         found = known or self._find({STUDY_TAG: self.study_name, KIND_TAG: "study"})
@@ -109,6 +116,9 @@ class MlflowTracker(Tracker):
                 "model_sha256": self.attrs.get(FINGERPRINT_ATTR, {}).get("model_sha256", ""),
                 "gpu_name": env.get("gpu_name") or "", "host": env.get("host", ""), "llama_tuner": __version__}
         self.parent_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
+        from mlflow.entities import Param
+
+        self.client.log_batch(self.parent_id, params=[Param(k, v) for k, v in study_params(self.attrs).items()])
         if self.remember:
             self.remember(PARENT_RUN_ATTR, self.parent_id)
             self.remember(TRACKING_URI_ATTR, self.uri)
@@ -133,18 +143,19 @@ class MlflowTracker(Tracker):
             return existing
         from mlflow.entities import Metric, Param, RunTag
 
-        run = self.client.create_run(self.experiment_id, tags=trial_tags(number, user_attrs, result, constraints,
-                                                                         self.study_name, self.attrs,
-                                                                         self.parent_id))
-        now = int(time.time() * 1000)
+        start, end = run_times(result)
+        run = self.client.create_run(self.experiment_id, start_time=start,
+                                     tags=trial_tags(number, user_attrs, result, constraints, self.study_name,
+                                                     self.attrs, self.parent_id))
+        now = end or int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, 0) for k, v in trial_metrics(result).items()]
         for key, rates in (("tg_tps_rep", result.tg), ("pp_tps_rep", result.pp)):
             if rates:
-                metrics += [Metric(key, r, now, i) for i, r in enumerate(rates.rates)]
+                metrics += [Metric(key, round(r, 2), now, i) for i, r in enumerate(rates.rates)]
         params = [Param(k, str(v)) for k, v in result.config.to_dict().items()]
         tags = [RunTag(f"constraint.{k}", f"{v:.4g}") for k, v in constraints.items()]
         self.client.log_batch(run.info.run_id, metrics=metrics, params=params, tags=tags)
-        self.client.set_terminated(run.info.run_id, "FINISHED" if result.ok else "FAILED")
+        self.client.set_terminated(run.info.run_id, "FINISHED" if result.ok else "FAILED", end_time=end)
         return run.info.run_id
 
     def study_finished(self, view) -> None:
@@ -173,42 +184,9 @@ class MlflowTracker(Tracker):
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()])
+        if self.describe:
+            self.client.set_tag(self.parent_id, "mlflow.note.content", self.describe(view))
         self.client.set_terminated(self.parent_id, "FINISHED")  # a resumed study may still log to it
-
-
-def trial_tags(number: int, user_attrs: dict[str, Any], result: TrialResult, constraints: dict[str, float],
-               study_name: str, attrs: dict[str, Any], parent_id: str | None) -> dict[str, str]:
-    """The tags of a trial's run: model, hardware, versions, status and where it belongs."""
-    env, fp = result.env, attrs.get(FINGERPRINT_ATTR, {})
-    facts = attrs.get(MODEL_FACTS_ATTR, {})
-    tags = {
-        STUDY_TAG: study_name, TRIAL_TAG: str(number), KIND_TAG: "trial", "mlflow.runName": f"trial {number}",
-        "model_file": attrs.get("model_file", ""), "model_sha256": fp.get("model_sha256", ""),
-        "architecture": facts.get("architecture", ""), "quant": facts.get("quant", ""),
-        "gpu_name": env.gpu_name or "none", "gpu_driver": env.gpu_driver or "none",
-        "llama_cpp_python": env.llama_cpp_python, "llama_cpp_build": env.llama_cpp_build,
-        "llama_tuner": __version__, "host": env.host, "status": result.status.value,
-        "failure_reason": result.reason[:500], "feasible": str(all(v <= 0 for v in constraints.values())),
-    }
-    for key in ("baseline", "reused_from"):
-        if key in user_attrs:
-            tags[key] = str(user_attrs[key])
-    if parent_id:
-        tags["mlflow.parentRunId"] = parent_id
-    return tags
-
-
-def trial_metrics(result: TrialResult) -> dict[str, float]:
-    """Means, deviations, memory and times of a result (only those measured)."""
-    out = {"tg_tps": result.tg_mean, "tg_tps_stddev": result.tg.stddev if result.tg else None,
-           "pp_tps": result.pp_mean, "pp_tps_stddev": result.pp.stddev if result.pp else None,
-           "peak_vram_bytes": result.peak_vram_bytes, "peak_rss_bytes": result.peak_rss_bytes,
-           "headroom_bytes": result.headroom_bytes, "load_time_s": result.load_time_s,
-           "context_time_s": result.context_time_s, "wall_time_s": result.wall_time_s}
-    out.update(result.bandwidth or {})
-    if result.predicted_peak_bytes is not None:
-        out["predicted_peak_bytes"] = result.predicted_peak_bytes
-    return {k: v for k, v in out.items() if v is not None}
 
 
 def sync(view, tracker: MlflowTracker) -> tuple[int, int]:
