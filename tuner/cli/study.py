@@ -123,13 +123,11 @@ def run_and_print(tuner, confirm: bool) -> None:
 def _confirm_line(tuner, numbers: list[int]) -> str:
     """What the confirmation pass measures, and about how long it takes (from the trials' own times)."""
     from tuner.cli.progress import clock
-    from tuner.study.objectives import result_of
+    from tuner.study.confirmation import estimate_s
 
-    reps = tuner.settings.confirm_repetitions
-    results = [result_of(tuner.study.trials[n]) for n in numbers]
-    estimate = sum((r.wall_time_s or 0) * reps / max(1, r.config.repetitions) for r in results)
-    return (f"confirming the leaders (trials {', '.join(map(str, numbers))}): {reps} more repetitions each, "
-            f"taking turns, ~{clock(estimate)}")
+    return (f"confirming the leaders (trials {', '.join(map(str, numbers))}): "
+            f"{tuner.settings.confirm_repetitions} more repetitions each, taking turns, "
+            f"~{clock(estimate_s(tuner, numbers))}")
 
 
 @click.command()

@@ -22,6 +22,30 @@ from tuner.study.view import StudyView
 CONFIRM_PER_ROUND = 2
 
 
+def _rounds(results, total: int) -> tuple[int, int, bool]:
+    """(repetitions per round, rounds, whether one loaded model serves them all) for re-measuring
+    ``results`` ``total`` more times each."""
+    one_model = len({json.dumps(r.config.model_params(), sort_keys=True) for r in results}) == 1
+    per_round = min(CONFIRM_PER_ROUND, total) if one_model else max(1, -(-total // 2))
+    return per_round, -(-total // per_round), one_model
+
+
+def estimate_s(tuner: Tuner, trial_numbers: list[int]) -> float:
+    """About how long :func:`confirm` takes, from the trials' own times: each round costs a run's overhead
+    (context, warmup) and its share of the timed repetitions; the model loads once (per round where the
+    candidates' model settings differ)."""
+    results = [result_of(tuner.study.trials[n]) for n in trial_numbers]
+    per_round, rounds, one_model = _rounds(results, tuner.settings.confirm_repetitions)
+    total = 0.0
+    for r in results:
+        timed = sum(sum(t.samples_ns) for t in (r.pp, r.tg) if t) / 1e9
+        load = r.load_time_s or 0.0
+        overhead = max(0.0, (r.wall_time_s or 0.0) - load - timed)
+        per_rep = timed / max(1, r.config.repetitions)
+        total += rounds * (overhead + per_round * per_rep) + (load if one_model else rounds * load)
+    return total
+
+
 def confirm(tuner: Tuner, trial_numbers: list[int]) -> dict[int, TrialResult]:
     """Re-measure the given trials together, taking turns, and store the confirmations on the study.
 
@@ -32,10 +56,7 @@ def confirm(tuner: Tuner, trial_numbers: list[int]) -> dict[int, TrialResult]:
     """
     study = tuner.study
     bases = {n: result_of(study.trials[n]) for n in trial_numbers}
-    total = tuner.settings.confirm_repetitions
-    one_model = len({json.dumps(r.config.model_params(), sort_keys=True) for r in bases.values()}) == 1
-    per_round = min(CONFIRM_PER_ROUND, total) if one_model else max(1, -(-total // 2))
-    rounds = -(-total // per_round)
+    per_round, rounds, _ = _rounds(bases.values(), tuner.settings.confirm_repetitions)
     order = list(trial_numbers)
     schedule = [order[(i + r) % len(order)] for r in range(rounds) for i in range(len(order))]
     configs = [BenchConfig(**{**bases[n].config.to_dict(), "repetitions": per_round}) for n in schedule]
