@@ -75,7 +75,10 @@ def ui(port: int, dashboard: bool, storage: str, tracking_uri: str | None) -> No
             os.makedirs(os.path.dirname(uri.removeprefix("sqlite:///")) or ".", exist_ok=True)
         cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                "--port", str(port)]
-    click.echo(f"serving on http://127.0.0.1:{port} (Ctrl-C to stop)", err=True)
+    where = f"http://127.0.0.1:{port}"
+    # MLflow 3 opens experiments in its GenAI workspace unless the URL asks for the model-training one.
+    runs = "" if dashboard else f"; studies: {where}/#/experiments?workflowType=machine_learning"
+    click.echo(f"serving on {where}{runs} (Ctrl-C to stop)", err=True)
     try:
         sys.exit(subprocess.call(cmd))
     except KeyboardInterrupt:
