@@ -67,6 +67,7 @@ def test_tune_report_export_on_a_tiny_model(run_cli, tiny_model, tmp_path):
     assert "INFO" not in r.out + r.err and "[I 20" not in r.out + r.err  # MLflow's and Optuna's INFO formats
     again = run_cli("tune", tiny_model, "--study", "t", "--trials", "6", *baseline, *common)
     assert again.code == 0 and "6 configurations measured" in again.out  # resumed, nothing new
+    assert "confirming the leaders" not in again.out  # nor are the leaders measured again
     report = run_cli("report", "t", "--storage", storage)
     assert report.code == 0 and "baseline: yours" in report.out and "baseline: llama.cpp defaults" in report.out
     for fmt in ("llama-server", "llama-cpp-python", "ollama", "json"):

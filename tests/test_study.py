@@ -407,3 +407,19 @@ def test_where_repack_crashes_the_study_searches_repack_off(long_context_model, 
     assert len(crashed) == 1 and crashed[0].config.repack  # llama.cpp's defaults, measured as they are
     assert len(results) == 8 and all(not r.config.repack for r in results if r.ok)
     assert StudyView(t.study).presets
+
+
+def test_a_resumed_study_that_measured_nothing_new_does_not_measure_its_leaders_again(long_context_model, tmp_path,
+                                                                                         capsys):
+    from tuner.cli.study import run_and_print
+
+    first = tuner_for(long_context_model, tmp_path, trials=6)
+    first.run()
+    ranked = sorted(StudyView(first.study).candidates, key=lambda c: c.figures.tg_mean)
+    confirm(first, [ranked[0].trial, ranked[1].trial])  # the leaders left unconfirmed, as when the passes run out
+    again = FakeLauncher(env=ENV)
+    run_and_print(tuner_for(long_context_model, tmp_path, again, trials=6), confirm=True)
+    assert again.measured == [] and "confirming the leaders" not in capsys.readouterr().out
+    more = FakeLauncher(env=ENV)
+    run_and_print(tuner_for(long_context_model, tmp_path, more, trials=8), confirm=True)
+    assert len(more.measured) > 2  # two new configurations, then their leaders confirmed

@@ -105,7 +105,9 @@ def run_and_print(tuner, confirm: bool) -> None:
     try:
         with progress:
             tuner.run()
-            if confirm and StudyView(tuner.study).candidates:
+            view = StudyView(tuner.study)
+            # A resumed study that measured nothing new keeps its confirmations: nothing is measured twice.
+            if confirm and view.candidates and (tuner.measured_count() > already or not view.confirmations):
                 confirm_leaders(tuner, on_pass=lambda top: progress.phase(_confirm_line(tuner, top)))
             progress.phase("writing the study's summary to MLflow")
             tuner.tracker.study_finished(StudyView(tuner.study))
