@@ -56,12 +56,13 @@ def cli() -> None:
 
 def _register() -> None:
     from tuner.cli.bench import bench
-    from tuner.cli.model_commands import demo, inspect, models, synth
+    from tuner.cli.model_commands import demo, inspect, models, quality, synth
     from tuner.cli.serve import serve
     from tuner.cli.study import export, report, tune, worker
     from tuner.cli.tracking import compare, sync, ui
 
-    for command in (tune, worker, report, export, serve, compare, bench, inspect, models, synth, demo, sync, ui):
+    for command in (tune, worker, report, export, serve, compare, bench, inspect, models, quality, synth, demo, sync,
+                    ui):
         cli.add_command(command)
 
 

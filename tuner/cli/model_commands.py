@@ -134,6 +134,50 @@ def _shape_options(f):
 
 
 @click.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--kv", "kinds", default="q8_0,q4_0", show_default=True, help="Cache types to compare with f16.")
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False),
+              help="Text to read (default: the bundled public-domain text).")
+@click.option("--tokens", "n_tokens", type=int, default=1024, show_default=True, help="Tokens of the text to read.")
+@click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True)
+@click.option("-t", "--threads", "n_threads", type=int, help="Threads (default: physical cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print one object per cache type.")
+@click.option("--download", is_flag=True, help="Fetch an hf:ORG/REPO[:QUANT] model missing from the cache.")
+def quality(model: str, kinds: str, text_file: str | None, n_tokens: int, n_gpu_layers: int, n_threads: int | None,
+            as_json: bool, download: bool) -> None:
+    """How much each KV cache type changes MODEL's next-token distributions, against an f16 cache: mean and
+    99th-percentile KL divergence and top-1 agreement over the same tokens. Cached per model and build."""
+    from tuner.measure.config import physical_cores
+    from tuner.measure.launcher import SubprocessLauncher
+    from tuner.measure.probe import NoGpuProbe
+    from tuner.measure.quality import CACHE_TYPES, kv_quality
+    from tuner.model.info import load_model_info
+    from tuner.model.stores import resolve_model
+    from tuner.report.tables import markdown_table
+
+    model = resolve_model(model, download=download)
+    load_model_info(model)  # a bad file is one line, before anything runs
+    wanted = [k.strip() for k in kinds.split(",") if k.strip()]
+    unknown = [k for k in wanted if k not in CACHE_TYPES]
+    if unknown or not wanted:
+        raise UserError(f"--kv {kinds!r} names no cache type llama-tuner compares", f"use {','.join(CACHE_TYPES)}")
+    if n_tokens < 16:
+        raise UserError(f"--tokens {n_tokens} is too few to say anything", "use --tokens 1024")
+    text = open(text_file, encoding="utf-8").read() if text_file else None
+    repack = SubprocessLauncher(NoGpuProbe()).repack_crash() is None
+    click.echo(f"comparing {', '.join(wanted)} KV caches with f16 over {n_tokens} tokens "
+               "(flash attention on)...", err=True)
+    figures = kv_quality(model, wanted, text=text, n_tokens=n_tokens, n_threads=n_threads or physical_cores(),
+                         n_gpu_layers=n_gpu_layers, repack=repack)
+    if as_json:
+        click.echo(json.dumps([{"type": k, **v} for k, v in figures.items()], indent=2))
+        return
+    click.echo(markdown_table([[k, f"{v['kld_mean']:.4f}", f"{v['kld_p99']:.4f}", f"{100 * v['top1_agreement']:.1f}%",
+                                str(v["n_positions"])] for k, v in figures.items()],
+                              ("KV cache", "KLD mean", "KLD p99", "top-1 agreement", "positions")))
+
+
+@click.command()
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--like", help="A named shape: tiny, small, qwen3-8b, mistral-small-24b.")
 @click.option("--quant", required=True, help="f16, q8_0, q4_0, q6_k, q5_k_m, q4_k_m or q2_k.")

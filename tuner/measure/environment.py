@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tuner.errors import UserError
 from tuner.measure.bandwidth import measure_host_read_gbs
@@ -69,6 +70,20 @@ def machine_environment(probe: GpuProbe, gpu_index: int | None) -> Environment:
                        gpu_peak_bandwidth_gbs=gpu.peak_bandwidth_gbs if gpu else None)
 
 
+def llama_cpp_info() -> dict[str, Any]:
+    """The llama-cpp-python version, llama.cpp build, GPU offload and system info, asked of a child.
+
+    Raises:
+        UserError: llama-cpp-python does not start in a child process.
+    """
+    p = subprocess.run([sys.executable, "-m", "tuner.measure.child", "--info"], capture_output=True, text=True)
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"llama-cpp-python does not start in a child process: {last}",
+                        "reinstall it with `make install` (or CUDA=1)")
+    return json.loads(p.stdout)
+
+
 def build_environment(probe: GpuProbe, gpu_index: int | None) -> Environment:
     """This machine plus the llama.cpp build, asked of a child (the optimizer never imports llama_cpp).
 
@@ -76,12 +91,7 @@ def build_environment(probe: GpuProbe, gpu_index: int | None) -> Environment:
         UserError: llama-cpp-python does not start in a child process.
     """
     env = machine_environment(probe, gpu_index)
-    p = subprocess.run([sys.executable, "-m", "tuner.measure.child", "--info"], capture_output=True, text=True)
-    if p.returncode != 0:
-        last = (p.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"llama-cpp-python does not start in a child process: {last}",
-                        "reinstall it with `make install` (or CUDA=1)")
-    info = json.loads(p.stdout)
+    info = llama_cpp_info()
     env.llama_cpp_python, env.llama_cpp_build = info["llama_cpp_python"], info["llama_cpp_build"]
     env.gpu_offload, env.system_info = info["gpu_offload"], info["system_info"]
     env.host_read_gbs = round(measure_host_read_gbs(env.physical_cores), 1)
