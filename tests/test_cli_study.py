@@ -65,6 +65,10 @@ def test_tune_report_export_on_a_tiny_model(run_cli, tiny_model, tmp_path):
     assert len(trial_lines) >= 6 and trial_lines[-1].startswith("[6/6]") and "left" in trial_lines[-1]
     assert any(ln.startswith("confirming the leaders") for ln in r.out.splitlines())
     assert "INFO" not in r.out + r.err and "[I 20" not in r.out + r.err  # MLflow's and Optuna's INFO formats
+    # the KV cache's quality beside the speed: a random-weight twin has none to measure
+    assert "KV KLD" in r.out and "measuring what the" not in r.out
+    quantized = [ln for ln in r.out.splitlines() if ln.startswith("| ") and "q" in ln.split("|")[9]]
+    assert all("unknown (twin)" in ln for ln in quantized if not ln.startswith("| preset"))
     again = run_cli("tune", tiny_model, "--study", "t", "--trials", "6", *baseline, *common)
     assert again.code == 0 and "6 configurations measured" in again.out  # resumed, nothing new
     assert "confirming the leaders" not in again.out  # nor are the leaders measured again

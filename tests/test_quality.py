@@ -9,6 +9,7 @@ import pytest
 
 from conftest import assert_one_line_error
 from tuner.measure.kv_quality import compare, log_softmax, summary
+from tuner.testing.fakes import FakeLauncher
 
 
 def test_kl_divergence_and_top1_agreement_on_known_distributions():
@@ -38,3 +39,52 @@ def test_quality_of_the_demo_model_orders_the_caches_and_is_cached(run_cli, demo
     again = {x["type"]: x for x in json.loads(run_cli("quality", demo_model_path, "--kv", "q4_0", "--tokens", "256",
                                                       "--json").out)}
     assert again["q4_0"]["cached"] and again["q4_0"]["kld_mean"] == got["q4_0"]["kld_mean"]
+
+
+# -- the quality gate of studies ----------------------------------------------
+
+RECORD = {"max_kld": 0.02, "unknown": None,
+          "types": {"q8_0": {"kld_mean": 0.007, "kld_p99": 0.03, "top1_agreement": 0.95, "n_positions": 1024},
+                    "q4_0": {"kld_mean": 0.09, "kld_p99": 0.44, "top1_agreement": 0.81, "n_positions": 1024}}}
+
+
+def test_the_gate_reads_each_cache_types_figure():
+    from tuner.measure.config import BenchConfig
+    from tuner.study.quality_gate import allowed, cache_kld, excluded_note, kld_text
+
+    f16, q8, q4 = (BenchConfig(flash_attn=True, type_k=t, type_v=t) for t in ("f16", "q8_0", "q4_0"))
+    assert [cache_kld(c, RECORD) for c in (f16, q8, q4)] == [0.0, 0.007, 0.09]
+    assert [allowed(c, RECORD) for c in (f16, q8, q4)] == [True, True, False]
+    assert allowed(q4, None) and allowed(q4, {**RECORD, "types": {}})  # nothing measured: nothing excluded
+    assert kld_text(q8, RECORD) == "0.0070" and kld_text(f16, None) == "0 (f16)"
+    assert kld_text(q4, {"max_kld": 0.02, "types": {}, "unknown": "twin"}) == "unknown (twin)"
+    assert "q4_0 (KLD 0.0900, top-1 agreement 81.0%)" in excluded_note(RECORD) and "q8_0" not in excluded_note(RECORD)
+
+
+class QuantizedIsFastest(FakeLauncher):
+    """A fake launcher on which the smaller the KV cache, the faster: the q4_0 cache would win every preset."""
+
+    def speeds(self, c):
+        tg, pp = super().speeds(c)
+        factor = {"f16": 1.0, "q8_0": 1.1, "q4_0": 1.3}[c.type_v]
+        return tg * factor, pp * factor
+
+
+def test_no_preset_uses_a_cache_over_max_kld_and_exports_say_its_quality(long_context_model, tmp_path):
+    from test_study import ENV, tuner_for
+    from tuner.report.export import study_preset_json
+    from tuner.report.study_report import full_report
+    from tuner.study.keys import KV_QUALITY_ATTR
+    from tuner.study.view import StudyView
+
+    t = tuner_for(long_context_model, tmp_path, QuantizedIsFastest(env=ENV, noise=0.0), trials=16, seed=3)
+    t.run()
+    ungated = StudyView(t.study).presets
+    assert "q4_0" in {p.candidate.figures.config.type_v for p in ungated.values()}  # without the gate, q4_0 wins
+    t.study.set_user_attr(KV_QUALITY_ATTR, RECORD)
+    view = StudyView(t.study)
+    assert {p.candidate.figures.config.type_v for p in view.presets.values()} <= {"f16", "q8_0"}
+    fastest = study_preset_json(view, "fastest")
+    assert fastest["kv_cache_kld"] in (0.0, 0.007) and fastest["kv_cache_quality"] in ("0 (f16)", "0.0070")
+    report = full_report(view)
+    assert "KV KLD" in report and "never a preset: q4_0" in report

@@ -9,6 +9,7 @@ import click
 from tuner.errors import UserError
 from tuner.report.export import FORMATS, MULTI_FORMATS
 from tuner.study.presets import OBJECTIVES, PRESET_NAMES
+from tuner.study.quality_gate import DEFAULT_MAX_KLD, excluded_note
 from tuner.study.storage import DEFAULT_STORAGE, SAMPLERS
 
 
@@ -54,10 +55,13 @@ def _ranges(items: tuple[str, ...]) -> dict[str, tuple[int, int]]:
 @click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db).")
 @click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
 @click.option("--download", is_flag=True, help="Fetch an hf:ORG/REPO[:QUANT] model missing from the cache.")
+@click.option("--max-kld", type=float, default=DEFAULT_MAX_KLD, show_default=True,
+              help="No preset uses a KV cache whose KL divergence against f16 exceeds this (see `quality`).")
 def tune(model: str, study_name: str | None, trials: int, timeout: str | None, vram_budget: str | None,
          min_headroom: str, min_ctx: int, depth: int, objective: str, baseline_flags: str | None,
          pins: tuple[str, ...], ranges: tuple[str, ...], sampler: str, seed: int | None, storage: str,
-         trial_timeout: str, no_confirm: bool, tracking_uri: str | None, no_mlflow: bool, download: bool) -> None:
+         trial_timeout: str, no_confirm: bool, tracking_uri: str | None, no_mlflow: bool, download: bool,
+         max_kld: float) -> None:
     """Find the best llama.cpp settings for MODEL (a path, ollama:NAME[:TAG] or hf:ORG/REPO[:QUANT]) on this
     machine, then print its presets."""
     from tuner.cli.tracking import make_tracker
@@ -70,13 +74,16 @@ def tune(model: str, study_name: str | None, trials: int, timeout: str | None, v
                            vram_budget=vram_budget, min_headroom=min_headroom, min_ctx=min_ctx, depth=depth,
                            objective=objective, baseline_flags=baseline_flags, pins=_pairs(pins, "--set"),
                            ranges=_ranges(ranges), sampler=sampler, seed=seed, storage=storage,
-                           trial_timeout=trial_timeout)
+                           trial_timeout=trial_timeout, max_kld=max_kld)
     tuner = open_tuner(request, tracker=make_tracker(tracking_uri, no_mlflow))
-    run_and_print(tuner, confirm=not no_confirm)
+    run_and_print(tuner, confirm=not no_confirm, max_kld=max_kld)
 
 
-def run_and_print(tuner, confirm: bool) -> None:
+def run_and_print(tuner, confirm: bool, max_kld: float | None = None) -> None:
     """Run the study with a live display, confirm the top candidates, print presets and commands.
+
+    With ``max_kld``, first measure (once per model and build) the KV caches' quality, so that no preset
+    uses a cache over it.
 
     Raises:
         UserError: the run was interrupted (everything measured is saved).
@@ -84,7 +91,10 @@ def run_and_print(tuner, confirm: bool) -> None:
     from tuner.cli.progress import make_progress
     from tuner.report.export import llama_server_command
     from tuner.report.study_report import header, presets_table, why_lines
+    from tuner.measure.quality import kv_quality
     from tuner.study.confirmation import confirm_leaders
+    from tuner.study.keys import KV_QUALITY_ATTR
+    from tuner.study.quality_gate import record_for_study
     from tuner.study.view import StudyView
 
     crash = tuner.launcher.repack_crash() if tuner.space.fixed.get("repack") is False else None
@@ -104,6 +114,9 @@ def run_and_print(tuner, confirm: bool) -> None:
     tuner.observers.append(progress)
     try:
         with progress:
+            record = tuner.study.user_attrs.get(KV_QUALITY_ATTR)
+            if max_kld is not None and (record is None or record.get("max_kld") != max_kld):
+                record_for_study(tuner, max_kld, kv_quality, on_phase=progress.phase)
             tuner.run()
             view = StudyView(tuner.study)
             # A resumed study that measured nothing new keeps its confirmations: nothing is measured twice.
@@ -118,6 +131,8 @@ def run_and_print(tuner, confirm: bool) -> None:
     click.echo(header(view))
     click.echo("\npresets:\n" + presets_table(view))
     click.echo(why_lines(view.presets))
+    if excluded_note(view.kv_quality):
+        click.echo(f"- {excluded_note(view.kv_quality)}")
     for name, p in view.presets.items():
         click.echo(f"\nllama-server ({name}):\n  " + llama_server_command(view.model_path, p.candidate.figures.config))
 

@@ -189,7 +189,8 @@ def model_info_from_header(path: str, header: GGUFHeader) -> ModelInfo:
         n_params=sum(t.n_elements for t in header.tensors), tensor_types=dict(counts),
         layer_bytes=layer_bytes, output_bytes=output_bytes,
         token_embd_bytes=embd.n_bytes if embd else 0, tied_embeddings=tied,
-        extra={"tensors": header.tensors, "chat_template": "tokenizer.chat_template" in md},
+        extra={"tensors": header.tensors, "chat_template": "tokenizer.chat_template" in md,
+               "twin": "llama_tuner.twin" in md or str(md.get("general.name", "")).startswith("synthetic ")},
     )
 
 

@@ -38,6 +38,8 @@ class Shape:
     tied: bool = False
 
 
+TWIN_KEY = "llama_tuner.twin"  # marks a file written by write_synthetic_gguf
+
 # The command-line flag of each shape field (``synth`` builds its options from this, and errors name them).
 SHAPE_FLAGS = {"n_layer": "--layers", "n_embd": "--embd", "n_head": "--heads", "n_head_kv": "--kv-heads",
                "head_dim": "--head-dim", "n_ff": "--ffn", "n_vocab": "--vocab", "n_ctx_train": "--ctx"}
@@ -205,6 +207,7 @@ def write_synthetic_gguf(path: str | os.PathLike, shape: Shape, quant: str, seed
     w.add_name(name or f"synthetic {arch} {shape.n_layer}L {quant}")
     w.add_file_type(int(QUANTS[quant]))
     w.add_quantization_version(2)
+    w.add_string(TWIN_KEY, "random weights: shapes and types of a real model, no quality to measure")
     w.add_uint32(f"{arch}.block_count", shape.n_layer)
     w.add_uint32(f"{arch}.context_length", shape.n_ctx_train)
     w.add_uint32(f"{arch}.embedding_length", shape.n_embd)

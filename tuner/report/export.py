@@ -13,6 +13,7 @@ import yaml
 from tuner.errors import UserError
 from tuner.measure.config import BenchConfig
 from tuner.study.presets import Candidate, gain
+from tuner.study.quality_gate import cache_kld, kld_text
 from tuner.study.view import StudyView
 from tuner.units import format_size
 
@@ -153,8 +154,10 @@ def exported_environment(view: StudyView) -> dict[str, Any]:
 def study_preset_json(view: StudyView, name: str) -> dict[str, Any]:
     """Preset ``name`` of the study as JSON, with its gains and the reason it was chosen."""
     p = view.presets[name]
+    cfg = p.candidate.figures.config
     return {**preset_json(name, p.candidate, view.model_path, view.name, exported_environment(view),
-                          gains_over_baselines(view, p.candidate)), "why": p.why}
+                          gains_over_baselines(view, p.candidate)), "why": p.why,
+            "kv_cache_kld": cache_kld(cfg, view.kv_quality), "kv_cache_quality": kld_text(cfg, view.kv_quality)}
 
 
 def render_study_preset(view: StudyView, fmt: str, name: str) -> str:
@@ -166,6 +169,8 @@ def render_study_preset(view: StudyView, fmt: str, name: str) -> str:
     if name not in view.presets:
         raise UserError(f"study {view.name!r} has no feasible configuration, so no {name} preset",
                         f"see `llama-tuner report {view.name}` for why its trials failed")
+    if fmt == "json":  # with the reason it won and its KV cache's quality
+        return json.dumps(study_preset_json(view, name), indent=2) + "\n"
     cand = view.presets[name].candidate
     return render(fmt, name, cand, view.model_path, view.name, exported_environment(view),
                   gains_over_baselines(view, cand))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tuner.report.export import llama_server_command
 from tuner.study.presets import Preset, gain
+from tuner.study.quality_gate import excluded_note, kld_text
 from tuner.study.keys import BASELINE_ATTR, REUSED_ATTR
 from tuner.study.objectives import result_of
 from tuner.study.view import StudyView
@@ -13,7 +14,7 @@ from tuner.units import format_size
 TRIAL_COLUMNS = ("#", "status", "ngl", "n_ctx", "batch", "ubatch", "threads", "fa", "K/V", "repack", "tg t/s",
                  "pp t/s", "GB/s", "peak mem", "predicted", "headroom", "feasible", "note")
 PRESET_COLUMNS = ("preset", "trial", "ngl", "n_ctx", "batch", "ubatch", "threads", "fa", "K/V", "repack",
-                  "tg t/s", "pp t/s", "peak mem", "headroom")
+                  "tg t/s", "pp t/s", "peak mem", "headroom", "KV KLD")
 
 
 def _rate(rates) -> str:
@@ -66,13 +67,15 @@ def preset_rows(view: StudyView) -> tuple[list[str], list[list[str]]]:
     for name, p in view.presets.items():
         f = p.candidate.figures
         rows.append([name, str(p.candidate.trial), *_settings(f.config), _rate(f.tg), _rate(f.pp),
-                     format_size(f.peak_memory_bytes), format_size(f.headroom_bytes)]
+                     format_size(f.peak_memory_bytes), format_size(f.headroom_bytes),
+                     kld_text(f.config, view.kv_quality)]
                     + [f"{100 * gain(p.candidate, b, 'tg'):+.1f}%" for b in bases.values()]
                     + [f"{100 * gain(p.candidate, b, 'pp'):+.1f}%" for b in bases.values()])
     for name, b in view.baselines.items():
         f = b.figures
         rows.append([f"(baseline) {name}", str(b.trial), *_settings(f.config), _rate(f.tg) if f.ok else f.status.value,
-                     _rate(f.pp) if f.ok else "-", format_size(f.peak_memory_bytes), format_size(f.headroom_bytes)]
+                     _rate(f.pp) if f.ok else "-", format_size(f.peak_memory_bytes), format_size(f.headroom_bytes),
+                     kld_text(f.config, view.kv_quality)]
                     + [""] * (2 * len(bases)))
     return columns, rows
 
@@ -102,4 +105,5 @@ def study_description(view: StudyView) -> str:
 def full_report(view: StudyView) -> str:
     """Header, trials, presets and the reasons for them."""
     return "\n\n".join([header(view), "trials:\n" + trials_table(view), "presets:\n" + presets_table(view),
-                        why_lines(view.presets)])
+                        why_lines(view.presets)] + ([f"- {excluded_note(view.kv_quality)}"]
+                                                   if excluded_note(view.kv_quality) else []))

@@ -19,6 +19,7 @@ LIMITS_ATTR = "limits"  # tuner.study.objectives.Limits as a dict
 OBJECTIVE_ATTR = "objective"  # what "fastest" means: tg, pp or balanced
 ENVIRONMENT_ATTR = "environment"  # tuner.measure.result.Environment as a dict
 REQUEST_ATTR = "request"  # the options of `tune` (tuner.study.session.StudyRequest), for workers
+KV_QUALITY_ATTR = "kv_quality"  # tuner.study.quality_gate's record: each cache type's KLD, and --max-kld
 CONFIRM_PREFIX = "confirm:"  # + trial number: its interleaved re-measurement (a TrialResult dict)
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 TRACKING_URI_ATTR = "mlflow_tracking_uri"

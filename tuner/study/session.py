@@ -24,6 +24,7 @@ from tuner.study.keys import REQUEST_ATTR
 from tuner.study.objectives import Limits
 from tuner.study.space import STUDY_TEST, Machine, SearchSpace, SpaceOptions
 from tuner.study.presets import OBJECTIVES
+from tuner.study.quality_gate import DEFAULT_MAX_KLD
 from tuner.study.storage import DEFAULT_STORAGE, SAMPLERS, make_storage
 from tuner.study.tracker import Tracker
 from tuner.study.tuner import Fingerprint, StudySettings, Tuner
@@ -50,6 +51,7 @@ class StudyRequest:
     seed: int | None = None
     storage: str = DEFAULT_STORAGE
     trial_timeout: str = "15m"
+    max_kld: float = DEFAULT_MAX_KLD
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +96,8 @@ def check_request(request: StudyRequest) -> CheckedRequest:
         raise UserError(f"--trials {request.trials} measures nothing", "use --trials 1 or more")
     if request.objective not in OBJECTIVES:
         raise UserError(f"--objective {request.objective!r} is unknown", f"use one of {', '.join(OBJECTIVES)}")
+    if not request.max_kld >= 0:
+        raise UserError(f"--max-kld {request.max_kld} is below 0", "give a KL divergence like 0.02")
     if request.sampler not in SAMPLERS:
         raise UserError(f"--sampler {request.sampler!r} is unknown", f"use one of {', '.join(SAMPLERS)}")
     model = load_model_info(request.model)

@@ -16,8 +16,9 @@ from tuner.errors import UserError
 from tuner.study.presets import Candidate, Preset, choose_presets, rank
 from tuner.model.facts import ModelFacts
 from tuner.study.keys import (BASELINE_ATTR, CONFIRM_PREFIX, ENVIRONMENT_ATTR, LIMITS_ATTR, MODEL_FACTS_ATTR,
-                              MODEL_FILE_ATTR, MODEL_PATH_ATTR, OBJECTIVE_ATTR)
+                              KV_QUALITY_ATTR, MODEL_FILE_ATTR, MODEL_PATH_ATTR, OBJECTIVE_ATTR)
 from tuner.study.objectives import Limits, is_feasible, result_of
+from tuner.study.quality_gate import allowed
 from tuner.measure.result import Environment, TrialResult
 
 
@@ -96,14 +97,20 @@ class StudyView:
     def _candidate(self, t: FrozenTrial) -> Candidate:
         return Candidate(t.number, result_of(t), self.confirmations.get(t.number), t.user_attrs.get(BASELINE_ATTR))
 
+    @property
+    def kv_quality(self) -> dict | None:
+        """The KV cache quality record (:mod:`tuner.study.quality_gate`), if the study has one."""
+        return self.attrs.get(KV_QUALITY_ATTR)
+
     @cached_property
     def candidates(self) -> list[Candidate]:
-        """Feasible completed trials, one per distinct configuration (the first that holds it)."""
+        """Feasible completed trials, one per distinct configuration (the first that holds it), whose KV cache
+        keeps to --max-kld: presets are chosen among these."""
         seen, out = set(), []
         for t in self.trials:
             r = result_of(t)
             key = r.config.settings_key()
-            if key not in seen and is_feasible(r, self.limits):
+            if key not in seen and is_feasible(r, self.limits) and allowed(r.config, self.kv_quality):
                 seen.add(key)
                 out.append(self._candidate(t))
         return out

@@ -19,10 +19,11 @@ from typing import Any, Callable
 
 from tuner import __version__
 from tuner.measure.result import TrialResult
-from tuner.study.keys import (ENVIRONMENT_ATTR, FINGERPRINT_ATTR, MODEL_FILE_ATTR, OBJECTIVE_ATTR,
+from tuner.study.keys import (ENVIRONMENT_ATTR, FINGERPRINT_ATTR, KV_QUALITY_ATTR, MODEL_FILE_ATTR, OBJECTIVE_ATTR,
                               PARENT_RUN_ATTR, RESULT_ATTR, STUDY_RUN_PREFIX, TRACKING_URI_ATTR)
 from tuner.study.objectives import constraints as constraints_of
 from tuner.study.objectives import result_of
+from tuner.study.quality_gate import cache_kld
 from tuner.study.tracker import Tracker
 from tuner.tracking.plots import write_plots
 from tuner.tracking.run_fields import (EXPERIMENT_KIND, KIND_TAG, STUDY_TAG, TRIAL_TAG, run_times, study_params,
@@ -149,6 +150,9 @@ class MlflowTracker(Tracker):
                                                      self.attrs, self.parent_id))
         now = end or int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, 0) for k, v in trial_metrics(result).items()]
+        kld = cache_kld(result.config, self.attrs.get(KV_QUALITY_ATTR))
+        if kld is not None:  # the answer quality of the trial's KV cache, beside its speed
+            metrics.append(Metric("kv_kld_mean", round(kld, 5), now, 0))
         for key, rates in (("tg_tps_rep", result.tg), ("pp_tps_rep", result.pp)):
             if rates:
                 metrics += [Metric(key, round(r, 2), now, i) for i, r in enumerate(rates.rates)]
