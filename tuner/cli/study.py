@@ -122,7 +122,8 @@ def run_and_print(tuner, confirm: bool, max_kld: float | None = None) -> None:
             # A resumed study that measured nothing new keeps its confirmations: nothing is measured twice.
             if confirm and view.candidates and (tuner.measured_count() > already or not view.confirmations):
                 confirm_leaders(tuner, on_pass=lambda top: progress.phase(_confirm_line(tuner, top)))
-            progress.phase("writing the study's summary to MLflow")
+            if tuner.tracker.enabled:
+                progress.phase("writing the study's summary to MLflow")
             tuner.tracker.study_finished(StudyView(tuner.study))
     except KeyboardInterrupt:
         raise UserError(f"interrupted after {tuner.measured_count()} measured configurations (all saved)",

@@ -14,6 +14,8 @@ from tuner.measure.result import TrialResult
 class Tracker:
     """Receives a study's lifecycle; this base class records nothing (``--no-mlflow``)."""
 
+    enabled = False  # whether anything is recorded (an MLflow tracker that lost its server turns it off)
+
     def study_started(self, study_name: str, attrs: dict[str, Any],
                       remember: Callable[[str, Any], None] | None = None) -> None:
         """A study starts or resumes; ``remember`` stores a value on the study (the parent run id)."""
