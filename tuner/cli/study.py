@@ -9,7 +9,7 @@ import click
 from tuner.errors import UserError
 from tuner.report.export import FORMATS, MULTI_FORMATS
 from tuner.study.presets import OBJECTIVES, PRESET_NAMES
-from tuner.study.quality_gate import DEFAULT_MAX_KLD, excluded_note
+from tuner.study.quality_gate import DEFAULT_MAX_KLD
 from tuner.study.storage import DEFAULT_STORAGE, SAMPLERS
 
 
@@ -91,9 +91,7 @@ def run_and_print(tuner, confirm: bool, max_kld: float | None = None) -> None:
     from tuner.cli.progress import make_progress
     from tuner.report.export import llama_server_command
     from tuner.report.study_report import header, presets_table, why_lines
-    from tuner.measure.quality import kv_quality
     from tuner.study.confirmation import confirm_leaders
-    from tuner.study.keys import KV_QUALITY_ATTR
     from tuner.study.quality_gate import record_for_study
     from tuner.study.view import StudyView
 
@@ -114,9 +112,8 @@ def run_and_print(tuner, confirm: bool, max_kld: float | None = None) -> None:
     tuner.observers.append(progress)
     try:
         with progress:
-            record = tuner.study.user_attrs.get(KV_QUALITY_ATTR)
-            if max_kld is not None and (record is None or record.get("max_kld") != max_kld):
-                record_for_study(tuner, max_kld, kv_quality, on_phase=progress.phase)
+            if max_kld is not None:
+                record_for_study(tuner, max_kld, on_phase=progress.phase)
             tuner.run()
             view = StudyView(tuner.study)
             # A resumed study that measured nothing new keeps its confirmations: nothing is measured twice.
@@ -131,9 +128,7 @@ def run_and_print(tuner, confirm: bool, max_kld: float | None = None) -> None:
     view = StudyView(tuner.study)
     click.echo(header(view))
     click.echo("\npresets:\n" + presets_table(view))
-    click.echo(why_lines(view.presets))
-    if excluded_note(view.kv_quality):
-        click.echo(f"- {excluded_note(view.kv_quality)}")
+    click.echo(why_lines(view))
     for name, p in view.presets.items():
         click.echo(f"\nllama-server ({name}):\n  " + llama_server_command(view.model_path, p.candidate.figures.config))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tuner.report.export import llama_server_command
-from tuner.study.presets import Preset, gain
+from tuner.study.presets import gain
 from tuner.study.quality_gate import excluded_note, kld_text
 from tuner.study.keys import BASELINE_ATTR, REUSED_ATTR
 from tuner.study.objectives import result_of
@@ -88,9 +88,11 @@ def presets_table(view: StudyView) -> str:
     return markdown_table(rows, columns)
 
 
-def why_lines(presets: dict[str, Preset]) -> str:
-    """Why each preset was chosen."""
-    return "\n".join(f"- {name}: {p.why}" for name, p in presets.items())
+def why_lines(view: StudyView) -> str:
+    """Why each preset was chosen, and which KV cache types none may use."""
+    lines = [f"- {name}: {p.why}" for name, p in view.presets.items()]
+    excluded = excluded_note(view.kv_quality)
+    return "\n".join(lines + ([f"- {excluded}"] if excluded else []))
 
 
 def study_description(view: StudyView) -> str:
@@ -99,11 +101,10 @@ def study_description(view: StudyView) -> str:
     commands = "\n".join(f"**{name}**\n\n```\n{llama_server_command(view.model_path, p.candidate.figures.config)}\n```"
                          for name, p in view.presets.items())
     return "\n\n".join(["### " + header(view).replace("\n", "\n\n"), "#### Presets", presets_table(view),
-                         why_lines(view.presets), "#### llama-server", commands or "no feasible configuration"])
+                         why_lines(view), "#### llama-server", commands or "no feasible configuration"])
 
 
 def full_report(view: StudyView) -> str:
     """Header, trials, presets and the reasons for them."""
     return "\n\n".join([header(view), "trials:\n" + trials_table(view), "presets:\n" + presets_table(view),
-                        why_lines(view.presets)] + ([f"- {excluded_note(view.kv_quality)}"]
-                                                   if excluded_note(view.kv_quality) else []))
+                        why_lines(view)])

@@ -14,29 +14,32 @@ from typing import Any, Callable
 
 from tuner.errors import UserError
 from tuner.measure.config import BenchConfig
+from tuner.measure.quality import kv_quality
 from tuner.model.info import ModelInfo
+from tuner.study.keys import KV_QUALITY_ATTR
+from tuner.study.space import parse_attention
 
 DEFAULT_MAX_KLD = 0.02  # between q8_0 (0.007-0.008 on the demo model) and q4_0 (0.09-0.14)
 QUANTIZED = ("q8_0", "q4_0")
 
 
-def measure_record(model: ModelInfo, cache_types: list[str], max_kld: float,
-                   measure: Callable[..., dict[str, dict[str, float]]], **kw: Any) -> dict[str, Any]:
-    """The record a study stores: ``{"max_kld", "types": {type: figures}, "unknown": reason or None}``."""
+def measure_record(model: ModelInfo, cache_types: list[str], max_kld: float, **kw: Any) -> dict[str, Any]:
+    """The record a study stores: ``{"max_kld", "types": {type: figures}, "unknown": why or None}`` (why, in a
+    word or two, the figures are missing)."""
     if model.extra.get("twin"):
-        return {"max_kld": max_kld, "types": {}, "unknown": "a random-weight twin has no answer quality"}
-    types = measure(model.path, cache_types, **kw) if cache_types else {}
+        return {"max_kld": max_kld, "types": {}, "unknown": "twin"}
+    types = kv_quality(model.path, cache_types, **kw) if cache_types else {}
     return {"max_kld": max_kld, "types": {t: {k: v for k, v in f.items() if k != "cached"} for t, f in types.items()},
             "unknown": None}
 
 
-def record_for_study(tuner, max_kld: float, measure: Callable[..., dict[str, dict[str, float]]],
-                     on_phase: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Measure (or take from the cache) the quality of the quantized caches ``tuner``'s space holds, store
-    the record on the study and return it. A failed measurement is recorded as unknown, not fatal."""
-    from tuner.study.keys import KV_QUALITY_ATTR
-    from tuner.study.space import parse_attention
-
+def record_for_study(tuner, max_kld: float, on_phase: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """The study's record for ``max_kld``: the one it holds, else measured (or taken from the cache) for the
+    quantized caches ``tuner``'s space holds and stored on the study. A failed measurement is recorded as
+    unknown, not fatal."""
+    record = tuner.study.user_attrs.get(KV_QUALITY_ATTR)
+    if record is not None and record.get("max_kld") == max_kld:
+        return record
     kinds = sorted({k for choice in tuner.space.choices.get("attention", []) for k in parse_attention(choice)[1:]}
                    | {tuner.space.fixed[k] for k in ("type_k", "type_v") if k in tuner.space.fixed})
     kinds = [k for k in QUANTIZED if k in kinds]
@@ -45,11 +48,12 @@ def record_for_study(tuner, max_kld: float, measure: Callable[..., dict[str, dic
                  "1,024 tokens; once per model and build)")
     gpu = tuner.env.gpu_offload and tuner.gpu_index is not None
     try:
-        record = measure_record(tuner.model, kinds, max_kld, measure, n_threads=tuner.env.physical_cores,
+        record = measure_record(tuner.model, kinds, max_kld, n_threads=tuner.env.physical_cores,
                                 n_gpu_layers=tuner.model.n_gpu_layers_all if gpu else 0,
                                 repack=tuner.space.fixed.get("repack", True) is not False)
     except UserError as exc:
-        record = {"max_kld": max_kld, "types": {}, "unknown": f"the quality measurement failed: {exc.problem}"}
+        on_phase(f"warning: the KV cache quality was not measured ({exc.problem}); no cache type is excluded")
+        record = {"max_kld": max_kld, "types": {}, "unknown": "measurement failed"}
     tuner.study.set_user_attr(KV_QUALITY_ATTR, record)
     return record
 
@@ -77,7 +81,7 @@ def kld_text(config: BenchConfig, record: dict[str, Any] | None) -> str:
         return "0 (f16)"
     if kld is not None:
         return f"{kld:.4f}"
-    return "unknown (twin)" if record and record.get("unknown") else "not measured"
+    return f"unknown ({record['unknown']})" if record and record.get("unknown") else "not measured"
 
 
 def excluded_note(record: dict[str, Any] | None) -> str:
