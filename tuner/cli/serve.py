@@ -40,12 +40,9 @@ def server_argv(view, preset: str, host: str, port: int, llama_server: str | Non
     """
     from tuner.report.export import llama_server_args
 
-    if preset not in view.presets:
-        raise UserError(f"study {view.name!r} has no feasible configuration, so no {preset} preset",
-                        f"see `llama-tuner report {view.name}`")
+    cfg = view.preset(preset).candidate.figures.config
     if not Path(view.model_path).is_file():
         raise UserError(f"the study's model {view.model_path} is not on this machine", "copy it back to that path")
-    cfg = view.presets[preset].candidate.figures.config
     exe = shutil.which(llama_server) if llama_server else shutil.which("llama-server")
     if llama_server and exe is None:
         raise UserError(f"--llama-server {llama_server} is not a program here", "give the path to llama-server")

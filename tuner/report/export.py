@@ -10,7 +10,6 @@ from typing import Any
 
 import yaml
 
-from tuner.errors import UserError
 from tuner.measure.config import BenchConfig
 from tuner.study.presets import Candidate, gain
 from tuner.study.quality_gate import cache_kld, kld_text
@@ -60,10 +59,7 @@ def llama_swap_config(views: list[StudyView], preset: str) -> str:
     stems = [Path(v.model_file).stem for v in views]
     models = {}
     for view, stem in zip(views, stems):
-        if preset not in view.presets:
-            raise UserError(f"study {view.name!r} has no feasible configuration, so no {preset} preset",
-                            f"see `llama-tuner report {view.name}`, or leave the study out")
-        cand = view.presets[preset].candidate
+        cand = view.preset(preset).candidate
         f = cand.figures
         args = llama_server_args(view.model_path, f.config)
         models[stem if stems.count(stem) == 1 else view.name] = {
@@ -166,12 +162,9 @@ def render_study_preset(view: StudyView, fmt: str, name: str) -> str:
     Raises:
         UserError: the study has no feasible configuration, so no preset.
     """
-    if name not in view.presets:
-        raise UserError(f"study {view.name!r} has no feasible configuration, so no {name} preset",
-                        f"see `llama-tuner report {view.name}` for why its trials failed")
+    cand = view.preset(name).candidate
     if fmt == "json":  # with the reason it won and its KV cache's quality
         return json.dumps(study_preset_json(view, name), indent=2) + "\n"
-    cand = view.presets[name].candidate
     return render(fmt, name, cand, view.model_path, view.name, exported_environment(view),
                   gains_over_baselines(view, cand))
 

@@ -140,3 +140,14 @@ class StudyView:
     def presets(self) -> dict[str, Preset]:
         """fastest, max-context and balanced (empty if nothing feasible was measured)."""
         return choose_presets(self.candidates, self.objective, self.limits.budget_bytes)
+
+    def preset(self, name: str) -> Preset:
+        """Preset ``name``.
+
+        Raises:
+            UserError: the study has no feasible configuration, so no preset.
+        """
+        if name not in self.presets:
+            raise UserError(f"study {self.name!r} has no feasible configuration, so no {name} preset",
+                            f"see `llama-tuner report {self.name}` for why its trials failed")
+        return self.presets[name]
