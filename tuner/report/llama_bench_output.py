@@ -20,6 +20,7 @@ from typing import Any, Iterable
 from tuner.measure.config import BenchConfig
 from tuner.measure.result import Rates, TrialResult
 from tuner.model.info import ModelInfo
+from tuner.report.tables import backend
 
 FORMATS = ("md", "csv", "json", "jsonl", "sql")
 FIELDS = ("build_commit", "build_number", "cpu_info", "gpu_info", "backends", "model_filename", "model_type",
@@ -64,7 +65,7 @@ def rows(model: ModelInfo, result: TrialResult, requested: BenchConfig) -> list[
     started = result.started_at and dt.datetime.fromisoformat(result.started_at).astimezone(dt.timezone.utc)
     common = {
         "build_commit": _commit(env.llama_cpp_build), "build_number": 0, "cpu_info": env.cpu,
-        "gpu_info": env.gpu_name or "", "backends": "CUDA" if env.gpu_offload and env.gpu_name else "CPU",
+        "gpu_info": env.gpu_name or "", "backends": backend(result),
         "model_filename": model.path, "model_type": loaded.get("type", f"{model.architecture} {model.quant}"),
         "model_size": loaded.get("size", model.file_size), "model_n_params": loaded.get("n_params", model.n_params),
         "n_batch": requested.n_batch, "n_ubatch": requested.n_ubatch, "n_threads": c.n_threads, "cpu_mask": "0x0",

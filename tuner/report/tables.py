@@ -21,7 +21,8 @@ COLUMNS = ("model", "size", "params", "backend", "ngl", "repack", "threads", "n_
            "type_k", "type_v", "n_ctx", "test", "t/s", "peak mem")
 
 
-def _backend(r: TrialResult) -> str:
+def backend(r: TrialResult) -> str:
+    """The ggml backend that ran the result, as llama-bench names it: CUDA where it offloaded, else CPU."""
     if r.env.gpu_offload and r.env.gpu_name:
         return "CUDA"
     return "CPU"
@@ -32,7 +33,7 @@ def result_rows(model: ModelInfo, r: TrialResult) -> Iterable[list[str]]:
     c = r.config
     threads = str(c.n_threads) if c.n_threads == c.n_threads_batch else f"{c.n_threads}/{c.n_threads_batch}"
     head = [f"{model.architecture} {_params(model.n_params)} {model.quant}", _size(model.file_size),
-            _params(model.n_params), _backend(r), str(c.n_gpu_layers), str(int(c.repack)), threads, str(c.n_batch),
+            _params(model.n_params), backend(r), str(c.n_gpu_layers), str(int(c.repack)), threads, str(c.n_batch),
             str(c.n_ubatch),
             str(int(c.flash_attn)), c.type_k, c.type_v, str(c.n_ctx)]
     mem = _size(r.peak_memory_bytes) if r.peak_memory_bytes else "-"
