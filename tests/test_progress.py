@@ -48,7 +48,7 @@ def test_plain_progress_prints_one_line_per_trial_with_the_time_left():
     assert "~3:00 left" in lines[1]  # 60 s for 2 trials, 6 to go
     assert lines[2].startswith("[4/10] trial 7: tg 64.00") and "(same as #5)" in lines[2]  # reused: not counted
     assert lines[3] == "confirming the leaders"
-    assert p.best == (64.0, 5)
+    assert p.best == (64.0, 5, "tg 64.00 pp 512.00 t/s")
 
 
 def test_no_estimate_before_the_first_measured_trial_and_clock_format():

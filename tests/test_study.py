@@ -19,7 +19,7 @@ from tuner.study.session import StudyRequest, open_tuner
 from tuner.study.space import Machine, SearchSpace, SpaceOptions
 from tuner.study.keys import INTERRUPTED_ATTR
 from tuner.study.worker import join_study
-from tuner.study.confirmation import confirm, confirm_leaders
+from tuner.study.confirmation import MIN_ROUNDS, confirm, confirm_leaders, verdict
 from tuner.study.view import StudyView
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -183,9 +183,9 @@ def test_a_memory_saving_under_one_percent_of_the_budget_does_not_win_a_tie():
 
 def test_a_tie_with_a_baseline_keeps_the_baseline_unless_something_saves_memory():
     faster = Candidate(1, _result(tg=101.0, peak=430 << 20, sd=2.0))
-    today = Candidate(2, _result(tg=100.0, peak=440 << 20, sd=2.0), baseline="llama.cpp defaults")
+    today = Candidate(2, _result(tg=100.0, peak=440 << 20, sd=2.0), baseline="llama-server defaults (fit)")
     p = choose_presets([faster, today], "tg", budget_bytes=24 << 30)
-    assert p["fastest"].candidate is today and "kept the baseline 'llama.cpp defaults'" in p["fastest"].why
+    assert p["fastest"].candidate is today and "kept the baseline 'llama-server defaults (fit)'" in p["fastest"].why
     far = Candidate(3, _result(tg=110.0, peak=440 << 20, sd=1.0))  # 10% faster beyond the noise: a real gain
     assert choose_presets([far, today], "tg", budget_bytes=24 << 30)["fastest"].candidate is far
     lean = Candidate(4, _result(tg=100.5, peak=100 << 20, sd=2.0))  # tied, and saves 340 MiB of 24 GiB
@@ -222,11 +222,11 @@ def test_a_study_measures_n_distinct_configs_and_baselines_first(long_context_mo
     assert len(measured) == 12 and t.measured_count() == 12
     keys = [c.settings_key() for c in launcher.measured]
     assert len(keys) == len(set(keys)) == 12  # nothing measured twice
-    assert [tr.user_attrs.get("baseline") for tr in trials[:2]] == ["llama.cpp defaults", "yours"]
+    assert [tr.user_attrs.get("baseline") for tr in trials[:2]] == ["llama-server defaults (fit)", "yours"]
     assert launcher.measured[1].n_threads == 2 and launcher.measured[1].n_ctx == 8192  # exactly as given
     view = StudyView(t.study)
     assert set(view.presets) == {"fastest", "max-context", "balanced"}
-    assert set(view.baselines) == {"llama.cpp defaults", "yours"}
+    assert set(view.baselines) == {"llama-server defaults (fit)", "yours"}
     assert view.presets["fastest"].candidate.figures.tg_mean >= max(b.figures.tg_mean for b in view.baselines.values())
 
 
@@ -379,23 +379,67 @@ def test_the_fastest_baseline_is_confirmed_with_the_leaders(long_context_model, 
     assert not any(n in view.confirmations for n in set(bases) - {fastest_base})
 
 
-def test_leaders_are_confirmed_together_taking_turns(long_context_model, tmp_path):
-    t = tuner_for(long_context_model, tmp_path, trials=10, pins={"repack": "1"})  # one model load for all
+def test_leaders_race_in_paired_rounds_taking_turns(long_context_model, tmp_path):
+    t = tuner_for(long_context_model, tmp_path, trials=10, pins={"repack": "1"})
     t.run()
     top = StudyView(t.study).top(3)
     calls = len(t.launcher.measured)
-    out = confirm(t, top)
+    rounds_seen = []
+    out = confirm(t, top, on_round=lambda r, cap, v, left: rounds_seen.append((r, cap, v, left)))
     plan = t.launcher.measured[calls:]
-    keys = {n: result_of(t.study.trials[n]).config.settings_key() for n in top}
-    assert len(plan) == 15 and all(c.repetitions == 2 for c in plan)  # 10 repetitions, 2 at a time
-    rounds = [[c.settings_key() for c in plan[i:i + 3]] for i in range(0, 15, 3)]
-    assert all(sorted(r) == sorted(keys.values()) for r in rounds)  # every round measures every candidate
-    assert rounds[0] != rounds[1]  # the order rotates
-    assert all(len(r.tg.samples_ns) == 10 and r.config.repetitions == 10 for r in out.values())
+    assert all(c.repetitions == 1 for c in plan)  # one repetition each per round
+    keys = {result_of(t.study.trials[n]).config.settings_key(): n for n in top}
+    order = [keys[c.settings_key()] for c in plan]
+    assert sorted(order[:3]) == sorted(top) and order[:3] != order[3:6]  # every one in round 1; the order rotates
+    assert len(rounds_seen) >= MIN_ROUNDS and rounds_seen[-1][3] == 0  # the last round decided it (or was the cap)
     assert len({r.interleaved for r in out.values()}) == 1
     assert StudyView(t.study).confirmations.keys() == set(top)
     confirm_leaders(t)  # the leaders are one confirmed batch already: nothing is measured
-    assert len(t.launcher.measured) == calls + 15
+    assert len(t.launcher.measured) == calls + len(plan)
+
+
+class TwoSpeedsLauncher(FakeLauncher):
+    """tg depends only on flash attention: ``gap`` faster with it."""
+
+    gap: float = 0.2
+
+    def speeds(self, c: BenchConfig) -> tuple[float, float]:
+        return (100.0 * (1 + self.gap) if c.flash_attn else 100.0), 1000.0
+
+
+def _race(tmp_path, model, gap: float, noise: float) -> list[int]:
+    launcher = TwoSpeedsLauncher(env=ENV, noise=noise)
+    launcher.gap = gap
+    t = tuner_for(model, tmp_path, launcher, trials=8, pins={"repack": "1"})
+    t.run()
+    cands = StudyView(t.study).candidates
+    pair = [next(c.trial for c in cands if c.result.config.flash_attn),
+            next(c.trial for c in cands if not c.result.config.flash_attn)]
+    seen = []
+    confirm(t, pair, on_round=lambda r, cap, v, left: seen.append(v))
+    other = pair[1] if seen[-1].leader == pair[0] else pair[0]
+    return [len(seen), seen[-1].leader == pair[0], seen[-1].settled.get(other)]
+
+
+def test_a_clear_race_stops_early_a_tie_is_called_and_a_close_race_runs_to_its_cap(long_context_model, tmp_path):
+    assert _race(tmp_path / "clear", long_context_model, gap=0.2, noise=0.01) == [MIN_ROUNDS, True, "slower"]
+    rounds, _, state = _race(tmp_path / "tie", long_context_model, gap=0.0, noise=0.002)
+    assert rounds == MIN_ROUNDS and state == "tie"
+    rounds, _, state = _race(tmp_path / "close", long_context_model, gap=0.01, noise=0.08)
+    assert rounds == 8 and state is None  # settings.confirm_repetitions rounds, still open: presets call it a tie
+
+
+def test_verdict_pairs_the_rounds_two_candidates_ran_together():
+    def raced(rates: list[float]) -> TrialResult:
+        cfg = BenchConfig(n_ctx=8192, n_batch=512, n_ubatch=512, n_threads=4, n_threads_batch=4,
+                          repetitions=len(rates))
+        return TrialResult(Status.OK, cfg, "/m.gguf", tg=Rates(128, [int(1e9 * 128 / x) for x in rates]),
+                           pp=Rates(512, [10**9] * len(rates)), interleaved=Interleaved("b", 1))
+    drift = [0.9, 1.1, 1.0, 0.95]
+    v = verdict({1: raced([100 * d for d in drift]), 2: raced([97 * d for d in drift[:3]]),
+                 3: raced([100 * d for d in drift[:2]])}, "tg")
+    assert v.leader == 1 and v.settled == {2: "slower"}  # 3% in each of 3 rounds despite 20% drift; 3: too few
+    assert abs(v.gaps[2][0] - 0.03) < 1e-6 and v.gaps[2][1] < 1e-6
 
 
 def test_where_repack_crashes_the_study_searches_repack_off(long_context_model, tmp_path):
