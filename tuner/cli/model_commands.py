@@ -87,6 +87,11 @@ def inspect(model: str, download: bool, as_json: bool, tensors: bool, plan: bool
         ("layers", f"{info.n_layer}" + (f" ({len(info.swa_layers)} sliding-window, window {info.n_swa})"
                                          if info.swa_layers else "")),
         ("embedding", f"{info.n_embd}, FFN {info.n_ff}"),
+        *([("experts", f"{info.n_expert} per layer, {info.n_expert_used} used per token"
+                       + (f", {info.n_expert_shared} shared" if info.n_expert_shared else "")
+                       + f"; expert tensors {_mib(sum(info.expert_bytes) / info.n_layer)} per layer, "
+                         f"{_mib(sum(info.expert_bytes))} in all (--n-cpu-moe N keeps the first N layers' in RAM)")]
+          if info.is_moe else []),
         ("heads", f"{max(info.n_head)} (KV heads {max(info.n_head_kv)}), head dim k/v {info.head_dim_k}/"
                   f"{info.head_dim_v}"),
         ("context", f"{info.n_ctx_train} (training)"),
@@ -179,9 +184,9 @@ def quality(model: str, kinds: str, text_file: str | None, n_tokens: int, n_gpu_
 
 @click.command()
 @click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--like", help="A named shape: tiny, small, qwen3-8b, mistral-small-24b.")
+@click.option("--like", help="A named shape: tiny, small, qwen3-8b, mistral-small-24b, qwen3-30b-a3b, tiny-moe.")
 @click.option("--quant", required=True, help="f16, q8_0, q4_0, q6_k, q5_k_m, q4_k_m or q2_k.")
-@click.option("--arch", type=click.Choice(["llama", "qwen3"]), help="Architecture of a custom shape.")
+@click.option("--arch", type=click.Choice(["llama", "qwen3", "qwen3moe"]), help="Architecture of a custom shape.")
 @_shape_options
 @click.option("--seed", type=int, default=0, show_default=True)
 def synth(out: str, like: str | None, quant: str, seed: int, **shape) -> None:

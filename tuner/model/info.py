@@ -9,6 +9,7 @@ per token for each cache type.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,12 +94,27 @@ class ModelInfo:
     output_bytes: int
     token_embd_bytes: int
     tied_embeddings: bool
+    n_expert: int = 0  # mixture of experts: experts per layer (0: dense)
+    n_expert_used: int = 0  # experts each token runs through
+    n_expert_shared: int = 0  # experts every token runs through besides those (shared experts)
+    expert_bytes: list[int] = field(default_factory=list)  # per layer: the routed experts' tensors (ffn_*_exps)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def file_name(self) -> str:
         """Base name of the model file."""
         return os.path.basename(self.path)
+
+    @property
+    def is_moe(self) -> bool:
+        """True for a mixture-of-experts model (expert tensors in its layers)."""
+        return self.n_expert > 0 and any(self.expert_bytes)
+
+    def expert_tensors(self, n_cpu_moe: int) -> dict[str, int]:
+        """The tensors ``--n-cpu-moe n_cpu_moe`` keeps in host memory (those of the first N layers that match
+        llama.cpp's LLM_FFN_EXPS_REGEX), with their bytes."""
+        return {t.name: t.n_bytes for t in self.extra.get("tensors", [])
+                if is_expert_tensor(t.name) and int(t.name.split(".")[1]) < n_cpu_moe}
 
     @property
     def n_gpu_layers_all(self) -> int:
@@ -118,6 +134,7 @@ class ModelInfo:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description, including KV bytes per token for common cache types."""
         d = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        d["expert_bytes_total"] = sum(self.expert_bytes)
         d["file_name"] = self.file_name
         d["kv_bytes_per_token"] = {
             t: {"all": self.kv_bytes_per_token(t, t), "full_attention": self.kv_bytes_per_token(t, t, swa=False),
@@ -125,6 +142,14 @@ class ModelInfo:
             for t in ("f16", "q8_0", "q4_0")
         }
         return d
+
+
+EXPERT_TENSOR = re.compile(r"^blk\.\d+\.ffn_(up|down|gate|gate_up)_(ch|)exps")  # llama.cpp's LLM_FFN_EXPS_REGEX
+
+
+def is_expert_tensor(name: str) -> bool:
+    """True for a routed expert's tensor, which ``--n-cpu-moe`` and ``--cpu-moe`` place in host memory."""
+    return EXPERT_TENSOR.match(name) is not None
 
 
 def _file_type_name(metadata: dict[str, Any], counts: Counter) -> str:
@@ -165,13 +190,15 @@ def model_info_from_header(path: str, header: GGUFHeader) -> ModelInfo:
     n_vocab = tokens.length if isinstance(tokens, LongArray) else len(tokens or [])
     n_vocab = int(key("vocab_size", n_vocab) or n_vocab)
 
-    layer_bytes = [0] * n_layer
+    layer_bytes, expert_bytes = [0] * n_layer, [0] * n_layer
     by_name = {t.name: t for t in header.tensors}
     for t in header.tensors:
         if t.name.startswith("blk."):
             il = int(t.name.split(".")[1])
             if il < n_layer:
                 layer_bytes[il] += t.n_bytes
+                if is_expert_tensor(t.name):
+                    expert_bytes[il] += t.n_bytes
     embd = by_name.get("token_embd.weight")
     tied = "output.weight" not in by_name
     output_bytes = sum(t.n_bytes for n, t in by_name.items() if n.startswith("output"))
@@ -189,6 +216,8 @@ def model_info_from_header(path: str, header: GGUFHeader) -> ModelInfo:
         n_params=sum(t.n_elements for t in header.tensors), tensor_types=dict(counts),
         layer_bytes=layer_bytes, output_bytes=output_bytes,
         token_embd_bytes=embd.n_bytes if embd else 0, tied_embeddings=tied,
+        n_expert=int(key("expert_count", 0) or 0), n_expert_used=int(key("expert_used_count", 0) or 0),
+        n_expert_shared=int(key("expert_shared_count", 0) or 0), expert_bytes=expert_bytes,
         extra={"tensors": header.tensors, "chat_template": "tokenizer.chat_template" in md,
                "twin": "llama_tuner.twin" in md or str(md.get("general.name", "")).startswith("synthetic ")},
     )

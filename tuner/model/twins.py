@@ -36,13 +36,17 @@ class Shape:
     n_ctx_train: int = 4096
     rope_base: float = 10000.0
     tied: bool = False
+    n_expert: int = 0  # mixture of experts: experts per layer (0: a dense model)
+    n_expert_used: int = 0
+    n_ff_exp: int = 0  # each expert's feed-forward width
 
 
 TWIN_KEY = "llama_tuner.twin"  # marks a file written by write_synthetic_gguf
 
 # The command-line flag of each shape field (``synth`` builds its options from this, and errors name them).
 SHAPE_FLAGS = {"n_layer": "--layers", "n_embd": "--embd", "n_head": "--heads", "n_head_kv": "--kv-heads",
-               "head_dim": "--head-dim", "n_ff": "--ffn", "n_vocab": "--vocab", "n_ctx_train": "--ctx"}
+               "head_dim": "--head-dim", "n_ff": "--ffn", "n_vocab": "--vocab", "n_ctx_train": "--ctx",
+               "n_expert": "--experts", "n_expert_used": "--experts-used", "n_ff_exp": "--expert-ffn"}
 
 SHAPES: dict[str, Shape] = {
     "tiny": Shape(arch="llama", n_layer=2, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=512, n_vocab=1024,
@@ -53,6 +57,13 @@ SHAPES: dict[str, Shape] = {
                       n_vocab=151936, n_ctx_train=40960, rope_base=1e6),
     "mistral-small-24b": Shape(arch="llama", n_layer=40, n_embd=5120, n_head=32, n_head_kv=8, head_dim=128,
                                n_ff=32768, n_vocab=131072, n_ctx_train=32768, rope_base=1e8),
+    # Qwen3-30B-A3B: 48 layers of 128 experts, 8 used per token (config.json of Qwen/Qwen3-30B-A3B).
+    "qwen3-30b-a3b": Shape(arch="qwen3moe", n_layer=48, n_embd=2048, n_head=32, n_head_kv=4, head_dim=128,
+                           n_ff=6144, n_vocab=151936, n_ctx_train=40960, rope_base=1e6, n_expert=128,
+                           n_expert_used=8, n_ff_exp=768),
+    # A small MoE for CPU tests: 4 layers of 8 experts, 2 used.
+    "tiny-moe": Shape(arch="qwen3moe", n_layer=4, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=512,
+                      n_vocab=1024, n_ctx_train=4096, n_expert=8, n_expert_used=2, n_ff_exp=256),
 }
 
 QUANTS: dict[str, LlamaFileType] = {
@@ -137,10 +148,20 @@ def plan_tensors(shape: Shape, quant: str) -> list[PlannedTensor]:
         out += [mat(p + "attn_q.weight", "attn_q", il, e, q_dim), mat(p + "attn_k.weight", "attn_k", il, e, kv_dim),
                 mat(p + "attn_v.weight", "attn_v", il, e, kv_dim),
                 mat(p + "attn_output.weight", "attn_output", il, q_dim, e)]
-        if shape.arch == "qwen3":
+        if shape.arch in ("qwen3", "qwen3moe"):
             out += [PlannedTensor(p + "attn_q_norm.weight", "F32", (hd,)),
                     PlannedTensor(p + "attn_k_norm.weight", "F32", (hd,))]
         out.append(PlannedTensor(p + "ffn_norm.weight", "F32", (e,)))
+        if shape.n_expert:  # the router (never quantized), then every expert's gate, up and down in one tensor each
+            x, f = shape.n_expert, shape.n_ff_exp
+            out += [PlannedTensor(p + "ffn_gate_inp.weight", "F32", (e, x)),
+                    PlannedTensor(p + "ffn_gate_exps.weight", _fit(tensor_type(quant, "ffn_gate", il, shape), e),
+                                  (e, f, x)),
+                    PlannedTensor(p + "ffn_up_exps.weight", _fit(tensor_type(quant, "ffn_up", il, shape), e),
+                                  (e, f, x)),
+                    PlannedTensor(p + "ffn_down_exps.weight", _fit(tensor_type(quant, "ffn_down", il, shape), f),
+                                  (f, e, x))]
+            continue
         out += [mat(p + "ffn_gate.weight", "ffn_gate", il, e, shape.n_ff),
                 mat(p + "ffn_up.weight", "ffn_up", il, e, shape.n_ff),
                 mat(p + "ffn_down.weight", "ffn_down", il, shape.n_ff, e)]
@@ -183,7 +204,7 @@ def _tensor_data(t: PlannedTensor, rnd: _RandomBytes) -> np.ndarray:
     data = rnd.take(t.n_bytes).reshape(-1, block_bytes)
     for off in _FP16_FIELDS[t.type_name]:
         data[:, off:off + 2] = _SCALE
-    return data.reshape(t.shape[1], -1) if len(t.shape) == 2 else data.reshape(-1)
+    return data.reshape(*t.shape[:0:-1], -1) if len(t.shape) >= 2 else data.reshape(-1)
 
 
 def _tensor_iter(planned: list[PlannedTensor], seed: int) -> Iterator[tuple[PlannedTensor, np.ndarray]]:
@@ -218,6 +239,10 @@ def write_synthetic_gguf(path: str | os.PathLike, shape: Shape, quant: str, seed
     w.add_uint32(f"{arch}.attention.value_length", shape.head_dim)
     w.add_float32(f"{arch}.rope.freq_base", shape.rope_base)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    if shape.n_expert:
+        w.add_uint32(f"{arch}.expert_count", shape.n_expert)
+        w.add_uint32(f"{arch}.expert_used_count", shape.n_expert_used)
+        w.add_uint32(f"{arch}.expert_feed_forward_length", shape.n_ff_exp)
     tokens, scores, types = _vocab(shape.n_vocab)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
@@ -229,9 +254,10 @@ def write_synthetic_gguf(path: str | os.PathLike, shape: Shape, quant: str, seed
     w.add_add_bos_token(True)
     for t in planned:
         dtype = np.float32 if t.type_name == "F32" else np.float16 if t.type_name == "F16" else np.uint8
-        byte_shape = t.shape[::-1] if dtype != np.uint8 else (t.shape[1] if len(t.shape) == 2 else 1, -1)
-        if dtype == np.uint8:
-            byte_shape = (byte_shape[0], t.n_bytes // byte_shape[0])
+        byte_shape = t.shape[::-1]
+        if dtype == np.uint8:  # rows of bytes: the outer dims as they are, the row (ne0) as its bytes
+            rows = t.shape[:0:-1] or (1,)
+            byte_shape = (*rows, t.n_bytes // int(np.prod(rows)))
         raw = None if dtype != np.uint8 else GGMLQuantizationType[t.type_name]
         w.add_tensor_info(t.name, byte_shape, np.dtype(dtype), t.n_bytes, raw_dtype=raw)
     w.write_header_to_file()
@@ -266,6 +292,9 @@ def describe_shape(shape: Shape, quant: str, name: str = "twin.gguf"):
                 f"{a}.attention.head_count": shape.n_head, f"{a}.attention.head_count_kv": shape.n_head_kv,
                 f"{a}.attention.key_length": shape.head_dim, f"{a}.attention.value_length": shape.head_dim,
                 "tokenizer.ggml.tokens": LongArray("STRING", shape.n_vocab)}
+    if shape.n_expert:
+        metadata.update({f"{a}.expert_count": shape.n_expert, f"{a}.expert_used_count": shape.n_expert_used,
+                         f"{a}.expert_feed_forward_length": shape.n_ff_exp})
     header = GGUFHeader(version=3, metadata=metadata, tensors=tensors, data_offset=0, file_size=offset)
     return model_info_from_header(name, header)
 

@@ -22,7 +22,7 @@ _VALUED = {
     "-ub": "n_ubatch", "--ubatch-size": "n_ubatch", "-t": "n_threads", "--threads": "n_threads",
     "-tb": "n_threads_batch", "--threads-batch": "n_threads_batch", "-ngl": "n_gpu_layers",
     "--gpu-layers": "n_gpu_layers", "--n-gpu-layers": "n_gpu_layers", "-ctk": "type_k", "--cache-type-k": "type_k",
-    "-ctv": "type_v", "--cache-type-v": "type_v",
+    "-ctv": "type_v", "--cache-type-v": "type_v", "-ncmoe": "n_cpu_moe", "--n-cpu-moe": "n_cpu_moe",
 }
 _SWITCHES = {"--no-mmap": ("use_mmap", False), "--mmap": ("use_mmap", True), "--swa-full": ("swa_full", True),
              "-nr": ("repack", False), "--no-repack": ("repack", False), "--repack": ("repack", True),
@@ -79,14 +79,16 @@ def parse_server_flags(command: str, model: ModelInfo) -> BenchConfig:
                                 f"use {name} 1 or drop it")
         elif name in ("-lm", "--load-mode"):
             values["use_mmap"] = str(nxt) in ("auto", "mmap", "mmap+mlock")
+        elif name in ("-cmoe", "--cpu-moe"):  # every layer's experts in host memory
+            values["n_cpu_moe"], step = model.n_layer, 1
         elif name in _SWITCHES:
             key, value = _SWITCHES[name]
             values[key], step = value, 1
         elif name in _IGNORED:
             step = (1 if inline else 2) if _IGNORED[name] else 1
         else:
-            raise UserError(f"--baseline: unsupported llama-server flag {name}",
-                            "remove it; llama-tuner maps -c -b -ub -t -tb -ngl -fa -ctk -ctv and mmap/KV switches")
+            raise UserError(f"--baseline: unsupported llama-server flag {name}", "remove it; llama-tuner maps "
+                            "-c -b -ub -t -tb -ngl -ncmoe -cmoe -fa -ctk -ctv and mmap/KV switches")
         i += step
     cfg = replace(defaults, **values)
     if "n_threads" in values and "n_threads_batch" not in values:

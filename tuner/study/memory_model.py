@@ -4,6 +4,7 @@ The prediction adds what llama.cpp allocates on the limiting device:
 
 - weights: the output layer and the last ``n_gpu_layers - 1`` repeating layers go to
   the GPU (llama.cpp's offload order); the rest, and the token embedding, stay in RAM;
+  so do the expert tensors of the first ``n_cpu_moe`` layers of a mixture of experts;
 - KV cache: per layer and token (``ModelInfo.kv_bytes_per_token``) for the context
   padded to 256 cells; sliding-window layers hold min(n_ctx, n_swa + n_ubatch) cells
   padded to 256 unless ``swa_full``; on the GPU for offloaded layers with offload_kqv;
@@ -27,6 +28,8 @@ from tuner.measure.result import TrialResult
 from tuner.model.facts import ModelFacts
 
 CELL_PAD = 256
+FIT_MIN_CTX = 4096  # llama.cpp --fit-ctx: the least context --fit shrinks to
+FIT_MARGIN = 1024 * 2**20  # llama.cpp --fit-target: memory --fit leaves free per device
 DEFAULT_CORRECTION = {"gpu": 400 * 2**20, "host": 60 * 2**20}  # CUDA context / interpreter, before any fit
 
 
@@ -53,6 +56,11 @@ class Allocations:
         return self.host_weights + self.host_kv + self.host_compute
 
 
+def _on(buffer: str) -> bool:
+    """True for a GPU buffer's name (CUDA0, ROCm0 ...), as TrialResult.allocated_bytes tells them."""
+    return buffer.startswith(("CUDA", "ROCm", "Vulkan", "Metal", "SYCL")) and "Host" not in buffer
+
+
 def compute_features(facts: ModelFacts, cfg: BenchConfig) -> np.ndarray:
     """The terms the compute buffer grows with: logits, attention scores, FFN, a constant."""
     ub = cfg.n_ubatch
@@ -73,6 +81,7 @@ class MemoryModel:
     coeffs: np.ndarray = field(default_factory=lambda: PRIOR_COEFFS.copy())
     correction: int | None = None
     residuals: list[float] = field(default_factory=list)
+    prior_offset: int = 0  # llama.cpp's own account (a no_alloc dry run) less the formula, before any measurement
 
     @property
     def device(self) -> str:
@@ -85,10 +94,11 @@ class MemoryModel:
         n_layer, ngl = f.n_layer, cfg.n_gpu_layers if self.on_gpu else 0
         first_gpu = f.first_gpu_layer(ngl)
         layers = f.layer_bytes
-        gpu_w = sum(layers[first_gpu:]) + (f.output_bytes if ngl > 0 else 0)
+        experts_home = f.host_expert_bytes(ngl, cfg.n_cpu_moe) if ngl > 0 and f.expert_bytes else 0
+        gpu_w = sum(layers[first_gpu:]) + (f.output_bytes if ngl > 0 else 0) - experts_home
         # A tied output is the token embedding itself while it stays on the host.
         host_out = 0 if ngl > 0 or f.tied_embeddings else f.output_bytes
-        host_w = sum(layers[:first_gpu]) + f.token_embd_bytes + host_out
+        host_w = sum(layers[:first_gpu]) + f.token_embd_bytes + host_out + experts_home
         kv_per_layer = self._kv_cells(cfg)
         gpu_kv = host_kv = 0
         for il in range(n_layer):
@@ -115,7 +125,38 @@ class MemoryModel:
     def predict(self, cfg: BenchConfig) -> int:
         """Predicted peak on the limiting device, including the fitted correction."""
         correction = self.correction if self.correction is not None else DEFAULT_CORRECTION[self.device]
-        return self.allocations(cfg).total(self.device) + correction
+        return self.allocations(cfg).total(self.device) + self.prior_offset + correction
+
+    def calibrate(self, dry_runs: list[TrialResult]) -> list[tuple[int, int]]:
+        """Take the prior from llama.cpp itself: dry runs (``no_alloc`` loads) report the KV cache and compute
+        buffers a configuration would allocate (not the weights, which read 0 there; the header gives them
+        exactly). Fit the compute coefficients to those buffers, and offset the formula by the median of the
+        dry runs' KV and compute less the formula's. Returns (formula, dry run) bytes of KV and compute on the
+        limiting device per dry run, for the docs."""
+        dry = [r for r in dry_runs if r.ok and r.buffers]
+        pairs_before = [self._kv_compute(r.config) for r in dry]
+        self._fit_compute(dry)
+        reported = [sum(size for kind in ("kv", "compute") for name, size in r.buffers.get(kind, {}).items()
+                        if _on(name) == (self.device == "gpu")) for r in dry]
+        formula = [self._kv_compute(r.config) for r in dry]
+        if dry:
+            self.prior_offset = int(statistics.median(d - f for f, d in zip(formula, reported)))
+        return list(zip(pairs_before, reported))
+
+    def _kv_compute(self, cfg: BenchConfig) -> int:
+        a = self.allocations(cfg)
+        return a.gpu_kv + a.gpu_compute if self.device == "gpu" else a.host_kv + a.host_compute
+
+    def _fit_compute(self, results: list[TrialResult]) -> None:
+        rows, targets = [], []
+        for r in results:
+            rows.append(compute_features(self.facts, r.config))
+            targets.append(sum(r.buffers.get("compute", {}).values()))
+        if len(rows) >= 4:
+            x, y = np.array(rows), np.array(targets, dtype=float)
+            scale = np.where(x.max(axis=0) > 0, x.max(axis=0), 1.0)
+            sol, *_ = np.linalg.lstsq(x / scale, y, rcond=None)
+            self.coeffs = np.clip(sol / scale, 0, None)
 
     def max_layers(self, cfg: BenchConfig, limit: int) -> int | None:
         """The most layers (n_gpu_layers) with which ``cfg`` is predicted to stay within ``limit`` bytes
@@ -124,6 +165,39 @@ class MemoryModel:
             if self.predict(replace(cfg, n_gpu_layers=ngl)) <= limit:
                 return ngl
         return None
+
+    def fit_placement(self, cfg: BenchConfig, limit: int) -> BenchConfig | None:
+        """``cfg`` placed to stay within ``limit`` bytes on the GPU as llama.cpp's --fit would place a MoE:
+        every layer offloaded with the fewest layers' experts in host memory; only if even every expert in
+        host memory does not fit, fewer layers (all experts kept in host memory). A dense model gets the most
+        layers (:meth:`max_layers`). None when nothing fits."""
+        f = self.facts
+        if not (f.n_expert and any(f.expert_bytes)):
+            ngl = self.max_layers(cfg, limit)
+            return None if ngl is None else replace(cfg, n_gpu_layers=ngl)
+        every = replace(cfg, n_gpu_layers=f.n_layer + 1)
+        for n in range(0, f.n_layer + 1):
+            if self.predict(replace(every, n_cpu_moe=n)) <= limit:
+                return replace(every, n_cpu_moe=n)
+        ngl = self.max_layers(replace(cfg, n_cpu_moe=f.n_layer), limit)
+        return None if ngl is None else replace(cfg, n_gpu_layers=ngl, n_cpu_moe=f.n_layer)
+
+    def fit_like_llama_server(self, cfg: BenchConfig, limit: int, min_ctx: int = FIT_MIN_CTX) -> BenchConfig:
+        """What llama-server's --fit (on by default) makes of ``cfg``, the settings left at its defaults, for
+        ``limit`` bytes on the GPU (free memory or the budget, less its 1024 MiB margin): the context shrinks
+        from the training context towards ``min_ctx`` first, then a MoE's experts move to host memory layer by
+        layer, then layers leave the GPU. ``cfg`` as far as it got when nothing fits."""
+        if self.predict(cfg) <= limit:
+            return cfg
+        floor = min(min_ctx, cfg.n_ctx)
+        fits = [n for n in range(cfg.n_ctx - CELL_PAD, floor - 1, -CELL_PAD)
+                if self.predict(replace(cfg, n_ctx=n, n_batch=min(cfg.n_batch, n),
+                                        n_ubatch=min(cfg.n_ubatch, n))) <= limit]
+        n_ctx = fits[0] if fits else floor
+        cfg = replace(cfg, n_ctx=n_ctx, n_batch=min(cfg.n_batch, n_ctx), n_ubatch=min(cfg.n_ubatch, n_ctx))
+        if fits:
+            return cfg
+        return self.fit_placement(cfg, limit) or replace(cfg, n_gpu_layers=0)
 
     def uncertainty(self, budget: int) -> int:
         """Bytes to keep in reserve for the model's own error: 3% of the budget before any
@@ -140,16 +214,7 @@ class MemoryModel:
     def fit(self, results: list[TrialResult]) -> None:
         """Refit the compute coefficients (from llama.cpp's buffers) and the correction (from peaks)."""
         ok = [r for r in results if r.ok and r.buffers]
-        rows, targets = [], []
-        for r in ok:
-            compute = sum(r.buffers.get("compute", {}).values())
-            rows.append(compute_features(self.facts, r.config))
-            targets.append(compute)
-        if len(rows) >= 4:
-            x, y = np.array(rows), np.array(targets, dtype=float)
-            scale = np.where(x.max(axis=0) > 0, x.max(axis=0), 1.0)
-            sol, *_ = np.linalg.lstsq(x / scale, y, rcond=None)
-            self.coeffs = np.clip(sol / scale, 0, None)
+        self._fit_compute(ok)
         measured = [(r, r.peak_memory_bytes) for r in ok if r.peak_memory_bytes]
         if measured:
             self.correction = 0
