@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llama_cpp import llama_cpp as C  # noqa: E402
 
-from tuner import child  # noqa: E402
+from tuner.measure import child  # noqa: E402
+from tuner.measure.timer import Timer  # noqa: E402
 
 MODEL = sys.argv[1] if len(sys.argv) > 1 else "models/gemma-3-270m-Q4_K_M.gguf"
 C.llama_log_set(child._LOG_CALLBACK, None)
@@ -28,7 +29,7 @@ for k in ("n_ctx", "n_batch", "n_ubatch", "n_threads", "n_threads_batch"):
 cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
 cp.no_perf = False
 ctx = C.llama_init_from_model(model, cp)
-t = child.Timer(ctx, model, cfg)
+t = Timer(ctx, model, cfg)
 C.llama_memory_clear(t.memory, False)
 t.generate(1)
 for rep in range(5):

@@ -9,7 +9,7 @@ import pytest
 from conftest import NO_REPACK, REPACK_WORKS, assert_one_line_error
 
 # Where llama.cpp's AMX kernels crash, its defaults (repack on) are a crashed baseline, with no gain.
-BASES = {"yours", "llama.cpp defaults"} if REPACK_WORKS else {"yours"}
+BASES = {"yours", "llama-server defaults (fit)"} if REPACK_WORKS else {"yours"}
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -27,6 +27,12 @@ BASES = {"yours", "llama.cpp defaults"} if REPACK_WORKS else {"yours"}
     (("--baseline", "-c 256 -b 256 -ub 256"), "n_ctx 256 is too small"),
     (("--range", "n_ctx=8192:1024"), "is empty"),
     (("--range", "n_threads=1:2", "--baseline", "-c abc"), "-c 'abc' is not a number"),
+    (("--objective", "answer"), "--objective answer does not judge the pp-tg workload"),
+    (("--workload", "chat", "--objective", "tg"), "--objective tg does not judge the chat workload"),
+    (("--prompt-tokens", "100"), "--prompt-tokens 100 needs a workload with a prompt and an answer"),
+    (("--workload", "custom", "--gen-tokens", "0"), "--gen-tokens 0 needs a workload"),
+    (("--min-stream-tps", "5"), "--min-stream-tps 5.0 applies to --workload server only"),
+    (("--workload", "custom", "--prompt-tokens", "99999999"), "more than the model's training context"),
 ])
 def test_tune_bad_input_is_one_line_before_any_work(cli, tiny_model, tmp_path, monkeypatch, args, needle):
     """Refused before a llama_cpp child, the bandwidth probe or the repack check runs, and before a study exists."""
@@ -73,7 +79,8 @@ def test_tune_report_export_on_a_tiny_model(run_cli, tiny_model, tmp_path):
     assert again.code == 0 and "6 configurations measured" in again.out  # resumed, nothing new
     assert "confirming the leaders" not in again.out  # nor are the leaders measured again
     report = run_cli("report", "t", "--storage", storage)
-    assert report.code == 0 and "baseline: yours" in report.out and "baseline: llama.cpp defaults" in report.out
+    assert report.code == 0 and "baseline: yours" in report.out
+    assert "baseline: llama-server defaults (fit)" in report.out
     for fmt in ("llama-server", "llama-cpp-python", "ollama", "json"):
         e = run_cli("export", "t", "--format", fmt, "--preset", "max-context", "--storage", storage)
         assert e.code == 0, e.err

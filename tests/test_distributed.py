@@ -131,7 +131,7 @@ def test_three_workers_measure_exactly_the_study_count(postgres, long_context_mo
     keys = measured_keys(record)
     assert len(keys) == len(set(keys)) == 30  # no configuration measured twice, across processes
     baselines = [t for t in measured if BASELINE_ATTR in t.user_attrs]
-    assert sorted(t.user_attrs[BASELINE_ATTR] for t in baselines) == ["llama.cpp defaults", "yours"]
+    assert sorted(t.user_attrs[BASELINE_ATTR] for t in baselines) == ["llama-server defaults (fit)", "yours"]
     assert {t.user_attrs["worker"]["pid"] for t in measured} == {p.pid for p in procs}  # all three worked
 
 

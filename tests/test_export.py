@@ -34,7 +34,7 @@ def _candidate(**changes) -> Candidate:
 def test_export_matches_golden_file(fmt):
     env = {"gpu_name": "NVIDIA GeForce RTX 4070", "llama_cpp_python": "0.3.36"}
     text = render(fmt, "fastest", _candidate(), MODEL, "qwen3@gpu-rtx-4070", env,
-                  {"llama.cpp defaults": {"tg": 0.25, "pp": 0.1}})
+                  {"llama-server defaults (fit)": {"tg": 0.25, "pp": 0.1}})
     golden = GOLDEN / f"fastest.{fmt}.txt"
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(text)

@@ -65,7 +65,8 @@ def test_a_changed_model_setting_reloads(small_model):
 THREADPOOL_CHECK = """
 import json, sys
 from llama_cpp import llama_cpp as C
-from tuner.measure.child import Timer, load_model, new_context
+from tuner.measure.child import load_model, new_context
+from tuner.measure.timer import Timer
 from tuner.measure.config import BenchConfig
 from tuner.measure.threadpool import attach_threadpools
 

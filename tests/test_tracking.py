@@ -97,7 +97,7 @@ def test_a_real_study_logs_one_nested_run_per_trial(tiny_model, tmp_path):
         assert [m.step for m in reps] == [0, 1]
     p = parent[0].data
     assert p.params["model"] == Path(tiny_model).name and p.params["min_ctx"] == "512"
-    assert p.params["workload"] == "pp64+tg16" and p.params["objective"] == "tg" and p.params["trials"] == "3"
+    assert p.params["workload"] == "pp-tg: pp64+tg16" and p.params["objective"] == "tg" and p.params["trials"] == "3"
     assert "#### Presets" in p.tags["mlflow.note.content"] and "llama-server -m" in p.tags["mlflow.note.content"]
     exp = mlflow.MlflowClient(uri).get_experiment_by_name(Path(tiny_model).stem)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the runs view, not GenAI's

@@ -6,12 +6,15 @@ import json
 
 import click
 
+from tuner.errors import UserError
+from tuner.measure.workloads import WORKLOADS
 from tuner.report.llama_bench_output import FORMATS as OUTPUTS
 
 
 # (short flag, long flag, BenchConfig field, help)
 BENCH_FLAGS = [
     ("-ngl", "--n-gpu-layers", "n_gpu_layers", "Layers to offload; -1 = all (default 0)."),
+    ("-ncmoe", "--n-cpu-moe", "n_cpu_moe", "Keep the expert tensors of the first N layers in host memory (default 0)."),
     ("-mmp", "--mmap", "use_mmap", "Memory-map the model: 0 or 1 (default 1)."),
     (None, "--repack", "repack", "Repacked/AMX CPU weight buffers: 0 or 1 (default 1)."),
     ("-c", "--ctx-size", "n_ctx", "Context size (default: each test's own tokens, as llama-bench)."),
@@ -26,6 +29,7 @@ BENCH_FLAGS = [
     ("-n", "--n-gen", "n_gen", "Tokens to generate (default 128)."),
     ("-d", "--n-depth", "n_depth", "Tokens already in the cache before each test (default 0)."),
     ("-r", "--repetitions", "repetitions", "Timed repetitions (default 5)."),
+    ("-np", "--parallel", "n_parallel", "Concurrent streams, as llama-server --parallel (implies --workload server)."),
 ]
 
 
@@ -45,13 +49,21 @@ def _bench_options(f):
               help="llama-bench's output formats, with its field names; ours (peak memory, bandwidth) follow.")
 @click.option("--json", "as_json", is_flag=True, help="Print llama-tuner's own results (raw samples) as JSON.")
 @click.option("--download", is_flag=True, help="Fetch an hf:ORG/REPO[:QUANT] model missing from the cache.")
-def bench(model: str, timeout_s: float, output: str, as_json: bool, download: bool, **values) -> None:
+@click.option("--workload", type=click.Choice(WORKLOADS), default=None,
+              help="What to measure (default pp-tg, llama-bench's tests); -p/-n/-d change its sizes. "
+                   "See `llama-tuner bench --help` and the README's workloads.")
+def bench(model: str, timeout_s: float, output: str, as_json: bool, download: bool, workload: str | None,
+          **values) -> None:
     """Measure MODEL like llama-bench. Comma-separated values sweep every combination.
 
     Each configuration runs in a child process that is killed after --timeout;
     a crash or out-of-memory is reported as that row's result. Settings that only
     change the context reuse the loaded model. Without -c, as llama-bench, pp and
     tg are measured apart, each in a context of its own tokens (plus -d).
+
+    Workloads: chat (-p 1024 -n 256), reasoning (-p 512 -n 4096) and long (-p 16384
+    -n 256) measure a depth curve and predict the seconds to the answer; server
+    (-np N) decodes N streams together and reports aggregate and per-stream tg.
     """
     from tuner.measure.bandwidth import bandwidth_of
     from tuner.measure.launcher import SubprocessLauncher
@@ -65,10 +77,13 @@ def bench(model: str, timeout_s: float, output: str, as_json: bool, download: bo
 
     model = resolve_model(model, download=download)
     info = load_model_info(model)
-    requested = build_configs(values, info)
+    requested = build_configs(workload_values(values, workload), info)
     # Each measured configuration, with the one the user asked for (llama-bench reports its batch sizes).
     tests = ([(t, cfg) for cfg in requested for t in per_test_configs(cfg)] if values.get("n_ctx") is None
              else [(cfg, cfg) for cfg in requested])
+    if any(cfg.workload != "pp-tg" for cfg in requested) and output not in ("md",) and not as_json:
+        raise UserError(f"-o {output} speaks llama-bench, which has no {requested[0].workload} workload",
+                        "use the default table or --json")
     launcher = SubprocessLauncher(detect_probe(), timeout_s=timeout_s)
     facts = ModelFacts.of(info)
     results, rows, bench_rows = [], [], []
@@ -108,4 +123,24 @@ def _json_result(r) -> dict:
     d["pp_stddev"] = r.pp.stddev if r.pp else None
     d["tg_stddev"] = r.tg.stddev if r.tg else None
     d["headroom_bytes"] = r.headroom_bytes
+    if r.config.workload == "server":
+        d["tg_aggregate_mean"], d["tg_per_stream_mean"] = r.tg_mean, r.stream_tg_mean
+        d["pp_aggregate_mean"] = r.pp_mean
+    if r.curve:
+        d["time_to_answer_s"] = r.time_to_answer_s
+        d["depth_curve"] = [{"depth": dp, "tg_tps": tg} for dp, tg in zip(r.curve.depths, r.curve.tg_rates())]
     return d
+
+
+def workload_values(values: dict, workload: str | None) -> dict:
+    """The sweep's values with the workload's test sizes where -p/-n/-d do not give them; -np means server."""
+    from tuner.measure.workloads import PRESETS
+
+    if workload is None:
+        workload = "server" if values.get("n_parallel") else "pp-tg"
+    preset = PRESETS[workload]
+    out = {**values, "workload": workload}
+    for key in ("n_prompt", "n_gen", "n_depth"):
+        if out.get(key) is None and workload != "pp-tg":
+            out[key] = str(getattr(preset, key))
+    return out

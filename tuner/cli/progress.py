@@ -23,8 +23,18 @@ from tuner.study.keys import REUSED_ATTR
 
 def describe(c: BenchConfig) -> str:
     """A compact one-line description of a configuration."""
-    return (f"ngl {c.n_gpu_layers} ctx {c.n_ctx} b {c.n_batch} ub {c.n_ubatch} t {c.n_threads}/{c.n_threads_batch} "
-            f"fa {int(c.flash_attn)} kv {c.type_k}/{c.type_v}")
+    streams = f" np {c.n_parallel}" if c.workload == "server" else ""
+    return (f"ngl {c.n_gpu_layers} ctx {c.n_ctx}{streams} b {c.n_batch} ub {c.n_ubatch} "
+            f"t {c.n_threads}/{c.n_threads_batch} fa {int(c.flash_attn)} kv {c.type_k}/{c.type_v}")
+
+
+def figures(r: TrialResult) -> str:
+    """A result's figures in its workload's terms: seconds to answer, aggregate and per-stream tg, or tg and pp."""
+    if r.time_to_answer_s is not None:
+        return f"answer {r.time_to_answer_s:.2f} s (prompt {r.pp_mean:.2f}, answer {r.tg_mean:.2f} t/s)"
+    if r.config.workload == "server":
+        return f"tg {r.tg_mean:.2f} t/s aggregate ({r.stream_tg_mean:.2f} per stream) pp {r.pp_mean:.2f} t/s"
+    return f"tg {r.tg_mean:.2f} pp {r.pp_mean:.2f} t/s"
 
 
 def clock(seconds: float) -> str:
@@ -45,7 +55,7 @@ class Progress:
         self.target, self.done, self.already = target, already, already
         self.plain, self.out, self.now = plain, out or sys.stdout, now
         self.start = now()
-        self.best: tuple[float, int] | None = None
+        self.best: tuple[float, int, str] | None = None  # score, trial, its figure
         self.current = self.last = ""
         self.console = console or Console(file=sys.stderr)
         self.live = None if plain else Live(self._render(), console=self.console, transient=False,
@@ -74,8 +84,8 @@ class Progress:
                                                                  else "time left unknown yet")
 
     def _render(self) -> Text:
-        best = f"{self.best[0]:.2f} t/s (trial {self.best[1]})" if self.best else "-"
-        return Text(f"trial {min(self.done + 1, self.target)}/{self.target}  {self._timing()}  best tg {best}\n"
+        best = f"{self.best[2]} (trial {self.best[1]})" if self.best else "-"
+        return Text(f"trial {min(self.done + 1, self.target)}/{self.target}  {self._timing()}  best {best}\n"
                     f"now: {self.current or '-'}\nlast: {self.last or '-'}")
 
     def _show(self) -> None:
@@ -100,15 +110,15 @@ class Progress:
         if not reused:
             self.done += 1
         feasible = all(v <= 0 for v in trial.constraints.values())
-        if result.ok and feasible and (self.best is None or result.tg_mean > self.best[0]):
-            self.best = (result.tg_mean, trial.number)
-        figures = (f"tg {result.tg_mean:.2f} pp {result.pp_mean:.2f} t/s" if result.ok
-                   else f"{result.status.value}: {result.reason[:80]}")
+        score = 1 / result.time_to_answer_s if result.ok and result.time_to_answer_s else result.tg_mean
+        if result.ok and feasible and (self.best is None or score > self.best[0]):
+            self.best = (score, trial.number, figures(result).split(" (")[0])
+        text = figures(result) if result.ok else f"{result.status.value}: {result.reason[:80]}"
         same = f" (same as #{trial.user_attrs[REUSED_ATTR]})" if reused else ""
-        self.last = f"#{trial.number} {figures}{same}"
+        self.last = f"#{trial.number} {text}{same}"
         self.current = ""
         if self.plain:
-            print(f"[{self.done}/{self.target}] trial {trial.number}: {figures}{same}"
+            print(f"[{self.done}/{self.target}] trial {trial.number}: {text}{same}"
                   f"{'' if feasible else ' (infeasible)'} | {describe(result.config)} | {self._timing()}",
                   file=self.out, flush=True)
         self._show()

@@ -11,6 +11,7 @@ from tuner.report.export import FORMATS, MULTI_FORMATS
 from tuner.study.presets import OBJECTIVES, PRESET_NAMES
 from tuner.study.quality_gate import DEFAULT_MAX_KLD
 from tuner.study.storage import DEFAULT_STORAGE, SAMPLERS
+from tuner.measure.workloads import WORKLOADS
 
 
 def _pairs(items: tuple[str, ...], option: str, sep: str = "=") -> dict[str, str]:
@@ -42,8 +43,15 @@ def _ranges(items: tuple[str, ...]) -> dict[str, tuple[int, int]]:
 @click.option("--min-headroom", default="512MiB", show_default=True, help="Memory to leave free at the peak.")
 @click.option("--min-ctx", type=int, default=4096, show_default=True, help="Smallest context worth having.")
 @click.option("--depth", type=int, default=0, show_default=True, help="Tokens already in the cache when measuring.")
-@click.option("--objective", type=click.Choice(OBJECTIVES), default="tg", show_default=True,
-              help="What 'fastest' means: generation, prompt processing, or their geometric mean.")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default=None,
+              help="What 'fastest' means: generation, prompt processing, their geometric mean, or seconds to "
+                   "answer (default: the workload's own: tg, or answer for chat, reasoning, long, custom).")
+@click.option("--workload", type=click.Choice(WORKLOADS), default="pp-tg", show_default=True,
+              help="What the model is for: pp-tg (llama-bench's tests), chat, reasoning, long, server, custom.")
+@click.option("--prompt-tokens", type=int, help="The workload's prompt tokens (custom, chat, reasoning, long).")
+@click.option("--gen-tokens", type=int, help="The workload's generated tokens (custom, chat, reasoning, long).")
+@click.option("--min-stream-tps", type=float, default=0.0,
+              help="server: the generation t/s every stream must see (default: no floor).")
 @click.option("--baseline", "baseline_flags", help='Your llama-server command line, e.g. "-c 2048 -b 512 -t 8".')
 @click.option("--set", "pins", multiple=True, metavar="KEY=VALUE", help="Pin a setting (repeatable).")
 @click.option("--range", "ranges", multiple=True, metavar="KEY=LO:HI", help="Narrow a searched setting.")
@@ -61,7 +69,8 @@ def tune(model: str, study_name: str | None, trials: int, timeout: str | None, v
          min_headroom: str, min_ctx: int, depth: int, objective: str, baseline_flags: str | None,
          pins: tuple[str, ...], ranges: tuple[str, ...], sampler: str, seed: int | None, storage: str,
          trial_timeout: str, no_confirm: bool, tracking_uri: str | None, no_mlflow: bool, download: bool,
-         max_kld: float) -> None:
+         max_kld: float, workload: str, prompt_tokens: int | None, gen_tokens: int | None,
+         min_stream_tps: float) -> None:
     """Find the best llama.cpp settings for MODEL (a path, ollama:NAME[:TAG] or hf:ORG/REPO[:QUANT]) on this
     machine, then print its presets."""
     from tuner.cli.tracking import make_tracker
@@ -74,7 +83,8 @@ def tune(model: str, study_name: str | None, trials: int, timeout: str | None, v
                            vram_budget=vram_budget, min_headroom=min_headroom, min_ctx=min_ctx, depth=depth,
                            objective=objective, baseline_flags=baseline_flags, pins=_pairs(pins, "--set"),
                            ranges=_ranges(ranges), sampler=sampler, seed=seed, storage=storage,
-                           trial_timeout=trial_timeout, max_kld=max_kld)
+                           trial_timeout=trial_timeout, max_kld=max_kld, workload=workload,
+                           prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, min_stream_tps=min_stream_tps)
     tuner = open_tuner(request, tracker=make_tracker(tracking_uri, no_mlflow))
     run_and_print(tuner, confirm=not no_confirm, max_kld=max_kld)
 
@@ -118,7 +128,8 @@ def run_and_print(tuner, confirm: bool, max_kld: float | None = None) -> None:
             view = StudyView(tuner.study)
             # A resumed study that measured nothing new keeps its confirmations: nothing is measured twice.
             if confirm and view.candidates and (tuner.measured_count() > already or not view.confirmations):
-                confirm_leaders(tuner, on_pass=lambda top: progress.phase(_confirm_line(tuner, top)))
+                confirm_leaders(tuner, on_pass=lambda top: progress.phase(_confirm_line(tuner, top)),
+                                on_round=lambda *a: progress.phase(_round_line(view, *a)))
             if tuner.tracker.enabled:
                 progress.phase("writing the study's summary to MLflow")
             tuner.tracker.study_finished(StudyView(tuner.study))
@@ -134,13 +145,24 @@ def run_and_print(tuner, confirm: bool, max_kld: float | None = None) -> None:
 
 
 def _confirm_line(tuner, numbers: list[int]) -> str:
-    """What the confirmation pass measures, and about how long it takes (from the trials' own times)."""
+    """What the race measures, and about how long it takes at most (from the trials' own times)."""
     from tuner.cli.progress import clock
-    from tuner.study.confirmation import estimate_s
+    from tuner.study.confirmation import MIN_ROUNDS, round_cost_s
 
-    return (f"confirming the leaders (trials {', '.join(map(str, numbers))}): "
-            f"{tuner.settings.confirm_repetitions} more repetitions each, taking turns, "
-            f"~{clock(estimate_s(tuner, numbers))}")
+    rounds = max(MIN_ROUNDS, tuner.settings.confirm_repetitions)
+    cost = round_cost_s(tuner, numbers)
+    return (f"confirming the leaders (trials {', '.join(map(str, numbers))}): one repetition each per round, "
+            f"taking turns, until decided: {MIN_ROUNDS} to {rounds} rounds, "
+            f"~{clock(MIN_ROUNDS * cost)} to ~{clock(rounds * cost)}")
+
+
+def _round_line(view, done: int, rounds: int, verdict, left_s: float) -> str:
+    """One round of the race: its number, the running verdict, and the time left at most."""
+    from tuner.cli.progress import clock
+
+    bases = frozenset(c.trial for c in view.candidates if c.baseline)
+    tail = "decided" if left_s == 0 else f"at most ~{clock(left_s)} left"
+    return f"  round {done}/{rounds}: {verdict.describe(bases)} | {tail}"
 
 
 @click.command()

@@ -9,6 +9,8 @@ import sys
 
 import click
 
+from tuner.measure.workloads import WORKLOADS
+
 from tuner.errors import UserError
 from tuner.study.presets import PRESET_NAMES
 from tuner.study.storage import DEFAULT_STORAGE
@@ -89,8 +91,11 @@ def ui(port: int, dashboard: bool, storage: str, tracking_uri: str | None) -> No
 @click.argument("studies", nargs=-1, required=True)
 @click.option("--preset", type=click.Choice(PRESET_NAMES), default="fastest", show_default=True)
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True)
-def compare(studies: tuple[str, ...], preset: str, storage: str) -> None:
-    """Compare the presets of several studies (models) and explain their speed."""
+@click.option("--workload", type=click.Choice(WORKLOADS), default=None,
+              help="Compare seconds per answer of this workload (default: the studies' own).")
+def compare(studies: tuple[str, ...], preset: str, storage: str, workload: str | None) -> None:
+    """Compare the presets of several studies (models) and explain their speed: for a chat, reasoning, long or
+    custom workload, the seconds each takes to answer, with its KV cache's quality."""
     from tuner.report.compare import compare_text, row_for
     from tuner.study.storage import make_storage
     from tuner.study.view import StudyView
@@ -98,7 +103,7 @@ def compare(studies: tuple[str, ...], preset: str, storage: str) -> None:
     store = make_storage(storage)
     rows = []
     for name in studies:
-        row = row_for(StudyView.load(store, name), preset)
+        row = row_for(StudyView.load(store, name), preset, workload)
         if row is None:
             raise UserError(f"study {name!r} has no feasible configuration", f"see `llama-tuner report {name}`")
         rows.append(row)

@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import gc
 import json
 import os
-import random
 import re
-import signal
 import sys
 import time
 from typing import Any
@@ -35,43 +32,22 @@ import llama_cpp
 import psutil
 from llama_cpp import llama_cpp as C
 
+from tuner.measure import timer as timing
 from tuner.measure.threadpool import attach_threadpools
+from tuner.measure.timer import DecodeError, Timer, fault_point
 
 BUFFER_LINE = re.compile(r"(\S+) +(model|KV|compute) buffer size = +([\d.]+) MiB")
+# The KV cache's own size, printed after its buffers: in a dry run (no_alloc) the buffers read 0.00 MiB.
+KV_SIZE_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB")
+DRY_RUN = {"on": False, "kv_device": "CPU"}
+OVERRIDE_LINE = re.compile(r"tensor (\S+) \(\d+ MiB \S+\) buffer type overridden to (\S+)")
+# llama.cpp's LLM_FFN_EXPS_REGEX for one layer: what llama-server --n-cpu-moe N keeps in host memory, per layer < N
+EXPERT_LAYER_PATTERN = r"blk\.{}\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+# The tensors llama.cpp placed by an override, and where (e.g. {"blk.0.ffn_up_exps.weight": "CPU"}).
+OVERRIDDEN: dict[str, str] = {}
 # llama.cpp's own account of what it allocated, by kind and buffer (e.g. "kv": {"CUDA0": bytes}).
 BUFFERS: dict[str, dict[str, int]] = {"model": {}, "kv": {}, "compute": {}}
 GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
-# test-only: "<abort|segv|sigill|hang|exit>@<load|context|pp|tg|shutdown>[#run]"
-FAULT_ENV = "LLAMA_TUNER_TEST_FAULT"
-
-
-class DecodeError(RuntimeError):
-    """llama_decode returned a non-zero code."""
-
-
-_current_run = -1
-
-
-def _fault_point(phase: str) -> None:
-    """Test hook: misbehave at ``phase`` (of run ``#n`` only, if given) when tests ask for it."""
-    spec = os.environ.get(FAULT_ENV, "")
-    kind, _, where = spec.partition("@")
-    where, _, run = where.partition("#")
-    if where != phase or (run and int(run) != _current_run):
-        return
-    print(f"llama-tuner test fault: {kind} at {phase}", file=sys.stderr, flush=True)
-    if kind == "abort":
-        os.abort()
-    elif kind == "segv":
-        ctypes.string_at(0)
-    elif kind == "sigill":  # what llama.cpp's AMX kernels do on some CPUs (tuner.measure.repack_check)
-        os.kill(os.getpid(), signal.SIGILL)
-    elif kind == "hang":
-        time.sleep(10**6)
-    elif kind == "exit":
-        os._exit(3)
-
-
 def peak_rss() -> int:
     """This process's peak resident set size (VmHWM) since start or the last reset."""
     try:
@@ -123,14 +99,49 @@ def environment() -> dict[str, Any]:
     }
 
 
-def load_model(path: str, mp: dict[str, Any]):
-    """Load the model with the model-level settings; returns (model or None, seconds)."""
+class BuftOverride(ctypes.Structure):
+    """llama.h's ``llama_model_tensor_buft_override``: a tensor-name regex and the buffer type for its matches."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+_KEEP: list[Any] = []  # the override array and its strings, alive while llama.cpp loads from them
+
+
+def cpu_moe_overrides(n_cpu_moe: int) -> ctypes.Array | None:
+    """The NULL-terminated override list of llama-server ``--n-cpu-moe N``: the expert tensors of layers
+    0..N-1 in the CPU's buffer type (from the ggml backend registry, as ``ggml_backend_cpu_buffer_type``)."""
+    if n_cpu_moe <= 0:
+        return None
+    lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    ggml, base = ctypes.CDLL(os.path.join(lib_dir, "libggml.so")), ctypes.CDLL(os.path.join(lib_dir, "libggml-base.so"))
+    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    base.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
+    base.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
+    cpu = base.ggml_backend_dev_buffer_type(ggml.ggml_backend_dev_by_type(0))  # GGML_BACKEND_DEVICE_TYPE_CPU
+    patterns = [EXPERT_LAYER_PATTERN.format(i).encode() for i in range(n_cpu_moe)]
+    array = (BuftOverride * (n_cpu_moe + 1))(*[BuftOverride(p, cpu) for p in patterns], BuftOverride(None, None))
+    _KEEP[:] = [array, patterns]
+    return array
+
+
+def load_model(path: str, mp: dict[str, Any], dry_run: bool = False):
+    """Load the model with the model-level settings; returns (model or None, seconds). A dry run
+    (``no_alloc``) reads only the metadata and simulates the allocations: llama.cpp reports the buffers it
+    would allocate, and reads no weight."""
     params = C.llama_model_default_params()
+    params.no_alloc = dry_run
     params.n_gpu_layers = int(mp["n_gpu_layers"])
-    params.load_mode = C.LLAMA_LOAD_MODE_MMAP if mp.get("use_mmap", True) else C.LLAMA_LOAD_MODE_NONE
+    overrides = cpu_moe_overrides(int(mp.get("n_cpu_moe", 0)))
+    if overrides is not None:
+        params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+    # llama.cpp asserts that a dry run does not map the file (its mmap path hands the mapping to a buffer).
+    mmap = mp.get("use_mmap", True) and not dry_run
+    params.load_mode = C.LLAMA_LOAD_MODE_MMAP if mmap else C.LLAMA_LOAD_MODE_NONE
     params.use_extra_bufts = bool(mp.get("repack", True))
     t0 = time.perf_counter()
-    _fault_point("load")
+    fault_point("load")
     model = C.llama_model_load_from_file(path.encode(), params)
     return model, time.perf_counter() - t0
 
@@ -157,106 +168,28 @@ def new_context(model, cfg: dict[str, Any]):
     cp.type_v = GGML_TYPES[cfg["type_v"]]
     cp.offload_kqv = cfg["offload_kqv"]
     cp.swa_full = cfg["swa_full"]
-    _fault_point("context")
+    cp.n_seq_max = cfg.get("n_parallel", 1)
+    cp.kv_unified = True  # llama-server's slots share one cache of n_ctx cells, as llama-batched-bench's default
+    fault_point("context")
     return C.llama_init_from_model(model, cp)
-
-
-class Timer:
-    """Runs llama-bench's prompt and generation tests on one context."""
-
-    def __init__(self, ctx, model, cfg: dict[str, Any]):
-        self.ctx = ctx
-        self.cfg = cfg
-        vocab = C.llama_model_get_vocab(model)
-        self.n_vocab = C.llama_vocab_n_tokens(vocab)
-        self.bos = C.llama_vocab_bos(vocab) if C.llama_vocab_get_add_bos(vocab) else None
-        self.rng = random.Random(cfg["seed"])
-        self.memory = C.llama_get_memory(ctx)
-
-    def _tokens(self, n: int, first: bool) -> ctypes.Array:
-        toks = [self.rng.randrange(self.n_vocab) for _ in range(n)]
-        if first and self.bos is not None:
-            toks[0] = self.bos
-        return (C.llama_token * n)(*toks)
-
-    def _decode(self, arr: ctypes.Array, n: int) -> None:
-        rc = C.llama_decode(self.ctx, C.llama_batch_get_one(arr, n))
-        if rc != 0:
-            raise DecodeError(f"llama_decode returned {rc}")
-
-    def prompt(self, n_prompt: int) -> int:
-        """Decode n_prompt random tokens in n_batch chunks; return elapsed ns."""
-        n_batch = self.cfg["n_batch"]
-        chunks = [(self._tokens(min(n_batch, n_prompt - i), i == 0), min(n_batch, n_prompt - i))
-                  for i in range(0, n_prompt, n_batch)]
-        t0 = time.perf_counter_ns()
-        for arr, n in chunks:
-            self._decode(arr, n)
-        C.llama_synchronize(self.ctx)
-        return time.perf_counter_ns() - t0
-
-    def generate(self, n_gen: int) -> int:
-        """Decode n_gen single tokens, synchronizing after each; return elapsed ns."""
-        arrs = [self._tokens(1, i == 0) for i in range(n_gen)]
-        t0 = time.perf_counter_ns()
-        for arr in arrs:
-            self._decode(arr, 1)
-            C.llama_synchronize(self.ctx)
-        return time.perf_counter_ns() - t0
-
-    def _reset(self) -> None:
-        C.llama_memory_clear(self.memory, False)
-        if self.cfg["n_depth"]:
-            self.prompt(self.cfg["n_depth"])
-
-    def run(self) -> dict[str, list[int]]:
-        """Warmup and repetitions of the pp and tg tests; per-repetition ns for each.
-
-        Python's cyclic garbage collector is off meanwhile: a full collection of the
-        interpreter's heap, taken between two tokens, is a pause llama.cpp does not have.
-        """
-        gc.collect()
-        gc.disable()
-        try:
-            return self._run()
-        finally:
-            gc.enable()
-
-    def _run(self) -> dict[str, list[int]]:
-        cfg, out = self.cfg, {"pp_ns": [], "tg_ns": []}
-        if cfg["n_prompt"]:
-            C.llama_memory_clear(self.memory, False)
-            self.prompt(cfg["n_prompt"])  # warmup
-            _fault_point("pp")
-            for _ in range(cfg["repetitions"]):
-                self._reset()
-                out["pp_ns"].append(self.prompt(cfg["n_prompt"]))
-        if cfg["n_gen"]:
-            C.llama_memory_clear(self.memory, False)
-            self.generate(1)  # warmup
-            _fault_point("tg")
-            for _ in range(cfg["repetitions"]):
-                self._reset()
-                out["tg_ns"].append(self.generate(cfg["n_gen"]))
-        return out
 
 
 def run_job(job: dict[str, Any], events: Events) -> None:
     """Load the model once and measure every run of the job, streaming events."""
-    global _current_run
-    _current_run = job["runs"][0]["index"]
+    timing.current_run = job["runs"][0]["index"]
     events.send("env", **environment())  # its "rss" is the interpreter's baseline, before llama.cpp
     C.llama_backend_init()
-    model, load_s = load_model(job["model_path"], job["model_params"])
+    dry = DRY_RUN["on"] = bool(job.get("dry_run"))
+    model, load_s = load_model(job["model_path"], job["model_params"], dry_run=dry)
     if not model:
         for run in job["runs"]:
             events.send("result", index=run["index"], status="load_error",
                         reason="llama.cpp could not load the model (llama_model_load_from_file failed)")
         return
-    events.send("loaded", load_time_s=load_s, loaded_model=describe_model(model))
+    events.send("loaded", load_time_s=load_s, loaded_model=describe_model(model), overridden=dict(OVERRIDDEN))
     for n, run in enumerate(job["runs"]):
         cfg = run["config"]
-        _current_run = run["index"]
+        timing.current_run = run["index"]
         events.send("start", index=run["index"])
         if n:  # the first run's peak includes loading the model
             reset_peak_rss()
@@ -268,20 +201,26 @@ def run_job(job: dict[str, Any], events: Events) -> None:
             events.send("result", index=run["index"], status="load_error",
                         reason="llama.cpp could not create the context (llama_init_from_model failed)")
             continue
+        if dry:  # what llama.cpp would allocate for this configuration, and nothing measured
+            events.send("result", index=run["index"], status="ok", buffers=BUFFERS)
+            C.llama_free(ctx)
+            continue
         pools = attach_threadpools(ctx, cfg["n_threads"], cfg["n_threads_batch"])
         ctx_s = time.perf_counter() - t0
+        timer = Timer(ctx, model, cfg)
         try:
-            timings = Timer(ctx, model, cfg).run()
+            timings = timer.run()
         except DecodeError as exc:
             events.send("result", index=run["index"], status="crash", reason=str(exc), context_time_s=ctx_s)
         else:
             events.send("result", index=run["index"], status="ok", load_time_s=load_s, context_time_s=ctx_s,
                         buffers=BUFFERS, **timings)
         finally:
+            timer.free()
             C.llama_free(ctx)
             pools.free()
     C.llama_model_free(model)
-    _fault_point("shutdown")  # after every result is sent: as a driver or an atexit handler may hang
+    fault_point("shutdown")  # after every result is sent: as a driver or an atexit handler may hang
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -303,8 +242,17 @@ def main(argv: list[str] | None = None) -> None:
 def _LOG_CALLBACK(level, text, user_data):  # noqa: N802 - ctypes callback
     """Send every llama.cpp log line to stderr, where the parent keeps it; note buffer sizes."""
     line = text.decode("utf-8", errors="replace")
+    o = OVERRIDE_LINE.search(line)
+    if o:
+        OVERRIDDEN[o.group(1)] = o.group(2)
+    k = KV_SIZE_LINE.search(line)
+    if k and DRY_RUN["on"]:  # the cache's size, on the device of the buffer line before it (one device: exact)
+        dev = DRY_RUN["kv_device"]
+        BUFFERS["kv"][dev] = BUFFERS["kv"].get(dev, 0) + int(float(k.group(1)) * 2**20)
     m = BUFFER_LINE.search(line)
-    if m:
+    if m and m.group(2) == "KV" and DRY_RUN["on"]:
+        DRY_RUN["kv_device"] = m.group(1)
+    elif m:
         kind = m.group(2).lower()
         BUFFERS[kind][m.group(1)] = BUFFERS[kind].get(m.group(1), 0) + int(float(m.group(3)) * 2**20)
     sys.stderr.write(line)

@@ -17,12 +17,13 @@ from typing import Any
 import psutil
 
 from tuner.errors import UserError
+from tuner.measure.workloads import PROBE_TOKENS, WORKLOADS, is_curve
 from tuner.model.info import KV_CACHE_TYPES, ModelInfo
 
-MODEL_KEYS = ("n_gpu_layers", "use_mmap", "repack")
+MODEL_KEYS = ("n_gpu_layers", "n_cpu_moe", "use_mmap", "repack")
 CONTEXT_KEYS = ("n_ctx", "n_batch", "n_ubatch", "n_threads", "n_threads_batch", "flash_attn",
-                "type_k", "type_v", "offload_kqv", "swa_full")
-TEST_KEYS = ("n_prompt", "n_gen", "n_depth", "repetitions", "seed")
+                "type_k", "type_v", "offload_kqv", "swa_full", "n_parallel")
+TEST_KEYS = ("workload", "n_prompt", "n_gen", "n_depth", "repetitions", "seed")
 # Cache types that store V at less than 16 bits: llama.cpp needs flash attention for them.
 QUANTIZED_CACHE_TYPES = tuple(t for t in KV_CACHE_TYPES if t not in ("f32", "f16", "bf16"))
 MAX_THREADS = 1024
@@ -47,7 +48,8 @@ class BenchConfig:
 
     # model load
     n_gpu_layers: int = 0
-    use_mmap: bool = True
+    n_cpu_moe: int = 0  # the first N layers keep their expert tensors in host memory (llama-server --n-cpu-moe N)
+    use_mmap: bool = True  # load mode: mmap, or read into llama.cpp's buffers (llama-server --no-mmap)
     repack: bool = True  # llama.cpp's extra CPU weight buffers (repacked, AMX): llama-bench --repack
     # context
     n_ctx: int = 4096
@@ -60,7 +62,9 @@ class BenchConfig:
     type_v: str = "f16"
     offload_kqv: bool = True
     swa_full: bool = False
-    # test
+    n_parallel: int = 1  # sequences (llama-server --parallel slots) sharing the context's n_ctx cells
+    # test: what is measured (tuner.measure.workloads)
+    workload: str = "pp-tg"
     n_prompt: int = 512
     n_gen: int = 128
     n_depth: int = 0
@@ -126,7 +130,10 @@ class BenchConfig:
             InvalidConfig: a configuration llama.cpp would reject, clamp or misread.
         """
         _check_range("n_gpu_layers", self.n_gpu_layers, -1, None)
-        for key in ("n_ctx", "n_batch", "n_ubatch", "repetitions"):
+        _check_range("n_cpu_moe", self.n_cpu_moe, 0, None)
+        if self.workload not in WORKLOADS:
+            raise InvalidConfig(f"unknown workload {self.workload!r}", f"use one of {', '.join(WORKLOADS)}")
+        for key in ("n_ctx", "n_batch", "n_ubatch", "repetitions", "n_parallel"):
             _check_range(key, getattr(self, key), 1, None)
         for key in ("n_threads", "n_threads_batch"):
             if getattr(self, key) is not None:
@@ -141,10 +148,7 @@ class BenchConfig:
         if self.n_batch > self.n_ctx:
             raise InvalidConfig(f"n_batch {self.n_batch} > n_ctx {self.n_ctx}: llama.cpp would clamp it",
                                 "use a batch no larger than the context")
-        need = self.n_depth + max(self.n_prompt, self.n_gen)
-        if need > self.n_ctx:
-            raise InvalidConfig(f"n_ctx {self.n_ctx} is too small for depth {self.n_depth} + "
-                                f"{max(self.n_prompt, self.n_gen)} test tokens", f"use n_ctx >= {need}")
+        self._check_context()
         for key in ("type_k", "type_v"):
             if getattr(self, key) not in KV_CACHE_TYPES:
                 raise InvalidConfig(f"unknown {key} {getattr(self, key)!r}", f"use one of {', '.join(KV_CACHE_TYPES)}")
@@ -156,9 +160,39 @@ class BenchConfig:
                 raise InvalidConfig(f"n_gpu_layers {self.n_gpu_layers} > {model.n_gpu_layers_all} "
                                     f"(the model has {model.n_layer} layers + output)",
                                     f"use at most {model.n_gpu_layers_all}, or -1 for all")
+            if self.n_cpu_moe and not model.is_moe:
+                raise InvalidConfig(f"n_cpu_moe {self.n_cpu_moe} needs a mixture-of-experts model, and "
+                                    f"{model.file_name} has no expert tensors", "leave n_cpu_moe at 0")
+            if self.n_cpu_moe > model.n_layer:
+                raise InvalidConfig(f"n_cpu_moe {self.n_cpu_moe} > the model's {model.n_layer} layers",
+                                    f"use at most {model.n_layer} (every layer's experts in host memory)")
             if model.n_ctx_train and self.n_ctx > model.n_ctx_train:
                 raise InvalidConfig(f"n_ctx {self.n_ctx} exceeds the model's training context "
                                     f"{model.n_ctx_train}", f"use n_ctx <= {model.n_ctx_train}")
+
+
+    def context_needed(self) -> int:
+        """The cells the test fills: depth and the larger test (pp-tg), depth, prompt and answer (curves), or
+        every stream's prompt and answer (server)."""
+        if self.workload == "server":
+            return self.n_parallel * (self.n_prompt + self.n_gen)
+        if is_curve(self.workload):  # the probe at the answer's end generates past it
+            return self.n_depth + self.n_prompt + self.n_gen + PROBE_TOKENS
+        return self.n_depth + max(self.n_prompt, self.n_gen)
+
+    def _check_context(self) -> None:
+        need = self.context_needed()
+        if need > self.n_ctx:
+            test = self.n_prompt + self.n_gen if is_curve(self.workload) else max(self.n_prompt, self.n_gen)
+            what = (f"{self.n_parallel} streams of {self.n_prompt} + {self.n_gen} tokens" if self.workload == "server"
+                    else f"depth {self.n_depth} + {test} test tokens")
+            raise InvalidConfig(f"n_ctx {self.n_ctx} is too small for {what}", f"use n_ctx >= {need}")
+        if self.n_parallel > 1 and self.workload != "server":
+            raise InvalidConfig(f"n_parallel {self.n_parallel} needs the server workload",
+                                "add --workload server, or leave n_parallel at 1")
+        if self.workload != "pp-tg" and (self.n_prompt == 0 or self.n_gen == 0):
+            raise InvalidConfig(f"the {self.workload} workload needs a prompt and an answer",
+                                "give it prompt and generated tokens above 0")
 
 
 def _check_range(key: str, value: Any, lo: int, hi: int | None) -> None:

@@ -43,7 +43,8 @@ from tuner.measure.environment import machine_environment
 from tuner.measure.peak_memory import MemorySampler
 from tuner.measure.probe import GpuProbe, NoGpuProbe, visible_gpu_index
 from tuner.measure.repack_check import CHECK, check_model, cpu_has_amx, repack_crash_reason
-from tuner.measure.result import Environment, Rates, Status, TrialResult
+from tuner.model.gguf_header import read_gguf_header
+from tuner.measure.result import DepthCurve, Environment, Status, TrialResult, workload_rates
 
 _CHECKED: dict[str, str | None] = {}  # the repack check's answer, once per process
 OOM_PATTERN = re.compile(r"out of memory|cannot allocate memory|cudaMalloc failed|failed to allocate|"
@@ -60,6 +61,10 @@ class Launcher(ABC):
     @abstractmethod
     def measure(self, model_path: str, configs: Sequence[BenchConfig]) -> Iterator[TrialResult]:
         """Yield one result per config; never raises for a failed measurement."""
+
+    def dry_run(self, model_path: str, configs: Sequence[BenchConfig]) -> list[TrialResult]:
+        """What llama.cpp would allocate for each configuration, without allocating (empty: not supported)."""
+        return []
 
     def repack_crash(self) -> str | None:
         """Why configurations with repack on cannot run on this machine, or None where they can."""
@@ -131,13 +136,27 @@ class SubprocessLauncher(Launcher):
         """What NVML reports free on this launcher's GPU (None without one)."""
         return self.probe.memory(self.gpu_index).free if self.gpu_index is not None else None
 
-    def _run_child(self, model_path: str, runs: list[tuple[int, BenchConfig]]) -> list[TrialResult]:
-        """Measure ``runs`` in one child; returns results for a prefix of them (at least one)."""
+    def dry_run(self, model_path: str, configs: Sequence[BenchConfig]) -> list[TrialResult]:
+        """What llama.cpp would allocate for each configuration, from a load with ``no_alloc`` (metadata only,
+        allocations simulated): results with ``buffers`` and no timings, all in one child per model setting."""
+        out: list[TrialResult] = []
+        for _, group in groupby(list(configs), key=lambda c: json.dumps(c.resolved().model_params(), sort_keys=True)):
+            pending = [(i, c.resolved()) for i, c in enumerate(group)]
+            while pending:
+                results = self._run_child(model_path, pending, dry_run=True)
+                out += results
+                pending = pending[len(results):]
+        return out
+
+    def _run_child(self, model_path: str, runs: list[tuple[int, BenchConfig]],
+                   dry_run: bool = False) -> list[TrialResult]:
+        """Measure ``runs`` in one child (or only simulate their allocations); returns results for a prefix
+        of them (at least one)."""
         env = machine_environment(self.probe, self.gpu_index)
         before = self.probe.memory(self.gpu_index) if self.gpu_index is not None else None
         ram_before = int(psutil.virtual_memory().available)
         job = {"model_path": os.path.abspath(model_path), "model_params": runs[0][1].model_params(),
-               "runs": [{"index": i, "config": cfg.to_dict()} for i, cfg in runs]}
+               "runs": [{"index": i, "config": cfg.to_dict()} for i, cfg in runs], "dry_run": dry_run}
         log = tempfile.TemporaryFile(mode="w+", prefix="llama-tuner-child-")
         read_fd, write_fd = os.pipe()
         started, t_spawn = _now(), time.monotonic()
@@ -152,7 +171,7 @@ class SubprocessLauncher(Launcher):
                                 vram_used_before=before.used if before else None,
                                 interval=self.sample_interval).start()
         results: list[TrialResult] = []
-        load_time, timed_out, t_run, base_rss, loaded_model = None, False, t_spawn, None, None
+        load_time, timed_out, t_run, base_rss, loaded_model, overridden = None, False, t_spawn, None, None, None
         try:
             proc.stdin.write(json.dumps(job))
             proc.stdin.close()
@@ -172,6 +191,7 @@ class SubprocessLauncher(Launcher):
                     env.gpu_offload, env.system_info = ev["gpu_offload"], ev["system_info"]
                 elif kind == "loaded":
                     load_time, loaded_model = ev["load_time_s"], ev.get("loaded_model")
+                    overridden = _with_bytes(model_path, ev.get("overridden") or {})
                 elif kind == "result":
                     peaks = sampler.window()
                     peaks.add_rss(ev["rss"])
@@ -180,6 +200,7 @@ class SubprocessLauncher(Launcher):
                                                     started, log))
                     results[-1].base_rss_bytes = base_rss
                     results[-1].loaded_model = loaded_model
+                    results[-1].overridden = overridden
                     results[-1].wall_time_s = time.monotonic() - t_run  # the first run's includes the spawn
                     t_run, started = time.monotonic(), _now()
         finally:
@@ -221,15 +242,23 @@ class SubprocessLauncher(Launcher):
                 status = Status.OOM
             evidence = evidence_line(tail)
             reason = f"{reason}: {evidence}" if evidence else reason
+        curve = DepthCurve(**ev["curve"]) if ev.get("curve") else None
+        pp, tg = workload_rates(cfg, ev.get("pp_ns") or [], ev.get("tg_ns") or [], curve)
         return TrialResult(
-            status, cfg, model_path, reason=reason, log_tail=tail,
-            pp=Rates(cfg.n_prompt, ev["pp_ns"]) if ev.get("pp_ns") else None,
-            tg=Rates(cfg.n_gen, ev["tg_ns"]) if ev.get("tg_ns") else None,
+            status, cfg, model_path, reason=reason, log_tail=tail, pp=pp, tg=tg, curve=curve,
             load_time_s=ev.get("load_time_s", load_time), context_time_s=ev.get("context_time_s"),
             buffers=ev.get("buffers"),
             peak_rss_bytes=peaks.rss or None, peak_vram_bytes=peaks.vram,
             vram_free_before_bytes=before.free if before else None, ram_available_before_bytes=ram_before,
             env=Environment(**env.__dict__), started_at=started)
+
+
+def _with_bytes(model_path: str, overridden: dict[str, str]) -> dict[str, dict[str, Any]] | None:
+    """The tensors llama.cpp placed by override, each with its buffer and its bytes (from the GGUF header)."""
+    if not overridden:
+        return None
+    sizes = {t.name: t.n_bytes for t in read_gguf_header(model_path).tensors}
+    return {name: {"buffer": buft, "bytes": sizes.get(name, 0)} for name, buft in sorted(overridden.items())}
 
 
 def _read_events(fd: int, out: queue.Queue) -> None:

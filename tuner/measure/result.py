@@ -13,6 +13,7 @@ from enum import Enum
 from typing import Any
 
 from tuner.measure.config import BenchConfig
+from tuner.measure.workloads import answer_ns, is_curve
 
 
 class Status(str, Enum):
@@ -55,6 +56,40 @@ class Rates:
         """Coefficient of variation: stddev / mean."""
         m = self.mean
         return self.stddev / m if m else math.nan
+
+
+@dataclass
+class DepthCurve:
+    """A depth curve's raw times, per repetition (see :mod:`tuner.measure.workloads`): ``span_ns[r][i]`` filled
+    the context from ``depths[i]`` to ``depths[i + 1]``; ``probe_ns[r][i]`` generated ``probe_tokens`` at
+    ``depths[i]``."""
+
+    depths: list[int]
+    probe_tokens: int
+    span_ns: list[list[int]]
+    probe_ns: list[list[int]]
+
+    def tg_rates(self) -> list[float]:
+        """Mean generation t/s at each depth, over the repetitions."""
+        return [statistics.fmean(1e9 * self.probe_tokens / r[i] for r in self.probe_ns)
+                for i in range(len(self.depths))]
+
+    def pp_rates(self) -> list[float]:
+        """Mean prompt t/s of each span (filling up to ``depths[i + 1]``), over the repetitions."""
+        return [statistics.fmean(1e9 * (self.depths[i + 1] - self.depths[i]) / r[i] for r in self.span_ns)
+                for i in range(len(self.depths) - 1)]
+
+
+def workload_rates(config: BenchConfig, pp_ns: list[int], tg_ns: list[int],
+                   curve: DepthCurve | None) -> tuple[Rates | None, Rates | None]:
+    """(pp, tg) of a measurement: llama-bench's tests as measured; a depth curve's prompt and answer (the
+    prompt's tokens over its time, the answer's tokens over its integrated time); a server's aggregate."""
+    if curve is not None:
+        times = [answer_ns(curve.depths, spans, probes, curve.probe_tokens, config.n_depth, config.n_prompt,
+                           config.n_gen) for spans, probes in zip(curve.span_ns, curve.probe_ns)]
+        return Rates(config.n_prompt, [t[0] for t in times]), Rates(config.n_gen, [t[1] for t in times])
+    n = config.n_parallel if config.workload == "server" else 1
+    return (Rates(n * config.n_prompt, pp_ns) if pp_ns else None, Rates(n * config.n_gen, tg_ns) if tg_ns else None)
 
 
 @dataclass(kw_only=True)
@@ -122,6 +157,8 @@ class TrialResult:
     started_at: str = ""
     interleaved: Interleaved | None = None
     loaded_model: dict[str, Any] | None = None  # llama.cpp's type, size and n_params of the model (llama-bench's)
+    curve: DepthCurve | None = None  # the raw depth curve of a chat, reasoning, long or custom workload
+    overridden: dict[str, dict[str, Any]] | None = None  # tensors llama.cpp placed by override: {name: {buffer, bytes}}
 
     @property
     def ok(self) -> bool:
@@ -137,6 +174,25 @@ class TrialResult:
     def pp_mean(self) -> float | None:
         """Mean prompt-processing rate (t/s), if measured."""
         return self.pp.mean if self.pp and self.pp.samples_ns else None
+
+    @property
+    def answer(self) -> Rates | None:
+        """Answers per second of each repetition of a chat, reasoning, long or custom workload: one answer over
+        the prompt's and the generation's time (its inverse is :attr:`time_to_answer_s`)."""
+        if not is_curve(self.config.workload) or not (self.pp and self.tg):
+            return None
+        return Rates(1, [a + b for a, b in zip(self.pp.samples_ns, self.tg.samples_ns)])
+
+    @property
+    def time_to_answer_s(self) -> float | None:
+        """Mean seconds from sending the prompt to the answer's last token (curve workloads)."""
+        a = self.answer
+        return statistics.fmean(a.samples_ns) / 1e9 if a and a.samples_ns else None
+
+    @property
+    def stream_tg_mean(self) -> float | None:
+        """Generation t/s each stream sees: the aggregate over ``n_parallel`` (server workload)."""
+        return self.tg_mean / self.config.n_parallel if self.tg_mean is not None else None
 
     def allocated_bytes(self, device: str) -> int | None:
         """What llama.cpp allocated on ``device`` ("gpu" or "host"): model, KV and compute buffers."""
@@ -197,6 +253,8 @@ class TrialResult:
         d["env"] = Environment(**d.get("env", {}))
         if d.get("interleaved"):
             d["interleaved"] = Interleaved(**d["interleaved"])
+        if d.get("curve"):
+            d["curve"] = DepthCurve(**d["curve"])
         return cls(**d)
 
 
@@ -222,7 +280,11 @@ def merge_rounds(parts: list[TrialResult], interleaved: Interleaved) -> TrialRes
         return max(values) if values else None
 
     first = parts[0]
+    curve = None
+    if first.curve is not None:
+        curve = replace(first.curve, span_ns=[r for p in parts for r in p.curve.span_ns],
+                        probe_ns=[r for p in parts for r in p.curve.probe_ns])
     return replace(first, config=replace(first.config, repetitions=sum(p.config.repetitions for p in parts)),
-                   pp=joined("pp"), tg=joined("tg"), peak_rss_bytes=largest("peak_rss_bytes"),
+                   pp=joined("pp"), tg=joined("tg"), curve=curve, peak_rss_bytes=largest("peak_rss_bytes"),
                    peak_vram_bytes=largest("peak_vram_bytes"),
                    wall_time_s=sum(p.wall_time_s or 0.0 for p in parts), interleaved=interleaved)

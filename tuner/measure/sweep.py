@@ -44,6 +44,8 @@ def build_configs(values: dict[str, str | None], model: ModelInfo | None) -> lis
     defaults = BenchConfig()
     for combo in expand_sweep(values):
         cfg = BenchConfig.from_dict(combo)
+        if "n_ctx" not in combo and cfg.workload != "pp-tg":
+            cfg = replace(cfg, n_ctx=cfg.context_needed())
         if "n_batch" not in combo:
             cfg = replace(cfg, n_batch=min(defaults.n_batch, cfg.n_ctx))
         if "n_ubatch" not in combo:
@@ -56,6 +58,10 @@ def per_test_configs(cfg: BenchConfig) -> list[BenchConfig]:
     """llama-bench's tests of ``cfg``: pp and tg measured apart, each in a context of its own tokens
     (``n_prompt`` or ``n_gen``, plus ``n_depth``), the batch sizes clamped to it as llama.cpp clamps them.
     This is what ``bench`` measures unless ``-c`` is given."""
+    if cfg.workload != "pp-tg":  # one test of all its tokens
+        n_ctx = cfg.context_needed()
+        n_batch = min(cfg.n_batch, n_ctx)
+        return [replace(cfg, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(cfg.n_ubatch, n_batch))]
     out = []
     for n_prompt, n_gen in ((cfg.n_prompt, 0), (0, cfg.n_gen)):
         if n_prompt or n_gen:

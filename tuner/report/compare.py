@@ -9,9 +9,12 @@ not, the difference in achieved bandwidth (partial offload, CPU layers) says why
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
+from tuner.measure.workloads import PRESETS, is_curve
 from tuner.model.facts import TokenCost
+from tuner.study.quality_gate import kld_text
 from tuner.report.tables import markdown_table
 from tuner.units import format_size
 
@@ -30,6 +33,11 @@ class ModelRow:
     headroom: int | None
     cost: TokenCost
     peak_bandwidth_gbs: float | None
+    kv_quality: str = "-"  # the KL divergence of the preset's KV cache against f16 (quality_gate.kld_text)
+    workload: str = "pp-tg"
+    answer_s: float | None = None  # seconds to answer the workload
+    prompt_s: float | None = None  # the prompt's share of it
+    answer_how: str = ""  # "measured" (the study measured this workload's depth curve) or "estimated"
 
     @property
     def bandwidth_gbs(self) -> float:
@@ -37,18 +45,36 @@ class ModelRow:
         return self.tg * self.cost.total / 1e9
 
 
-def row_for(view, preset: str = "fastest") -> ModelRow | None:
-    """The comparison row of ``view``'s preset (None when the study has no such preset)."""
+def answer_seconds(f, workload: str) -> tuple[float | None, float | None, str]:
+    """(seconds to answer ``workload``, the prompt's share, how it was found) for a measured preset: measured where
+    the study measured that workload's depth curve, else estimated from its pp and tg (which omits the slowdown as
+    the context fills, so it is a lower bound); (None, None, "") for pp-tg and server."""
+    if not is_curve(workload):
+        return None, None, ""
+    if f.curve is not None and f.config.workload == workload:
+        return f.time_to_answer_s, statistics.fmean(f.pp.samples_ns) / 1e9, "measured"
+    w = PRESETS[workload]
+    prompt = w.n_prompt / f.pp_mean
+    return prompt + w.n_gen / f.tg_mean, prompt, f"estimated from pp{f.config.n_prompt}/tg{f.config.n_gen}"
+
+
+def row_for(view, preset: str = "fastest", workload: str | None = None) -> ModelRow | None:
+    """The comparison row of ``view``'s preset for ``workload`` (default: the study's own); None when the
+    study has no such preset."""
     p = view.presets.get(preset)
     if p is None:
         return None
     f = p.candidate.figures
     c = f.config
-    depth = c.n_depth + c.n_gen / 2  # the average cache depth during the tg test
-    cost = view.facts.token_cost(c.n_gpu_layers, c.type_k, c.type_v, depth)
+    workload = workload or view.workload
+    depth = c.n_depth + c.n_gen / 2 if c.workload == "pp-tg" else c.n_depth + c.n_prompt + c.n_gen / 2
+    cost = view.facts.token_cost(c.n_gpu_layers, c.type_k, c.type_v, depth)  # at the average depth of generation
+    answer, prompt, how = answer_seconds(f, workload)
     return ModelRow(study=view.name, model=view.model_file, preset=preset, tg=f.tg_mean, pp=f.pp_mean, n_ctx=c.n_ctx,
                     peak=f.peak_memory_bytes, headroom=f.headroom_bytes, cost=cost,
-                    peak_bandwidth_gbs=view.environment.gpu_peak_bandwidth_gbs)
+                    peak_bandwidth_gbs=view.environment.gpu_peak_bandwidth_gbs,
+                    kv_quality=kld_text(c, view.kv_quality), workload=workload, answer_s=answer, prompt_s=prompt,
+                    answer_how=how)
 
 
 def _gbs(x: float) -> str:
@@ -84,15 +110,33 @@ def versus(a: ModelRow, b: ModelRow) -> str:
     return f"{a.model} generates {speed:.2f}x as fast as {b.model}: {why}."
 
 
+def sooner(a: ModelRow, b: ModelRow) -> str:
+    """Why ``a`` answers the workload sooner than ``b``: the seconds, split into prompt and generation."""
+    def parts(r: ModelRow) -> str:
+        return f"{r.prompt_s:.1f} s prompt + {r.answer_s - r.prompt_s:.1f} s generating"
+    return (f"{a.model} answers a {a.workload} request in {a.answer_s:.1f} s ({parts(a)}), {b.model} in "
+            f"{b.answer_s:.1f} s ({parts(b)}): {b.answer_s / a.answer_s:.2f}x sooner.")
+
+
 def compare_text(rows: list[ModelRow]) -> str:
-    """The side-by-side table, one explanation per model, and pairwise reasons."""
-    cols = ("study", "model", "preset", "tg t/s", "pp t/s", "n_ctx", "peak mem", "headroom", "bytes/token",
-            "GB/s", "offloaded")
-    table = markdown_table([[r.study, r.model, r.preset, f"{r.tg:.2f}", f"{r.pp:.2f}", str(r.n_ctx),
-                             format_size(r.peak), format_size(r.headroom), format_size(r.cost.total),
-                             _gbs(r.bandwidth_gbs), f"{r.cost.offloaded_layers}/{r.cost.n_layer}"]
+    """The side-by-side table, one explanation per model, and pairwise reasons (seconds to answer first, for a
+    chat, reasoning, long or custom workload)."""
+    answers = all(r.answer_s is not None for r in rows)
+    cols = (("study", "model", "preset") + ((f"{rows[0].workload} s", "how") if answers else ())
+            + ("tg t/s", "pp t/s", "n_ctx", "KV KLD", "peak mem", "headroom", "bytes/token", "GB/s", "offloaded"))
+    table = markdown_table([[r.study, r.model, r.preset]
+                            + ([f"{r.answer_s:.2f}", r.answer_how] if answers else [])
+                            + [f"{r.tg:.2f}", f"{r.pp:.2f}", str(r.n_ctx), r.kv_quality,
+                               format_size(r.peak), format_size(r.headroom), format_size(r.cost.total),
+                               _gbs(r.bandwidth_gbs), f"{r.cost.offloaded_layers}/{r.cost.n_layer}"]
                             for r in rows], cols)
     lines = [table, ""] + [f"- {explain(r)}" for r in rows]
+    if answers:
+        ranked = sorted(rows, key=lambda r: r.answer_s)
+        lines += [""] + [f"- {sooner(ranked[0], r)}" for r in ranked[1:]]
+        if any(r.answer_how != "measured" for r in rows):
+            lines.append(f"- estimated: from pp and tg near depth 0, so without the slowdown as the context fills; "
+                         f"tune with --workload {rows[0].workload} to measure it")
     ranked = sorted(rows, key=lambda r: -r.tg)
     lines += [""] + [f"- {versus(ranked[0], r)}" for r in ranked[1:]]
     return "\n".join(lines).rstrip() + "\n"

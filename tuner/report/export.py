@@ -25,13 +25,18 @@ _GGML_TYPE_NAMES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", 
 def llama_server_args(model_path: str, c: BenchConfig, program: str = "llama-server") -> list[str]:
     """The llama-server argument list for ``c`` (the program first).
 
-    ``--parallel 1`` is explicit: the figures are for one sequence, and a server
-    with several slots divides the context among them.
+    ``--parallel`` is explicit: the figures are for one sequence (or, for the server
+    workload, for its N streams), and a server with several slots divides the
+    context among them unless its cache is unified, as it was measured (``--kv-unified``).
     """
     args = [program, "-m", model_path, "--ctx-size", str(c.n_ctx), "--batch-size", str(c.n_batch),
             "--ubatch-size", str(c.n_ubatch), "--n-gpu-layers", str(c.n_gpu_layers), "--threads", str(c.n_threads),
             "--threads-batch", str(c.n_threads_batch), "--flash-attn", "on" if c.flash_attn else "off",
-            "--cache-type-k", c.type_k, "--cache-type-v", c.type_v, "--parallel", "1"]
+            "--cache-type-k", c.type_k, "--cache-type-v", c.type_v, "--parallel", str(c.n_parallel)]
+    if c.n_parallel > 1:
+        args.append("--kv-unified")
+    if c.n_cpu_moe:
+        args += ["--n-cpu-moe", str(c.n_cpu_moe)]
     if not c.use_mmap:
         args.append("--no-mmap")
     if not c.repack:
@@ -89,6 +94,14 @@ def llama_cpp_python_snippet(model_path: str, c: BenchConfig) -> str:
     if not c.repack:
         lines += ["# measured with weight repacking off (llama-server --no-repack); Llama(...) has no setting "
                   "for it", ""]
+    if c.n_cpu_moe:
+        lines += [f"# measured with the expert tensors of the first {c.n_cpu_moe} layers in host memory "
+                  f"(llama-server --n-cpu-moe {c.n_cpu_moe}); Llama(...) has no keyword for it (its "
+                  "tensor_buft_overrides field is never filled): use llama-server, or load through llama.cpp's API",
+                  ""]
+    if c.n_parallel > 1:
+        lines += [f"# measured as {c.n_parallel} streams decoding together (llama-server --parallel "
+                  f"{c.n_parallel}); one Llama serves one stream at a time", ""]
     lines.append("llm = Llama(")
     for k, v in kw.items():
         value = f"llama_cpp.{v}" if k in ("type_k", "type_v") else repr(v)
@@ -101,13 +114,21 @@ def ollama_modelfile(model_path: str, c: BenchConfig, header: str = "") -> str:
     and uses ``num_thread`` for prompts too; flash attention and the KV cache type are server settings."""
     lines = [f"# {line}" for line in header.splitlines()] if header else []
     source = json.dumps(model_path) if any(ch.isspace() for ch in model_path) else model_path
-    lines += [f"FROM {source}", f"PARAMETER num_ctx {c.n_ctx}", f"PARAMETER num_batch {c.n_ubatch}",
+    # Ollama gives each of its OLLAMA_NUM_PARALLEL requests a num_ctx of its own.
+    lines += [f"FROM {source}", f"PARAMETER num_ctx {c.n_ctx // c.n_parallel}", f"PARAMETER num_batch {c.n_ubatch}",
               f"PARAMETER num_gpu {c.n_gpu_layers}", f"PARAMETER num_thread {c.n_threads}"]
     if c.n_threads_batch != c.n_threads:
         lines.append(f"# measured with {c.n_threads_batch} prompt threads; Ollama uses num_thread for both")
     if not c.repack:
         lines.append("# measured with weight repacking off (llama-server --no-repack); Ollama has no setting for it")
+    if c.n_cpu_moe:
+        lines.append(f"# measured with the expert tensors of the first {c.n_cpu_moe} layers in host memory "
+                     f"(llama-server --n-cpu-moe {c.n_cpu_moe}); Ollama has no expert placement: it offloads "
+                     "whole layers only")
     server = [f"OLLAMA_FLASH_ATTENTION={int(c.flash_attn)}"]
+    if c.n_parallel > 1:
+        server.append(f"OLLAMA_NUM_PARALLEL={c.n_parallel}")
+
     if c.type_k == c.type_v:
         server.append(f"OLLAMA_KV_CACHE_TYPE={c.type_k}")
     else:
@@ -128,12 +149,25 @@ def preset_json(name: str, candidate: Candidate, model_path: str, study: str, en
         "measured": {"tg_tps": f.tg_mean, "tg_stddev": f.tg.stddev if f.tg else None,
                      "pp_tps": f.pp_mean, "pp_stddev": f.pp.stddev if f.pp else None,
                      "repetitions": c.repetitions, "n_prompt": c.n_prompt, "n_gen": c.n_gen, "n_depth": c.n_depth,
-                     "peak_memory_bytes": f.peak_memory_bytes, "headroom_bytes": f.headroom_bytes},
+                     "peak_memory_bytes": f.peak_memory_bytes, "headroom_bytes": f.headroom_bytes,
+                     **workload_figures(f)},
         "gain_over_baselines": gains or {},
         "environment": env,
         "llama_server": llama_server_command(model_path, c),
         "llama_cpp_python": llama_cpp_python_kwargs(model_path, c),
     }
+
+
+def workload_figures(f) -> dict[str, Any]:
+    """What the workload is judged by: seconds to answer and the depth curve, or aggregate and per-stream tg."""
+    c = f.config
+    out: dict[str, Any] = {"workload": c.workload}
+    if f.time_to_answer_s is not None:
+        out["time_to_answer_s"] = f.time_to_answer_s
+        out["depth_curve"] = [{"depth": d, "tg_tps": tg} for d, tg in zip(f.curve.depths, f.curve.tg_rates())]
+    if c.workload == "server":
+        out.update(n_parallel=c.n_parallel, tg_aggregate_tps=f.tg_mean, tg_per_stream_tps=f.stream_tg_mean)
+    return out
 
 
 def gains_over_baselines(view: StudyView, candidate: Candidate) -> dict[str, dict[str, float]]:

@@ -70,7 +70,7 @@ def rows(model: ModelInfo, result: TrialResult, requested: BenchConfig) -> list[
         "model_size": loaded.get("size", model.file_size), "model_n_params": loaded.get("n_params", model.n_params),
         "n_batch": requested.n_batch, "n_ubatch": requested.n_ubatch, "n_threads": c.n_threads, "cpu_mask": "0x0",
         "cpu_strict": False, "poll": 50, "type_k": c.type_k, "type_v": c.type_v, "n_gpu_layers": c.n_gpu_layers,
-        "n_cpu_moe": 0, "split_mode": "layer", "main_gpu": 0, "no_kv_offload": not c.offload_kqv,
+        "n_cpu_moe": c.n_cpu_moe, "split_mode": "layer", "main_gpu": 0, "no_kv_offload": not c.offload_kqv,
         "flash_attn": int(c.flash_attn), "devices": "auto", "tensor_split": "0.00", "tensor_buft_overrides": "none",
         "load_mode": "mmap" if c.use_mmap else "none", "lazy_mode": "auto", "embeddings": False,
         "no_op_offload": 0, "no_host": False, "repack": c.repack, "fit_target": 0, "fit_min_ctx": 0,

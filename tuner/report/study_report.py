@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tuner.measure.workloads import is_curve
 from tuner.report.export import llama_server_command
 from tuner.study.presets import gain
 from tuner.study.quality_gate import excluded_note, kld_text
@@ -34,8 +35,10 @@ def header(view: StudyView) -> str:
     measured = sum(1 for t in view.trials if REUSED_ATTR not in t.user_attrs)
     return (f"study {view.name}: {view.attrs.get('model_file')} on {where}; llama-cpp-python "
             f"{env.llama_cpp_python}, {env.llama_cpp_build}\n"
-            f"objective {view.objective}; budget {format_size(lim.budget_bytes)}, min headroom "
-            f"{format_size(lim.min_headroom_bytes)}, min ctx {lim.min_ctx}; {measured} configurations measured")
+            f"workload {view.workload}, objective {view.objective}; budget {format_size(lim.budget_bytes)}, "
+            f"min headroom {format_size(lim.min_headroom_bytes)}, min ctx {lim.min_ctx}"
+            + (f", min {lim.min_stream_tps:g} t/s per stream" if lim.min_stream_tps else "")
+            + f"; {measured} configurations measured")
 
 
 def trials_table(view: StudyView) -> str:
@@ -59,25 +62,56 @@ def trials_table(view: StudyView) -> str:
     return markdown_table(rows, TRIAL_COLUMNS)
 
 
+def _workload_columns(workload: str) -> list[str]:
+    if is_curve(workload):
+        return ["answer s"]
+    return ["streams", "tg/stream"] if workload == "server" else []
+
+
+def _workload_cells(f, workload: str) -> list[str]:
+    """The figures the workload is judged by: seconds to answer, or streams and each one's tg."""
+    if is_curve(workload):
+        return [f"{f.time_to_answer_s:.2f}" if f.ok and f.time_to_answer_s is not None else "-"]
+    if workload == "server":
+        return [str(f.config.n_parallel), f"{f.stream_tg_mean:.2f}" if f.ok and f.tg else "-"]
+    return []
+
+
 def preset_rows(view: StudyView) -> tuple[list[str], list[list[str]]]:
-    """Columns and rows of the presets table, with the gain over each baseline in %."""
+    """Columns and rows of the presets table, with the gain over each baseline in % (of the objective)."""
     bases = {n: c for n, c in view.baselines.items() if c.figures.ok}
-    columns = list(PRESET_COLUMNS) + [f"tg vs {n}" for n in bases] + [f"pp vs {n}" for n in bases]
+    w, obj = view.workload, view.objective
+    gains = ["tg", "pp"] if obj in ("tg", "pp", "balanced") else [obj]
+    columns = (list(PRESET_COLUMNS) + _workload_columns(w)
+               + [f"{g} vs {n}" for g in gains for n in bases])
     rows = []
     for name, p in view.presets.items():
         f = p.candidate.figures
         rows.append([name, str(p.candidate.trial), *_settings(f.config), _rate(f.tg), _rate(f.pp),
                      format_size(f.peak_memory_bytes), format_size(f.headroom_bytes),
-                     kld_text(f.config, view.kv_quality)]
-                    + [f"{100 * gain(p.candidate, b, 'tg'):+.1f}%" for b in bases.values()]
-                    + [f"{100 * gain(p.candidate, b, 'pp'):+.1f}%" for b in bases.values()])
+                     kld_text(f.config, view.kv_quality), *_workload_cells(f, w)]
+                    + [f"{100 * gain(p.candidate, b, g):+.1f}%" for g in gains for b in bases.values()])
     for name, b in view.baselines.items():
         f = b.figures
         rows.append([f"(baseline) {name}", str(b.trial), *_settings(f.config), _rate(f.tg) if f.ok else f.status.value,
                      _rate(f.pp) if f.ok else "-", format_size(f.peak_memory_bytes), format_size(f.headroom_bytes),
-                     kld_text(f.config, view.kv_quality)]
-                    + [""] * (2 * len(bases)))
+                     kld_text(f.config, view.kv_quality), *_workload_cells(f, w)]
+                    + [""] * (len(gains) * len(bases)))
     return columns, rows
+
+
+def depth_curve_table(view: StudyView) -> str:
+    """tg at each probed depth for every preset and baseline ("" when the workload measures no curve)."""
+    named = [(name, p.candidate.figures) for name, p in view.presets.items()]
+    named += [(f"(baseline) {n}", b.figures) for n, b in view.baselines.items()]
+    named = [(n, f) for n, f in named if f.ok and f.curve]
+    if not named:
+        return ""
+    depths = named[0][1].curve.depths
+    rows = [[name, *(f"{tg:.2f}" for tg in f.curve.tg_rates())] for name, f in named
+            if f.curve.depths == depths]
+    return ("tg t/s by depth (tokens already in the context):\n"
+            + markdown_table(rows, ["preset"] + [f"d{d}" for d in depths]))
 
 
 def presets_table(view: StudyView) -> str:
@@ -105,6 +139,6 @@ def study_description(view: StudyView) -> str:
 
 
 def full_report(view: StudyView) -> str:
-    """Header, trials, presets and the reasons for them."""
-    return "\n\n".join([header(view), "trials:\n" + trials_table(view), "presets:\n" + presets_table(view),
-                        why_lines(view)])
+    """Header, trials, presets, the reasons for them, and the presets' depth curves (curve workloads)."""
+    parts = [header(view), "trials:\n" + trials_table(view), "presets:\n" + presets_table(view), why_lines(view)]
+    return "\n\n".join(parts + [t for t in [depth_curve_table(view)] if t])

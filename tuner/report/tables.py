@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import statistics
 from typing import Iterable, Sequence
 
 from tuner.measure.result import TrialResult
@@ -41,9 +42,21 @@ def result_rows(model: ModelInfo, r: TrialResult) -> Iterable[list[str]]:
     if not r.ok:
         yield head + [f"pp{c.n_prompt}/tg{c.n_gen}{depth}", f"{r.status.value}: {r.reason[:60]}", mem]
         return
-    for name, rates in ((f"pp{c.n_prompt}", r.pp), (f"tg{c.n_gen}", r.tg)):
+    if c.workload == "server":
+        x = f" x{c.n_parallel}"
+        yield head + [f"pp{c.n_prompt}{x}", f"{r.pp.mean:.2f} ± {r.pp.stddev:.2f}", mem]
+        yield head + [f"tg{c.n_gen}{x}", f"{r.tg.mean:.2f} ± {r.tg.stddev:.2f} ({r.stream_tg_mean:.2f}/stream)", mem]
+        return
+    answer = f" @ d{c.n_depth + c.n_prompt}" if r.curve else depth
+    for name, rates in ((f"pp{c.n_prompt}{depth}", r.pp), (f"tg{c.n_gen}{answer}", r.tg)):
         if rates is not None:
-            yield head + [name + depth, f"{rates.mean:.2f} ± {rates.stddev:.2f}", mem]
+            yield head + [name, f"{rates.mean:.2f} ± {rates.stddev:.2f}", mem]
+    if r.curve:
+        times = [ns / 1e9 for ns in r.answer.samples_ns]
+        sd = statistics.stdev(times) if len(times) > 1 else 0.0
+        yield head + [f"{c.workload}: time to answer", f"{r.time_to_answer_s:.2f} s ± {sd:.2f}", mem]
+        for d, tg in zip(r.curve.depths, r.curve.tg_rates()):
+            yield head + [f"tg{r.curve.probe_tokens} @ d{d}", f"{tg:.2f}", mem]
 
 
 _NUMERIC = re.compile(r"^([-+]?[\d.,]+%?|-)( |$)")

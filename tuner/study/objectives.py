@@ -9,7 +9,8 @@ Constraints (feasible when <= 0), set with ``trial.set_constraint``:
   RSS on a CPU-only machine;
 - ``headroom``: (min_headroom - headroom) / budget, headroom being what the peak
   leaves of min(budget, memory free before the trial);
-- ``min_ctx``: (min_ctx - n_ctx) / min_ctx.
+- ``min_ctx``: (min_ctx - n_ctx) / min_ctx;
+- ``min_stream_tps`` (server workload with --min-stream-tps): (min - per-stream tg) / min.
 
 A failed trial has no rates. Optuna's samplers still need numbers, so it carries
 the study's worst measured rates, flagged ``imputed``: TPE and NSGA-II ignore the
@@ -36,12 +37,16 @@ class Limits:
     budget_bytes: int
     min_headroom_bytes: int
     min_ctx: int
+    min_stream_tps: float = 0.0  # server workload: the generation rate every stream must see
 
 
 def constraints(result: TrialResult, limits: Limits) -> dict[str, float]:
     """Constraint values of a result (feasible when every value is <= 0)."""
     out = {"ran_ok": 0.0 if result.ok else 1.0,
            "min_ctx": (limits.min_ctx - result.config.n_ctx) / limits.min_ctx}
+    if limits.min_stream_tps:
+        stream = result.stream_tg_mean if result.ok else None
+        out["min_stream_tps"] = (limits.min_stream_tps - stream) / limits.min_stream_tps if stream else 1.0
     peak = result.peak_memory_bytes if result.ok else None
     if peak is None and result.predicted_peak_bytes is not None:
         peak = result.predicted_peak_bytes

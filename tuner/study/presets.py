@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from tuner.measure.result import Rates, TrialResult
 
-OBJECTIVES = ("tg", "pp", "balanced")
+OBJECTIVES = ("tg", "pp", "balanced", "answer")  # answer: seconds to answer (chat, reasoning, long, custom)
 PRESET_NAMES = ("fastest", "max-context", "balanced")
 MAX_CONTEXT_SHARE = 0.90
 TIE_SIGMAS = 2.0
@@ -54,6 +54,9 @@ class Candidate:
 def speed(result: TrialResult, objective: str) -> tuple[float, float]:
     """(mean, standard deviation) of the speed that ``objective`` means, in t/s."""
     tg, pp = result.tg or Rates(1, []), result.pp or Rates(1, [])
+    if objective == "answer":  # answers per second: the inverse of the seconds to answer
+        answer = result.answer or Rates(1, [])
+        return answer.mean, answer.stddev
     if objective == "tg":
         return tg.mean, tg.stddev
     if objective == "pp":
@@ -65,7 +68,8 @@ def speed(result: TrialResult, objective: str) -> tuple[float, float]:
 
 def _tests(result: TrialResult, objective: str) -> list[Rates | None]:
     """The tests whose rates make up ``objective``'s speed."""
-    return {"tg": [result.tg], "pp": [result.pp], "balanced": [result.tg, result.pp]}[objective]
+    return {"tg": [result.tg], "pp": [result.pp], "balanced": [result.tg, result.pp],
+            "answer": [result.answer]}[objective]
 
 
 def standard_error(result: TrialResult, objective: str) -> float:
@@ -85,14 +89,24 @@ def round_speeds(result: TrialResult, objective: str) -> list[float]:
     return [math.prod(values) ** (1 / len(values)) for values in zip(*per_test)]
 
 
+# Student's t at 97.5% by degrees of freedom: with 3 paired rounds, 2 sigmas would call one race in 6 a win.
+_T975 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23)
+
+
+def t_sigmas(n: int) -> float:
+    """How many standard errors of a mean of ``n`` paired differences make a two-sided 95% interval."""
+    return _T975[n - 2] if 2 <= n < len(_T975) + 2 else TIE_SIGMAS
+
+
 def tied(a: TrialResult, b: TrialResult, objective: str) -> bool:
     """True when the two mean speeds differ by at most TIE_SIGMAS standard errors of their difference
     (paired by round when both were confirmed in the same interleaved batch)."""
     gap = abs(speed(a, objective)[0] - speed(b, objective)[0])
     ra, rb = round_speeds(a, objective), round_speeds(b, objective)
-    if a.interleaved is not None and a.interleaved == b.interleaved and len(ra) == len(rb) >= 3:
-        diffs = [x - y for x, y in zip(ra, rb)]
-        return gap <= TIE_SIGMAS * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    if a.interleaved is not None and a.interleaved == b.interleaved and min(len(ra), len(rb)) >= 3:
+        # A candidate that left the race early has fewer rounds: the rounds both ran are the first ones.
+        diffs = [(x - y) / x for x, y in zip(ra, rb)]  # drift scales both of a round alike
+        return abs(statistics.fmean(diffs)) <= t_sigmas(len(diffs)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
     return gap <= TIE_SIGMAS * math.hypot(standard_error(a, objective), standard_error(b, objective))
 
 
@@ -175,7 +189,6 @@ def choose_presets(candidates: list[Candidate], objective: str,
 
 
 def gain(preset: Candidate, baseline: Candidate, what: str) -> float:
-    """Relative gain of a preset over a baseline in tg or pp (0.25 = 25% faster)."""
-    a = preset.figures.tg_mean if what == "tg" else preset.figures.pp_mean
-    b = baseline.figures.tg_mean if what == "tg" else baseline.figures.pp_mean
-    return a / b - 1
+    """Relative gain of a preset over a baseline in an objective's speed: tg, pp, balanced, or answers per
+    second (0.25 = 25% faster)."""
+    return speed(preset.figures, what)[0] / speed(baseline.figures, what)[0] - 1

@@ -15,14 +15,15 @@ import itertools
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterator
 
-from tuner.measure.config import CONTEXT_KEYS, MODEL_KEYS, BenchConfig, InvalidConfig
+from tuner.measure.config import CONTEXT_KEYS, MODEL_KEYS, TEST_KEYS, BenchConfig, InvalidConfig
+from tuner.measure.workloads import PRESETS
 from tuner.errors import UserError
 from tuner.model.info import ModelInfo
 
 CPU_BATCHES, CPU_UBATCHES = (512, 1024, 2048), (128, 256, 512)
 GPU_BATCHES, GPU_UBATCHES = (512, 1024, 2048, 4096), (256, 512, 1024, 2048)
 ATTENTION_CHOICES = ("fa0:f16/f16", "fa1:f16/f16", "fa1:q8_0/q8_0", "fa1:q4_0/q4_0")
-RANGE_KEYS = ("n_gpu_layers", "n_threads", "n_threads_batch", "n_batch", "n_ubatch", "n_ctx")
+RANGE_KEYS = ("n_gpu_layers", "n_cpu_moe", "n_threads", "n_threads_batch", "n_batch", "n_ubatch", "n_ctx")
 STUDY_TEST = dict(n_prompt=512, n_gen=128, repetitions=3)
 
 
@@ -48,14 +49,28 @@ class Machine:
     repack_works: bool = True
 
 
+PARALLEL_CHOICES = (1, 2, 4, 8)
+
+
+def study_test(workload: str = "pp-tg", *, depth: int = 0, prompt_tokens: int | None = None,
+               gen_tokens: int | None = None) -> dict[str, Any]:
+    """What every trial of a study measures: the workload's sizes (tuner.measure.workloads), changed by
+    --prompt-tokens, --gen-tokens and --depth."""
+    preset = PRESETS[workload]
+    return {**STUDY_TEST, "workload": workload, "n_depth": depth,
+            "n_prompt": prompt_tokens if prompt_tokens is not None else preset.n_prompt,
+            "n_gen": gen_tokens if gen_tokens is not None else preset.n_gen}
+
+
 @dataclass
 class SpaceOptions:
-    """The user's shaping of the space: --min-ctx, --depth, --set pins and --range limits."""
+    """The user's shaping of the space: the test (workload), --min-ctx, --set pins and --range limits."""
 
     min_ctx: int = 4096
     depth: int = 0
     pins: dict[str, Any] = field(default_factory=dict)
     ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    test: dict[str, Any] | None = None  # study_test(...); None: pp-tg at ``depth``
 
 
 def _ladder(lo: int, hi: int) -> list[int]:
@@ -82,16 +97,23 @@ class SearchSpace:
         for key in options.pins:
             if key not in known:
                 raise InvalidConfig(f"unknown setting {key!r} in --set", f"known settings: {', '.join(sorted(known))}")
-        test = {**STUDY_TEST, "n_depth": options.depth}
+        test = {**(options.test or study_test(depth=options.depth)), **{k: v for k, v in options.pins.items()
+                                                                       if k in TEST_KEYS}}
         self.fixed: dict[str, Any] = {"use_mmap": True, "offload_kqv": True, "swa_full": False, **test}
-        need = options.depth + max(test["n_prompt"], test["n_gen"])
+        server = test["workload"] == "server"
+        # The least context a trial needs: one stream's (the server's streams are searched, see below).
+        need = BenchConfig(**test).context_needed()
         train = model.n_ctx_train or max(options.min_ctx, need)
         if options.min_ctx > train:
             raise UserError(f"--min-ctx {options.min_ctx} exceeds the model's training context {train}",
                             f"use --min-ctx {train} or less")
+        if need > train:
+            raise UserError(f"the {test['workload']} test needs {need} tokens of context, more than the model's "
+                            f"training context {train}", "use fewer --prompt-tokens or --gen-tokens")
         if options.min_ctx < need:
-            raise UserError(f"--min-ctx {options.min_ctx} cannot hold --depth {options.depth} plus the "
-                            f"{max(test['n_prompt'], test['n_gen'])}-token test", f"use --min-ctx {need} or more")
+            raise UserError(f"--min-ctx {options.min_ctx} cannot hold the {test['workload']} test "
+                            f"(depth {test['n_depth']}, {test['n_prompt']} prompt and {test['n_gen']} generated "
+                            "tokens)", f"use --min-ctx {need} or more")
         gpu = machine.gpu_offload
         self.ints: dict[str, tuple[int, int]] = {"n_threads": (1, machine.physical_cores),
                                                  "n_threads_batch": (1, machine.physical_cores)}
@@ -108,6 +130,18 @@ class SearchSpace:
             "n_ctx": _ladder(options.min_ctx, train),
             "attention": list(ATTENTION_CHOICES),
         }
+        # A MoE's expert placement: fitted per trial on a GPU (Tuner._fit_layers), searched with --range, pinned
+        # with --set; with experts in host memory the load mode matters (llama.cpp advises --no-mmap), so it is
+        # searched too. On a CPU every tensor is in host memory already.
+        self.fixed["n_cpu_moe"] = 0
+        self.moe_pinned = "n_cpu_moe" in options.pins
+        if gpu and model.is_moe:
+            self.choices["use_mmap"] = [True, False]
+            if "n_cpu_moe" in options.ranges:
+                self.ints["n_cpu_moe"] = (0, model.n_layer)
+                del self.fixed["n_cpu_moe"]
+        if server:  # streams decoding together: n_ctx holds every stream's prompt and answer
+            self.choices["n_parallel"] = list(PARALLEL_CHOICES)
         if machine.repack_works:
             self.choices["repack"] = [True, False]
         else:
@@ -139,6 +173,10 @@ class SearchSpace:
             elif key in self.choices:
                 inside = [v for v in self.choices[key] if lo <= v <= hi] or ([lo] if lo == hi else [])
                 self.choices[key] = inside or _ladder(lo, hi)
+            elif key == "n_cpu_moe":
+                raise InvalidConfig("--range n_cpu_moe searches where a mixture of experts keeps its experts, "
+                                    "which needs a MoE model and a build that offloads to a GPU",
+                                    "drop the range, or measure one placement with --set n_cpu_moe=N")
             else:  # n_gpu_layers on a build without offload
                 raise InvalidConfig(f"--range {key}: this llama.cpp build cannot offload to a GPU",
                                     "rebuild with `make install CUDA=1`, or drop the range")
@@ -191,6 +229,20 @@ class SearchSpace:
                 value = choices[0] if k == "attention" else min(choices, key=lambda c: abs(c - value))
             params[k] = value
         return params
+
+    def corners(self) -> list[BenchConfig]:
+        """The extremes of what sizes memory: the least and largest context and physical batch, flash attention
+        on and off (an f16 cache), the largest batch; for llama.cpp's dry runs (MemoryModel.calibrate)."""
+        ctx, ub = self.choices.get("n_ctx", [self.fixed.get("n_ctx")]), self.choices.get("n_ubatch", [512])
+        out = []
+        for n_ctx in sorted({min(ctx), max(ctx)}):
+            for n_ubatch in sorted({min(ub), max(ub)}):
+                for attention in ("fa0:f16/f16", "fa1:f16/f16"):
+                    params = {k: lo for k, (lo, hi) in self.ints.items()}
+                    params.update({k: v[-1] if k == "n_batch" else v[0] for k, v in self.choices.items()})
+                    params.update(n_ctx=n_ctx, n_ubatch=n_ubatch, attention=attention)
+                    out.append(self.config_of(params))
+        return list(dict.fromkeys(out))
 
     def grid(self) -> Iterator[BenchConfig]:
         """Every distinct configuration of the space, model settings varying slowest."""

@@ -33,9 +33,9 @@ from tuner.measure.probe import host_name
 from tuner.measure.bandwidth import bandwidth_of
 from tuner.study.coordination import (Heartbeat, OrphanSweeper, fail_stale, grace_period, requeue,
                                       retried_numbers, twins_ahead)
-from tuner.study.keys import (BASELINE_ATTR, CONFIG_ATTR, IMPUTED_ATTR, INTERRUPTED_ATTR,
-                              RESULT_ATTR, REUSED_ATTR, RUN_ID_ATTR, SETTINGS_ATTR, SKIPPED_ATTR, START_ATTR,
-                              SURPLUS_ATTR, WORKER_ATTR, ENVIRONMENT_ATTR, FINGERPRINT_ATTR, LIMITS_ATTR,
+from tuner.study.keys import (BASELINE_ATTR, CONFIG_ATTR, DEFAULTS_BASELINE, IMPUTED_ATTR, INTERRUPTED_ATTR,
+                              MEMORY_PRIOR_ATTR, RESULT_ATTR, REUSED_ATTR, RUN_ID_ATTR, SETTINGS_ATTR, SKIPPED_ATTR,
+                              START_ATTR, SURPLUS_ATTR, WORKER_ATTR, ENVIRONMENT_ATTR, FINGERPRINT_ATTR, LIMITS_ATTR,
                               MODEL_FACTS_ATTR, MODEL_FILE_ATTR, MODEL_PATH_ATTR, OBJECTIVE_ATTR, OBJECTIVE_NAMES,
                               REQUEST_ATTR, SCHEMA_ATTR, SCHEMA_VERSION)
 from tuner.model.facts import ModelFacts
@@ -61,7 +61,7 @@ class StudySettings:
     seed: int | None = None
     timeout_s: float | None = None
     confirm_top: int = 3
-    confirm_repetitions: int = 10
+    confirm_repetitions: int = 8  # the most rounds of a confirmation race (one repetition each)
     trial_timeout_s: float = 900.0
 
 
@@ -184,7 +184,7 @@ class Tuner:
         """On a GPU, the first sampled point: llama.cpp's defaults at ``--min-ctx`` (its own default,
         the training context, seldom fits a consumer card), with the least quantized KV cache that
         lets every layer fit. It anchors the sampler where the fast configurations are."""
-        defaults = self.baselines.get("llama.cpp defaults")
+        defaults = self.baselines.get(DEFAULTS_BASELINE)
         if not self.space.fit_layers or defaults is None:
             return None
         base, limit = replace(defaults, n_ctx=self.limits.min_ctx, flash_attn=True), self._layer_limit()
@@ -212,6 +212,10 @@ class Tuner:
         self._with_storage(self.recover)
         if enqueue_baselines:
             self._with_storage(self.enqueue_baselines)
+        if self.memory.correction is None and not self.memory.prior_offset:  # before the first measurement
+            pairs = self.memory.calibrate(self.launcher.dry_run(self.model.path, self.space.corners()))
+            if pairs:
+                self._with_storage(lambda: self.study.set_user_attr(MEMORY_PRIOR_ATTR, pairs))
         self.tracker.study_started(self.study.study_name, self.study.user_attrs, self.study.set_user_attr)
         start = self.clock()
         while self._with_storage(self.measured_count) < self._with_storage(self.target):
@@ -348,11 +352,15 @@ class Tuner:
         return values
 
     def _fit_layers(self, cfg: BenchConfig) -> BenchConfig:
-        """``cfg`` with as many layers on the GPU as the memory model (less its own error) says fit
-        the budget, or what is free if less, and the headroom; unchanged when none fit, so that it
+        """``cfg`` placed to fit the budget, or what is free if less, and the headroom, by the memory model
+        (less its own error): the most layers, and for a MoE every layer with the fewest layers' experts
+        in host memory (unless ``n_cpu_moe`` is pinned or searched); unchanged when nothing fits, so that it
         is skipped as too big."""
-        ngl = self.memory.max_layers(cfg, self._layer_limit())
-        return cfg if ngl is None else replace(cfg, n_gpu_layers=ngl)
+        limit = self._layer_limit()
+        if "n_cpu_moe" not in self.space.fixed or self.space.moe_pinned:
+            ngl = self.memory.max_layers(cfg, limit)
+            return cfg if ngl is None else replace(cfg, n_gpu_layers=ngl)
+        return self.memory.fit_placement(cfg, limit) or cfg
 
     def _layer_limit(self) -> int:
         """The predicted peak a fitted trial may reach: the budget (or what is free, if less) less the

@@ -15,8 +15,8 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner.errors import UserError
 from tuner.study.presets import Candidate, Preset, choose_presets, rank
 from tuner.model.facts import ModelFacts
-from tuner.study.keys import (BASELINE_ATTR, CONFIRM_PREFIX, ENVIRONMENT_ATTR, LIMITS_ATTR, MODEL_FACTS_ATTR,
-                              KV_QUALITY_ATTR, MODEL_FILE_ATTR, MODEL_PATH_ATTR, OBJECTIVE_ATTR)
+from tuner.study.keys import (BASELINE_ATTR, CONFIRM_PREFIX, ENVIRONMENT_ATTR, KV_QUALITY_ATTR, LIMITS_ATTR,
+                              MODEL_FACTS_ATTR, MODEL_FILE_ATTR, MODEL_PATH_ATTR, OBJECTIVE_ATTR, REQUEST_ATTR)
 from tuner.study.objectives import Limits, is_feasible, result_of
 from tuner.study.quality_gate import allowed
 from tuner.measure.result import Environment, TrialResult
@@ -135,6 +135,11 @@ class StudyView:
         top = self.top(n)
         base = next((c.trial for c in rank(self.candidates, self.objective) if c.baseline), None)
         return top + [base] if base is not None and base not in top else top
+
+    @property
+    def workload(self) -> str:
+        """What every trial measured (tuner.measure.workloads): pp-tg unless the study asked for another."""
+        return (self.attrs.get(REQUEST_ATTR) or {}).get("workload") or "pp-tg"
 
     @cached_property
     def presets(self) -> dict[str, Preset]:

@@ -17,7 +17,8 @@ from typing import Callable, Iterator, Sequence
 from tuner.measure.config import BenchConfig, InvalidConfig
 from tuner.measure.launcher import Launcher
 from tuner.measure.probe import DeviceMemory, GpuInfo, GpuProbe
-from tuner.measure.result import Environment, Rates, Status, TrialResult
+from tuner.measure.result import DepthCurve, Environment, Rates, Status, TrialResult, workload_rates
+from tuner.measure.workloads import PROBE_TOKENS, curve_depths, is_curve
 
 _KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "f32": 4.0, "bf16": 2.0}
 
@@ -94,8 +95,20 @@ class FakeLauncher(Launcher):
                 return [int(1e9 * n / (rate * rng.gauss(1.0, self.noise))) for _ in range(cfg.repetitions)]
 
             peak = self.peak(cfg)
-            yield TrialResult(Status.OK, cfg, model_path, pp=Rates(cfg.n_prompt, samples(pp, cfg.n_prompt)),
-                              tg=Rates(cfg.n_gen, samples(tg, cfg.n_gen)), context_time_s=0.1,
+            pp_rates, tg_rates, curve = Rates(cfg.n_prompt, samples(pp, cfg.n_prompt)), None, None
+            if is_curve(cfg.workload):  # generation 5% slower per 1,024 tokens of depth
+                depths = curve_depths(cfg.n_depth, cfg.n_prompt, cfg.n_gen)
+                probe = [[int(1e9 * PROBE_TOKENS * (1 + 0.05 * d / 1024) / (tg * rng.gauss(1.0, self.noise)))
+                          for d in depths] for _ in range(cfg.repetitions)]
+                span = [[int(1e9 * (b - a) / (pp * rng.gauss(1.0, self.noise))) for a, b in zip(depths, depths[1:])]
+                        for _ in range(cfg.repetitions)]
+                curve = DepthCurve(depths, PROBE_TOKENS, span, probe)
+                pp_rates, tg_rates = workload_rates(cfg, [], [], curve)
+            elif cfg.workload == "server":  # N streams: the aggregate grows as N^0.7
+                pp_rates, tg_rates = workload_rates(cfg, samples(pp / cfg.n_parallel, cfg.n_prompt),
+                                                    samples(tg * cfg.n_parallel ** -0.3, cfg.n_gen), None)
+            yield TrialResult(Status.OK, cfg, model_path, pp=pp_rates, curve=curve,
+                              tg=tg_rates or Rates(cfg.n_gen, samples(tg, cfg.n_gen)), context_time_s=0.1,
                               peak_rss_bytes=peak if not gpu else 600 << 20, peak_vram_bytes=peak if gpu else None,
                               **common)
 

@@ -156,6 +156,9 @@ class MlflowTracker(Tracker):
         for key, rates in (("tg_tps_rep", result.tg), ("pp_tps_rep", result.pp)):
             if rates:
                 metrics += [Metric(key, round(r, 2), now, i) for i, r in enumerate(rates.rates)]
+        if result.ok and result.curve:  # the depth curve, as a chart of each trial's run: step = depth in tokens
+            metrics += [Metric("tg_tps_at_depth", round(tg, 2), now, d)
+                        for d, tg in zip(result.curve.depths, result.curve.tg_rates())]
         params = [Param(k, str(v)) for k, v in result.config.to_dict().items()]
         tags = [RunTag(f"constraint.{k}", f"{v:.4g}") for k, v in constraints.items()]
         self.client.log_batch(run.info.run_id, metrics=metrics, params=params, tags=tags)

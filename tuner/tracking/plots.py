@@ -1,4 +1,4 @@
-"""Plots of a study for the MLflow parent run: Pareto front, history, parameter importance."""
+"""Plots of a study for the MLflow parent run: Pareto front, history, parameter importance, depth curves."""
 
 from __future__ import annotations
 
@@ -86,9 +86,39 @@ def importance(view, path: Path) -> bool:
     return True
 
 
+def depth_curves(view, path: Path) -> bool:
+    """tg and pp against depth for every trial with a depth curve (chat, reasoning, long, custom workloads),
+    the presets drawn bold; False when no trial has one."""
+    curves = [(t.number, r) for t in view.trials if (r := result_of(t)) and r.ok and r.curve]
+    if not curves:
+        return False
+    chosen = {p.candidate.trial: name for name, p in view.presets.items()}
+    fig, (tg_ax, pp_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for number, r in curves:
+        name = chosen.get(number)
+        style = dict(linewidth=2.2, label=f"{name} (trial {number})") if name else dict(linewidth=0.7, alpha=0.4,
+                                                                                          color="grey")
+        c = r.curve
+        tg_ax.plot(c.depths, c.tg_rates(), marker="o" if name else None, **style)
+        mids = [(a + b) / 2 for a, b in zip(c.depths, c.depths[1:])]
+        pp_ax.plot(mids, c.pp_rates(), marker="o" if name else None, **style)
+    tg_ax.set_xlabel("depth (tokens in the context)")
+    tg_ax.set_ylabel("generation (t/s)")
+    pp_ax.set_xlabel("depth (middle of the filled span)")
+    pp_ax.set_ylabel("prompt (t/s)")
+    tg_ax.set_title(f"{view.name}: depth curves")
+    tg_ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_plots(view, out: Path) -> list[str]:
     """Write every plot that has data; returns the file names."""
     written = []
+    if view.trials and depth_curves(view, out / "depth_curves.png"):
+        written.append("depth_curves.png")
     if view.trials:
         pareto_front(view, out / "pareto_front.png")
         history(view, out / "optimization_history.png")

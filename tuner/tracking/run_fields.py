@@ -15,7 +15,8 @@ from tuner.study.keys import (BASELINE_ATTR, FINGERPRINT_ATTR, LIMITS_ATTR, MODE
 STUDY_TAG, TRIAL_TAG, KIND_TAG = "llama_tuner.study", "optuna_trial", "llama_tuner.kind"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow's runs view, not its GenAI one
 DECIMALS = {"tg_tps": 2, "tg_tps_stddev": 2, "pp_tps": 2, "pp_tps_stddev": 2, "load_time_s": 3, "context_time_s": 3,
-            "wall_time_s": 3, "achieved_gbs": 2, "bandwidth_share": 4}
+            "wall_time_s": 3, "achieved_gbs": 2, "bandwidth_share": 4, "time_to_answer_s": 3, "tg_aggregate_tps": 2,
+            "tg_per_stream_tps": 2}
 
 
 def run_name(c: BenchConfig, user_attrs: dict[str, Any]) -> str:
@@ -71,6 +72,10 @@ def trial_metrics(result: TrialResult) -> dict[str, float]:
            "headroom_bytes": result.headroom_bytes, "load_time_s": result.load_time_s,
            "context_time_s": result.context_time_s, "wall_time_s": result.wall_time_s}
     out.update(result.bandwidth or {})
+    if result.ok and result.time_to_answer_s is not None:
+        out["time_to_answer_s"] = result.time_to_answer_s
+    if result.ok and result.config.workload == "server":
+        out["tg_aggregate_tps"], out["tg_per_stream_tps"] = result.tg_mean, result.stream_tg_mean
     if result.predicted_peak_bytes is not None:
         out["predicted_peak_bytes"] = result.predicted_peak_bytes
     return {k: round(float(v), DECIMALS.get(k, 0)) for k, v in out.items() if v is not None}
@@ -83,8 +88,8 @@ def study_params(attrs: dict[str, Any]) -> dict[str, str]:
     params = {"model": attrs.get(MODEL_FILE_ATTR, ""), "objective": attrs.get(OBJECTIVE_ATTR, ""),
               "vram_budget": request.get("vram_budget") or "all", "budget_bytes": limits.get("budget_bytes"),
               "min_headroom": request.get("min_headroom"), "min_ctx": limits.get("min_ctx"),
-              "workload": f"pp{test.get('n_prompt', '?')}+tg{test.get('n_gen', '?')}"
-                          + (f"@d{test['n_depth']}" if test.get("n_depth") else ""),
+              "workload": f"{request.get('workload') or 'pp-tg'}: pp{test.get('n_prompt', '?')}+tg"
+                          f"{test.get('n_gen', '?')}" + (f"@d{test['n_depth']}" if test.get("n_depth") else ""),
               "repetitions": test.get("repetitions"), "trials": request.get("trials"),
               "sampler": request.get("sampler"), "seed": request.get("seed"),
               "baseline": request.get("baseline_flags") or "none"}
