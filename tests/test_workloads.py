@@ -122,7 +122,7 @@ def test_a_reasoning_study_ranks_presets_by_seconds_to_answer_and_reports_their_
     fastest = view.presets["fastest"].candidate.figures
     assert fastest.time_to_answer_s == min(c.figures.time_to_answer_s for c in view.candidates)
     report = full_report(view)
-    assert "answer s" in report and "tg t/s by depth" in report and "d4608" in report
+    assert "answer s" in report and "depth curves" in report and "tg d4608" in report and "pp to d4608" in report
     data = study_preset_json(view, "fastest")
     assert data["measured"]["time_to_answer_s"] == pytest.approx(fastest.time_to_answer_s)
     assert [p["depth"] for p in data["measured"]["depth_curve"]] == [0, 512, 1024, 2048, 4096, 4608]

@@ -24,7 +24,8 @@ from tuner.study.keys import REUSED_ATTR
 def describe(c: BenchConfig) -> str:
     """A compact one-line description of a configuration."""
     streams = f" np {c.n_parallel}" if c.workload == "server" else ""
-    return (f"ngl {c.n_gpu_layers} ctx {c.n_ctx}{streams} b {c.n_batch} ub {c.n_ubatch} "
+    moe = f" ncmoe {c.n_cpu_moe}" if c.n_cpu_moe else ""
+    return (f"ngl {c.n_gpu_layers}{moe} ctx {c.n_ctx}{streams} b {c.n_batch} ub {c.n_ubatch} "
             f"t {c.n_threads}/{c.n_threads_batch} fa {int(c.flash_attn)} kv {c.type_k}/{c.type_v}")
 
 

@@ -49,7 +49,7 @@ class BenchConfig:
     # model load
     n_gpu_layers: int = 0
     n_cpu_moe: int = 0  # the first N layers keep their expert tensors in host memory (llama-server --n-cpu-moe N)
-    use_mmap: bool = True  # load mode: mmap, or read into llama.cpp's buffers (llama-server --no-mmap)
+    use_mmap: bool = True  # load mode: mmap, or read into llama.cpp's buffers (llama-server --load-mode none)
     repack: bool = True  # llama.cpp's extra CPU weight buffers (repacked, AMX): llama-bench --repack
     # context
     n_ctx: int = 4096

@@ -38,7 +38,7 @@ def llama_server_args(model_path: str, c: BenchConfig, program: str = "llama-ser
     if c.n_cpu_moe:
         args += ["--n-cpu-moe", str(c.n_cpu_moe)]
     if not c.use_mmap:
-        args.append("--no-mmap")
+        args += ["--load-mode", "none"]  # llama-server's --no-mmap before --load-mode replaced it
     if not c.repack:
         args.append("--no-repack")
     if c.swa_full:

@@ -24,7 +24,8 @@ def _rate(rates) -> str:
 
 def _settings(c) -> list[str]:
     threads = str(c.n_threads) if c.n_threads == c.n_threads_batch else f"{c.n_threads}/{c.n_threads_batch}"
-    return [str(c.n_gpu_layers), str(c.n_ctx), str(c.n_batch), str(c.n_ubatch), threads, str(int(c.flash_attn)),
+    ngl = f"{c.n_gpu_layers} (-ncmoe {c.n_cpu_moe})" if c.n_cpu_moe else str(c.n_gpu_layers)
+    return [ngl, str(c.n_ctx), str(c.n_batch), str(c.n_ubatch), threads, str(int(c.flash_attn)),
             f"{c.type_k}/{c.type_v}", str(int(c.repack))]
 
 
@@ -101,17 +102,23 @@ def preset_rows(view: StudyView) -> tuple[list[str], list[list[str]]]:
 
 
 def depth_curve_table(view: StudyView) -> str:
-    """tg at each probed depth for every preset and baseline ("" when the workload measures no curve)."""
-    named = [(name, p.candidate.figures) for name, p in view.presets.items()]
-    named += [(f"(baseline) {n}", b.figures) for n, b in view.baselines.items()]
-    named = [(n, f) for n, f in named if f.ok and f.curve]
-    if not named:
+    """Every measured trial's depth curve: tg at each probed depth, and pp of each span filled up to it;
+    presets and baselines named ("" when the workload measures no curve)."""
+    names = {p.candidate.trial: name for name, p in view.presets.items()}
+    names.update({b.trial: f"baseline: {n}" for n, b in view.baselines.items()})
+    curves = [(t.number, f) for t in view.trials if REUSED_ATTR not in t.user_attrs
+              for f in [view.figures(t)] if f.ok and f.curve]
+    if not curves:
         return ""
-    depths = named[0][1].curve.depths
-    rows = [[name, *(f"{tg:.2f}" for tg in f.curve.tg_rates())] for name, f in named
-            if f.curve.depths == depths]
-    return ("tg t/s by depth (tokens already in the context):\n"
-            + markdown_table(rows, ["preset"] + [f"d{d}" for d in depths]))
+    depths = curves[0][1].curve.depths
+    rows = []
+    for n, f in curves:
+        if f.curve.depths == depths:
+            rows.append([str(n), names.get(n, ""), *(f"{tg:.1f}" for tg in f.curve.tg_rates()),
+                         *(f"{pp:.0f}" for pp in f.curve.pp_rates())])
+    columns = (["#", "preset"] + [f"tg d{d}" for d in depths]
+               + [f"pp to d{b}" for b in depths[1:]])
+    return "depth curves (t/s; d = tokens already in the context):\n" + markdown_table(rows, columns)
 
 
 def presets_table(view: StudyView) -> str:

@@ -34,7 +34,8 @@ def result_rows(model: ModelInfo, r: TrialResult) -> Iterable[list[str]]:
     c = r.config
     threads = str(c.n_threads) if c.n_threads == c.n_threads_batch else f"{c.n_threads}/{c.n_threads_batch}"
     head = [f"{model.architecture} {_params(model.n_params)} {model.quant}", _size(model.file_size),
-            _params(model.n_params), backend(r), str(c.n_gpu_layers), str(int(c.repack)), threads, str(c.n_batch),
+            _params(model.n_params), backend(r), str(c.n_gpu_layers) + (f" ncmoe {c.n_cpu_moe}" if c.n_cpu_moe else ""),
+            str(int(c.repack)), threads, str(c.n_batch),
             str(c.n_ubatch),
             str(int(c.flash_attn)), c.type_k, c.type_v, str(c.n_ctx)]
     mem = _size(r.peak_memory_bytes) if r.peak_memory_bytes else "-"

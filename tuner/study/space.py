@@ -131,7 +131,7 @@ class SearchSpace:
             "attention": list(ATTENTION_CHOICES),
         }
         # A MoE's expert placement: fitted per trial on a GPU (Tuner._fit_layers), searched with --range, pinned
-        # with --set; with experts in host memory the load mode matters (llama.cpp advises --no-mmap), so it is
+        # with --set; with experts in host memory the load mode matters (llama.cpp advises --load-mode none), so it is
         # searched too. On a CPU every tensor is in host memory already.
         self.fixed["n_cpu_moe"] = 0
         self.moe_pinned = "n_cpu_moe" in options.pins

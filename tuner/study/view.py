@@ -94,6 +94,10 @@ class StudyView:
         return {int(k.removeprefix(CONFIRM_PREFIX)): TrialResult.from_dict(v)
                 for k, v in self.attrs.items() if k.startswith(CONFIRM_PREFIX)}
 
+    def figures(self, t: FrozenTrial) -> TrialResult:
+        """A trial's measurement to trust: its confirmation where it has one."""
+        return self._candidate(t).figures
+
     def _candidate(self, t: FrozenTrial) -> Candidate:
         return Candidate(t.number, result_of(t), self.confirmations.get(t.number), t.user_attrs.get(BASELINE_ATTR))
 

@@ -23,7 +23,8 @@ def run_name(c: BenchConfig, user_attrs: dict[str, Any]) -> str:
     """A trial's settings as its run's name, e.g. ``ngl41 c16384 q8_0 fa b512/ub512 t8``."""
     kv = c.type_k if c.type_k == c.type_v else f"{c.type_k}/{c.type_v}"
     threads = f"t{c.n_threads}" if c.n_threads == c.n_threads_batch else f"t{c.n_threads}/{c.n_threads_batch}"
-    name = (f"ngl{c.n_gpu_layers} c{c.n_ctx} {kv} {'fa' if c.flash_attn else 'nofa'} b{c.n_batch}/ub{c.n_ubatch} "
+    moe = f" ncmoe{c.n_cpu_moe}" if c.n_cpu_moe else ""
+    name = (f"ngl{c.n_gpu_layers}{moe} c{c.n_ctx} {kv} {'fa' if c.flash_attn else 'nofa'} b{c.n_batch}/ub{c.n_ubatch} "
             f"{threads}" + ("" if c.repack else " norepack"))
     return name + (f" ({user_attrs[BASELINE_ATTR]})" if BASELINE_ATTR in user_attrs else "")
 
