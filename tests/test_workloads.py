@@ -141,3 +141,21 @@ def test_a_server_study_searches_streams_and_keeps_every_stream_above_its_floor(
     args = llama_server_args(view.model_path, fastest.config)
     assert args[args.index("--parallel") + 1] == str(fastest.config.n_parallel)
     assert fastest.tg_mean == max(c.figures.tg_mean for c in view.candidates)  # aggregate t/s
+
+
+def test_compare_answers_the_reference_users_question_per_workload(long_context_model, tmp_path):
+    from tuner.report.compare import compare_text, row_for
+    from tuner.study.view import StudyView
+
+    reasoning, _ = _study(long_context_model, tmp_path, workload="reasoning", study_name="r")
+    reasoning.run()
+    plain, _ = _study(long_context_model, tmp_path, study_name="p")
+    plain.run()
+    rows = [row_for(StudyView(t.study), "fastest", "reasoning") for t in (reasoning, plain)]
+    measured, estimated = rows
+    assert measured.answer_how == "measured" and estimated.answer_how.startswith("estimated from pp512/tg128")
+    f = StudyView(reasoning.study).presets["fastest"].candidate.figures
+    assert measured.answer_s == pytest.approx(f.time_to_answer_s)
+    text = compare_text(rows)
+    assert "reasoning s" in text and "KV KLD" in text and "x sooner" in text and "tune with --workload reasoning" in text
+    assert row_for(StudyView(plain.study), "fastest").answer_s is None  # its own workload, pp-tg: no seconds

@@ -147,7 +147,7 @@ def _tie_note(preset: Candidate, ties: list[int], ranked: list[Candidate]) -> st
         why = "least memory"
     else:
         why = f"the others save under {MEMORY_STEP:.0%} of the budget"
-    return f" (tied within {TIE_SIGMAS:g} sd with trials {ties}; {why})"
+    return f" (tied, within the noise, with trials {ties}; {why})"
 
 
 def rank(candidates: list[Candidate], objective: str) -> list[Candidate]:
@@ -163,7 +163,8 @@ def choose_presets(candidates: list[Candidate], objective: str,
         return {}
     ranked = rank(candidates, objective)
     fastest, ties = _break_ties(ranked, objective, budget_bytes)
-    out = {"fastest": Preset("fastest", fastest, f"highest {objective} speed" + _tie_note(fastest, ties, ranked),
+    what = "fewest seconds to answer" if objective == "answer" else f"highest {objective} speed"
+    out = {"fastest": Preset("fastest", fastest, what + _tie_note(fastest, ties, ranked),
                              ties)}
     floor = MAX_CONTEXT_SHARE * speed(fastest.figures, objective)[0]
     fast_enough = [c for c in ranked if speed(c.figures, objective)[0] >= floor]
