@@ -132,7 +132,10 @@ def test_a_server_study_searches_streams_and_keeps_every_stream_above_its_floor(
     from tuner.report.export import llama_server_args
     from tuner.study.view import StudyView
 
-    t, launcher = _study(long_context_model, tmp_path, workload="server", min_stream_tps=20.0)
+    t, launcher = _study(long_context_model, tmp_path, workload="server", min_stream_tps=20.0,
+                         baseline_flags="llama-server -c 8192 -np 2 -t 2")
+    assert t.baselines["yours"].n_parallel == 2  # as given; llama-server's own default is 4 slots
+    assert t.baselines["llama-server defaults (fit)"].n_parallel == 4
     t.run()
     assert len({c.n_parallel for c in launcher.measured}) > 1
     view = StudyView(t.study)
@@ -157,5 +160,6 @@ def test_compare_answers_the_reference_users_question_per_workload(long_context_
     f = StudyView(reasoning.study).presets["fastest"].candidate.figures
     assert measured.answer_s == pytest.approx(f.time_to_answer_s)
     text = compare_text(rows)
-    assert "reasoning s" in text and "KV KLD" in text and "x sooner" in text and "tune with --workload reasoning" in text
+    assert "reasoning s" in text and "KV KLD" in text and "x sooner" in text
+    assert "tune with --workload reasoning" in text
     assert row_for(StudyView(plain.study), "fastest").answer_s is None  # its own workload, pp-tg: no seconds

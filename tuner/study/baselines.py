@@ -38,10 +38,12 @@ _IGNORED = {
     "-v": False, "--verbose": False, "--slots": False, "--no-slots": False,
 }
 _TRUE, _FALSE = {"on", "enabled", "1", "true"}, {"off", "disabled", "0", "false"}
+SERVER_AUTO_SLOTS = 4  # llama-server's -np default (auto): 4 slots in one unified KV cache
 
 
-def parse_server_flags(command: str, model: ModelInfo) -> BenchConfig:
-    """The configuration a ``llama-server`` command line runs (unset flags take llama-server's defaults).
+def parse_server_flags(command: str, model: ModelInfo, workload: str = "pp-tg") -> BenchConfig:
+    """The configuration a ``llama-server`` command line runs (unset flags take llama-server's defaults), for
+    ``workload``: only the server workload measures several slots (``-np N``).
 
     Raises:
         UserError: a flag llama-tuner does not know, a bad value, or an invalid configuration.
@@ -74,9 +76,11 @@ def parse_server_flags(command: str, model: ModelInfo) -> BenchConfig:
             else:
                 raise UserError(f"--baseline: unknown --flash-attn value {nxt!r}", "use on, off or auto")
         elif name in ("-np", "--parallel"):
-            if nxt is None or nxt != "1":
-                raise UserError(f"--baseline: {name} {nxt} serves several sequences; llama-tuner measures one",
-                                f"use {name} 1 or drop it")
+            if workload == "server" and nxt is not None and nxt.isdigit() and int(nxt) >= 1:
+                values["n_parallel"] = int(nxt)
+            elif nxt is None or nxt != "1":
+                raise UserError(f"--baseline: {name} {nxt} serves several sequences; llama-tuner measures one "
+                                "unless --workload server", f"use {name} 1, drop it, or add --workload server")
         elif name in ("-lm", "--load-mode"):
             values["use_mmap"] = str(nxt) in ("auto", "mmap", "mmap+mlock")
         elif name in ("-cmoe", "--cpu-moe"):  # every layer's experts in host memory
@@ -90,7 +94,9 @@ def parse_server_flags(command: str, model: ModelInfo) -> BenchConfig:
             raise UserError(f"--baseline: unsupported llama-server flag {name}", "remove it; llama-tuner maps "
                             "-c -b -ub -t -tb -ngl -ncmoe -cmoe -fa -ctk -ctv and mmap/KV switches")
         i += step
-    cfg = replace(defaults, **values)
+    cfg = replace(defaults, workload=workload, **values)
+    if workload == "server" and "n_parallel" not in values:
+        cfg = replace(cfg, n_parallel=SERVER_AUTO_SLOTS)
     if "n_threads" in values and "n_threads_batch" not in values:
         cfg = replace(cfg, n_threads_batch=cfg.n_threads)
     try:

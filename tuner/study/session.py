@@ -19,7 +19,7 @@ from tuner.measure.launcher import Launcher, SubprocessLauncher
 from tuner.measure.probe import GpuProbe, detect_probe, visible_gpu_index
 from tuner.measure.result import Environment
 from tuner.model.info import ModelInfo, load_model_info
-from tuner.study.baselines import parse_server_flags, server_defaults
+from tuner.study.baselines import SERVER_AUTO_SLOTS, parse_server_flags, server_defaults
 from tuner.model.facts import ModelFacts
 from tuner.study.keys import DEFAULTS_BASELINE, REQUEST_ATTR
 from tuner.study.memory_model import FIT_MARGIN, MemoryModel
@@ -146,7 +146,7 @@ def check_request(request: StudyRequest) -> CheckedRequest:
         raise UserError(f"--vram-budget {request.vram_budget} is no memory", "give a budget above 0, e.g. 12GiB")
     yours = None
     if request.baseline_flags:
-        yours = parse_server_flags(request.baseline_flags, model)
+        yours = parse_server_flags(request.baseline_flags, model, request.workload)
         _measurable("yours", yours, study_test(request.workload, depth=request.depth,
                                                prompt_tokens=request.prompt_tokens, gen_tokens=request.gen_tokens),
                     model, pins, physical_cores())
@@ -184,6 +184,8 @@ def baselines_for(request: StudyRequest, checked: CheckedRequest, env: Environme
     """llama-server's defaults, fitted as its --fit fits them to ``gpu_limit`` bytes (a GPU's free memory or
     the budget, less the fit's margin), and your --baseline, with the study's test sizes (pins included)."""
     defaults = server_defaults(checked.model, env.physical_cores, env.gpu_offload)
+    if request.workload == "server":  # llama-server's slots when -np is not given
+        defaults = replace(defaults, workload="server", n_parallel=SERVER_AUTO_SLOTS)
     if gpu_limit is not None:
         memory = MemoryModel(ModelFacts.of(checked.model), on_gpu=True)
         defaults = memory.fit_like_llama_server(defaults, gpu_limit)
