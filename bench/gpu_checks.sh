@@ -4,6 +4,7 @@
 #   here:   bash ../shared/device/prepare.sh optuna gguf
 #   device: run(command="bash .gpu/gpu-run.sh bash bench/gpu_checks.sh 280", carry=[".gpu"], timeout_s=600)
 #   again, on the still-warm machine (build, twins and study kept in /tmp): "... gpu_checks.sh 150 more"
+#   issue 16's and 15's GPU items: "... gpu_checks.sh 240 workloads", "... gpu_checks.sh 400 moe"
 # First argument: seconds this script may take. Twins are generated there (nothing multi-GB is sent).
 # Results land in $OUT (or ./gpu-results): summary.txt, *-bench.json, studies.db, mistral-*.txt.
 set -uo pipefail
@@ -39,6 +40,38 @@ study() {
 
 if [ "$STAGE" = more ]; then
     study 40
+    exit 0
+fi
+
+# Issue 16 on a GPU: the Qwen3-8B twin's depth curve to 16k tokens, and 1/2/4/8 streams decoding together.
+if [ "$STAGE" = workloads ]; then
+    twin qwen3-8b-q4_k_m --like qwen3-8b --quant q4_k_m
+    step "issue 16: Qwen3-8B twin depth curve, 16,384-token prompt then 64 tokens, all layers"
+    timeout 200 $PY -m tuner bench "$QWEN" -ngl 37 -fa 1 -t 16 -r 2 --workload custom -p 16384 -n 64 --json \
+        > "$OUT/qwen3-curve.json"
+    echo "bench exit code $?" | tee -a "$OUT/summary.txt"
+    step "issue 16: Qwen3-8B twin, -np 1,2,4,8"
+    timeout 150 $PY -m tuner bench "$QWEN" -ngl 37 -fa 1 -t 16 -r 3 -np 1,2,4,8 --json > "$OUT/qwen3-np.json"
+    echo "bench exit code $?" | tee -a "$OUT/summary.txt"
+    exit 0
+fi
+
+# Issue 15 on a GPU: the Qwen3-30B-A3B twin (Q4_K_M, about 18.5 GB) under a 12 GiB budget: all experts in host
+# memory (--cpu-moe), then a study whose trials fit the placement, against the fit baseline.
+if [ "$STAGE" = moe ]; then
+    MOE=$WORK/qwen3-30b-a3b-q4_k_m.gguf
+    twin qwen3-30b-a3b-q4_k_m --like qwen3-30b-a3b --quant q4_k_m
+    step "issue 15: Qwen3-30B-A3B twin with every expert in host memory (-ncmoe 48)"
+    timeout 150 $PY -m tuner bench "$MOE" -ngl 49 -ncmoe 48 -fa 1 -c 8192 -t 16 -r 3 --json > "$OUT/moe-cpu-moe.json"
+    echo "bench exit code $?" | tee -a "$OUT/summary.txt"
+    stop=$(( $(left) - 40 ))
+    step "issue 15: study within 12 GiB, ${stop}s"
+    timeout $(( stop + 35 )) $PY -m tuner tune "$MOE" --study moe-12g --storage "sqlite:///$WORK/studies.db" \
+        --no-mlflow --trials 12 --timeout "${stop}s" --vram-budget 12GiB --min-ctx 8192 --trial-timeout 120s \
+        --no-confirm > "$OUT/moe-tune.txt" 2>&1
+    echo "tune exit code $?" | tee -a "$OUT/summary.txt"
+    $PY -m tuner report moe-12g --storage "sqlite:///$WORK/studies.db" > "$OUT/moe-report.txt" 2>&1
+    cp -f "$WORK/studies.db" "$OUT/"
     exit 0
 fi
 
