@@ -163,3 +163,20 @@ def test_compare_answers_the_reference_users_question_per_workload(long_context_
     assert "reasoning s" in text and "KV KLD" in text and "x sooner" in text
     assert "tune with --workload reasoning" in text
     assert row_for(StudyView(plain.study), "fastest").answer_s is None  # its own workload, pp-tg: no seconds
+
+
+def test_every_compared_study_answers_the_same_test(long_context_model, tmp_path):
+    from tuner.report.compare import row_for, workload_sizes
+    from tuner.study.view import StudyView
+
+    chat, _ = _study(long_context_model, tmp_path, workload="chat", prompt_tokens=256, gen_tokens=64, study_name="c")
+    chat.run()
+    plain, _ = _study(long_context_model, tmp_path, study_name="p")
+    plain.run()
+    views = [StudyView(chat.study), StudyView(plain.study)]
+    sizes = workload_sizes(views, "fastest", "chat")
+    assert sizes == (0, 256, 64)  # the measured study's test, not chat's default 1,024 + 256
+    measured, estimated = [row_for(v, "fastest", "chat", sizes) for v in views]
+    f = views[1].presets["fastest"].candidate.figures
+    assert measured.answer_how == "measured"
+    assert estimated.answer_s == pytest.approx(256 / f.pp_mean + 64 / f.tg_mean)

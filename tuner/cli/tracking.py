@@ -96,14 +96,17 @@ def ui(port: int, dashboard: bool, storage: str, tracking_uri: str | None) -> No
 def compare(studies: tuple[str, ...], preset: str, storage: str, workload: str | None) -> None:
     """Compare the presets of several studies (models) and explain their speed: for a chat, reasoning, long or
     custom workload, the seconds each takes to answer, with its KV cache's quality."""
-    from tuner.report.compare import compare_text, row_for
+    from tuner.report.compare import compare_text, row_for, workload_sizes
     from tuner.study.storage import make_storage
     from tuner.study.view import StudyView
 
     store = make_storage(storage)
+    views = [StudyView.load(store, name) for name in studies]
+    workload = workload or views[0].workload
+    sizes = workload_sizes(views, preset, workload)
     rows = []
-    for name in studies:
-        row = row_for(StudyView.load(store, name), preset, workload)
+    for name, view in zip(studies, views):
+        row = row_for(view, preset, workload, sizes)
         if row is None:
             raise UserError(f"study {name!r} has no feasible configuration", f"see `llama-tuner report {name}`")
         rows.append(row)

@@ -38,6 +38,13 @@ class ModelRow:
     answer_s: float | None = None  # seconds to answer the workload
     prompt_s: float | None = None  # the prompt's share of it
     answer_how: str = ""  # "measured" (the study measured this workload's depth curve) or "estimated"
+    sizes: tuple[int, int, int] = (0, 0, 0)  # the answered test: depth, prompt and generated tokens
+    label: str = ""  # how sentences name it: the model, or the study where two rows share a model
+
+    @property
+    def name(self) -> str:
+        """The row's name in sentences."""
+        return self.label or self.model
 
     @property
     def bandwidth_gbs(self) -> float:
@@ -45,22 +52,37 @@ class ModelRow:
         return self.tg * self.cost.total / 1e9
 
 
-def answer_seconds(f, workload: str) -> tuple[float | None, float | None, str]:
-    """(seconds to answer ``workload``, the prompt's share, how it was found) for a measured preset: measured where
-    the study measured that workload's depth curve, else estimated from its pp and tg (which omits the slowdown as
-    the context fills, so it is a lower bound); (None, None, "") for pp-tg and server."""
+Sizes = tuple[int, int, int]  # depth, prompt tokens, generated tokens
+
+
+def workload_sizes(views, preset: str, workload: str) -> Sizes:
+    """The test every row answers: that of the first study that measured ``workload``, else the workload's own."""
+    for view in views:
+        p = view.presets.get(preset)
+        if p is not None and view.workload == workload:
+            c = p.candidate.figures.config
+            return c.n_depth, c.n_prompt, c.n_gen
+    w = PRESETS[workload]
+    return w.n_depth, w.n_prompt, w.n_gen
+
+
+def answer_seconds(f, workload: str, sizes: Sizes) -> tuple[float | None, float | None, str]:
+    """(seconds to answer ``workload`` of ``sizes``, the prompt's share, how it was found) for a measured preset:
+    measured where the study measured that test's depth curve, else estimated from its pp and tg (which omits the
+    slowdown as the context fills, so it is a lower bound); (None, None, "") for pp-tg and server."""
     if not is_curve(workload):
         return None, None, ""
-    if f.curve is not None and f.config.workload == workload:
+    c = f.config
+    if f.curve is not None and c.workload == workload and (c.n_depth, c.n_prompt, c.n_gen) == sizes:
         return f.time_to_answer_s, statistics.fmean(f.pp.samples_ns) / 1e9, "measured"
-    w = PRESETS[workload]
-    prompt = w.n_prompt / f.pp_mean
-    return prompt + w.n_gen / f.tg_mean, prompt, f"estimated from pp{f.config.n_prompt}/tg{f.config.n_gen}"
+    _, n_prompt, n_gen = sizes
+    prompt = n_prompt / f.pp_mean
+    return prompt + n_gen / f.tg_mean, prompt, f"estimated from pp{c.n_prompt}/tg{c.n_gen}"
 
 
-def row_for(view, preset: str = "fastest", workload: str | None = None) -> ModelRow | None:
-    """The comparison row of ``view``'s preset for ``workload`` (default: the study's own); None when the
-    study has no such preset."""
+def row_for(view, preset: str = "fastest", workload: str | None = None, sizes: Sizes | None = None) -> ModelRow | None:
+    """The comparison row of ``view``'s preset for ``workload`` (default: the study's own) of ``sizes`` (default:
+    :func:`workload_sizes` of this study alone); None when the study has no such preset."""
     p = view.presets.get(preset)
     if p is None:
         return None
@@ -69,12 +91,12 @@ def row_for(view, preset: str = "fastest", workload: str | None = None) -> Model
     workload = workload or view.workload
     depth = c.n_depth + c.n_gen / 2 if c.workload == "pp-tg" else c.n_depth + c.n_prompt + c.n_gen / 2
     cost = view.facts.token_cost(c.n_gpu_layers, c.type_k, c.type_v, depth)  # at the average depth of generation
-    answer, prompt, how = answer_seconds(f, workload)
+    answer, prompt, how = answer_seconds(f, workload, sizes or workload_sizes([view], preset, workload))
     return ModelRow(study=view.name, model=view.model_file, preset=preset, tg=f.tg_mean, pp=f.pp_mean, n_ctx=c.n_ctx,
                     peak=f.peak_memory_bytes, headroom=f.headroom_bytes, cost=cost,
                     peak_bandwidth_gbs=view.environment.gpu_peak_bandwidth_gbs,
                     kv_quality=kld_text(c, view.kv_quality), workload=workload, answer_s=answer, prompt_s=prompt,
-                    answer_how=how)
+                    answer_how=how, sizes=sizes or workload_sizes([view], preset, workload))
 
 
 def _gbs(x: float) -> str:
@@ -88,7 +110,7 @@ def explain(r: ModelRow) -> str:
     share = (f", {100 * r.bandwidth_gbs / r.peak_bandwidth_gbs:.0f}% of the GPU's {r.peak_bandwidth_gbs:,.0f} GB/s"
              if r.peak_bandwidth_gbs and r.cost.gpu_weights else "")
     cpu = f" ({format_size(r.cost.cpu_weights)} of it from RAM)" if r.cost.cpu_weights and r.cost.gpu_weights else ""
-    return (f"{r.model}: each generated token reads {format_size(r.cost.total)} ({where}{cpu}; "
+    return (f"{r.name}: each generated token reads {format_size(r.cost.total)} ({where}{cpu}; "
             f"KV cache {format_size(r.cost.kv)}); at {r.tg:.2f} t/s that is {_gbs(r.bandwidth_gbs)} GB/s{share}.")
 
 
@@ -107,14 +129,16 @@ def versus(a: ModelRow, b: ModelRow) -> str:
     else:
         why = (f"it achieves {bw:.2f}x the bandwidth, which outweighs the {1 / fewer:.2f}x more bytes it reads "
                f"per token ({sizes})")
-    return f"{a.model} generates {speed:.2f}x as fast as {b.model}: {why}."
+    return f"{a.name} generates {speed:.2f}x as fast as {b.name}: {why}."
 
 
 def sooner(a: ModelRow, b: ModelRow) -> str:
     """Why ``a`` answers the workload sooner than ``b``: the seconds, split into prompt and generation."""
     def parts(r: ModelRow) -> str:
         return f"{r.prompt_s:.1f} s prompt + {r.answer_s - r.prompt_s:.1f} s generating"
-    return (f"{a.model} answers a {a.workload} request in {a.answer_s:.1f} s ({parts(a)}), {b.model} in "
+    depth, prompt, gen = a.sizes
+    test = f"{prompt} prompt tokens" + (f" after {depth}" if depth else "") + f", {gen} generated"
+    return (f"{a.name} answers a {a.workload} request ({test}) in {a.answer_s:.1f} s ({parts(a)}), {b.name} in "
             f"{b.answer_s:.1f} s ({parts(b)}): {b.answer_s / a.answer_s:.2f}x sooner.")
 
 
@@ -122,6 +146,9 @@ def compare_text(rows: list[ModelRow]) -> str:
     """The side-by-side table, one explanation per model, and pairwise reasons (seconds to answer first, for a
     chat, reasoning, long or custom workload)."""
     answers = all(r.answer_s is not None for r in rows)
+    models = [r.model for r in rows]
+    for r in rows:
+        r.label = r.study if models.count(r.model) > 1 else r.model
     cols = (("study", "model", "preset") + ((f"{rows[0].workload} s", "how") if answers else ())
             + ("tg t/s", "pp t/s", "n_ctx", "KV KLD", "peak mem", "headroom", "bytes/token", "GB/s", "offloaded"))
     table = markdown_table([[r.study, r.model, r.preset]
