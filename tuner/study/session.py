@@ -30,7 +30,8 @@ from tuner.study.presets import OBJECTIVES
 from tuner.study.quality_gate import DEFAULT_MAX_KLD
 from tuner.study.storage import DEFAULT_STORAGE, SAMPLERS, make_storage
 from tuner.study.tracker import Tracker
-from tuner.study.tuner import Fingerprint, StudySettings, Tuner
+from tuner.study.settings import Fingerprint, StudySettings
+from tuner.study.tuner import Tuner
 from tuner.units import parse_duration, parse_size
 
 

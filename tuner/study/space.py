@@ -117,7 +117,7 @@ class SearchSpace:
         gpu = machine.gpu_offload
         self.ints: dict[str, tuple[int, int]] = {"n_threads": (1, machine.physical_cores),
                                                  "n_threads_batch": (1, machine.physical_cores)}
-        # On a GPU, each trial gets as many layers as the memory model says fit (Tuner._fit_layers), since
+        # On a GPU, each trial gets as many layers as the memory model says fit (Placement.fit), since
         # a layer left on the CPU costs far more speed than any other setting gains; --range searches them.
         self.fit_layers = gpu and "n_gpu_layers" not in options.ranges and "n_gpu_layers" not in options.pins
         if gpu and not self.fit_layers:
@@ -130,7 +130,7 @@ class SearchSpace:
             "n_ctx": _ladder(options.min_ctx, train),
             "attention": list(ATTENTION_CHOICES),
         }
-        # A MoE's expert placement: fitted per trial on a GPU (Tuner._fit_layers), searched with --range, pinned
+        # A MoE's expert placement: fitted per trial on a GPU (Placement.fit), searched with --range, pinned
         # with --set; with experts in host memory the load mode matters (llama.cpp advises --load-mode none), so it is
         # searched too. On a CPU every tensor is in host memory already.
         self.fixed["n_cpu_moe"] = 0

@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Protocol
+from dataclasses import asdict
+from typing import Any, Callable
 
 import optuna
 import psutil
@@ -40,53 +40,16 @@ from tuner.study.keys import (BASELINE_ATTR, CONFIG_ATTR, DEFAULTS_BASELINE, IMP
                               REQUEST_ATTR, SCHEMA_ATTR, SCHEMA_VERSION)
 from tuner.model.facts import ModelFacts
 from tuner.study.memory_model import MemoryModel
+from tuner.study.placement import Placement
 from tuner.study.storage import GRACE_S, make_sampler
 from tuner.study.objectives import (Limits, constraints, measured_trials, objective_values, result_of,
                                     worst_rates)
 from tuner.measure.result import Environment, Status, TrialResult
 from tuner.study.space import SearchSpace
 from tuner.study.tracker import Tracker
+from tuner.study.settings import Fingerprint, Observer, StudySettings, SurplusTrial
 
-SKIP_MARGIN_PRIOR, SKIP_MARGIN_FITTED = 0.15, 0.05
 MAX_CONSECUTIVE_REPEATS = 30
-
-
-@dataclass(kw_only=True)
-class StudySettings:
-    """What the user asked the study for (stored on the study, checked on resume)."""
-
-    trials: int
-    objective: str = "tg"
-    sampler: str = "tpe"
-    seed: int | None = None
-    timeout_s: float | None = None
-    confirm_top: int = 3
-    confirm_repetitions: int = 8  # the most rounds of a confirmation race (one repetition each)
-    trial_timeout_s: float = 900.0
-
-
-class SurplusTrial(Exception):
-    """Raised in a trial started when the target was already reached by other workers; it ends FAILED."""
-
-
-class Observer(Protocol):
-    """Hears about the study's progress (the live display, MLflow tracking)."""
-
-    def trial_started(self, number: int, config: BenchConfig) -> None:
-        """Trial ``number`` is about to measure (or reuse) ``config``."""
-
-    def trial_finished(self, trial: FrozenTrial, result: TrialResult, reused: bool) -> None:
-        """A trial completed with ``result`` (``reused``: copied from an earlier measurement)."""
-
-
-@dataclass
-class Fingerprint:
-    """What makes measurements comparable across studies: model file, hardware, build, test."""
-
-    model_sha256: str
-    hardware: str
-    llama_cpp_build: str
-    test: dict[str, int] = field(default_factory=dict)
 
 
 class Tuner:
@@ -113,6 +76,7 @@ class Tuner:
         self.reconnect_s = 60.0
         self.facts = ModelFacts.of(model)
         self.memory = MemoryModel(self.facts, on_gpu=bool(env.gpu_name and env.gpu_offload))
+        self.placement = Placement(memory=self.memory, space=space, limits=limits, launcher=launcher, model=model)
         self.notes: list[str] = []  # what resuming changed, for the caller to show
         self.study = optuna.create_study(
             study_name=study_name, storage=storage, load_if_exists=True, directions=["maximize"] * 3,
@@ -176,23 +140,10 @@ class Tuner:
             if name not in done:
                 self.study.enqueue_trial(self.space.params_of(cfg),
                                          user_attrs={BASELINE_ATTR: name, CONFIG_ATTR: cfg.to_dict()})
-        start = None if any(t.user_attrs.get(START_ATTR) for t in trials) else self._start_point()
+        start = (None if any(t.user_attrs.get(START_ATTR) for t in trials)
+                 else self.placement.start_point(self.baselines.get(DEFAULTS_BASELINE)))
         if start is not None:
             self.study.enqueue_trial(self.space.params_of(start), user_attrs={START_ATTR: True})
-
-    def _start_point(self) -> BenchConfig | None:
-        """On a GPU, the first sampled point: llama.cpp's defaults at ``--min-ctx`` (its own default,
-        the training context, seldom fits a consumer card), with the least quantized KV cache that
-        lets every layer fit. It anchors the sampler where the fast configurations are."""
-        defaults = self.baselines.get(DEFAULTS_BASELINE)
-        if not self.space.fit_layers or defaults is None:
-            return None
-        base, limit = replace(defaults, n_ctx=self.limits.min_ctx, flash_attn=True), self._layer_limit()
-        for kv in ("f16", "q8_0", "q4_0"):
-            cfg = replace(base, type_k=kv, type_v=kv)
-            if self.memory.max_layers(cfg, limit) == self.model.n_gpu_layers_all:
-                return cfg
-        return base
 
     # -- the trial loop -----------------------------------------------------
     def measured_count(self) -> int:
@@ -308,7 +259,7 @@ class Tuner:
         if CONFIG_ATTR in trial.user_attrs:  # a baseline: measured exactly as given
             cfg = BenchConfig.from_dict(trial.user_attrs[CONFIG_ATTR])
         elif self.space.fit_layers:
-            cfg = self._fit_layers(cfg)
+            cfg = self.placement.fit(cfg)
         trial.set_user_attr(SETTINGS_ATTR, cfg.settings_key())
         if self._surplus(trial):
             self._surplus_seen = True
@@ -323,7 +274,7 @@ class Tuner:
             self._repeats += 1
             number, result = hit
             trial.set_user_attr(REUSED_ATTR, number)
-        elif BASELINE_ATTR not in trial.user_attrs and self._too_big(predicted):
+        elif BASELINE_ATTR not in trial.user_attrs and self.placement.too_big(predicted):
             self._repeats += 1
             trial.set_user_attr(SKIPPED_ATTR, True)
             result = TrialResult(Status.INVALID, cfg, self.model.path, predicted_peak_bytes=predicted, env=self.env,
@@ -350,30 +301,6 @@ class Tuner:
         if imputed:
             trial.set_user_attr(IMPUTED_ATTR, True)
         return values
-
-    def _fit_layers(self, cfg: BenchConfig) -> BenchConfig:
-        """``cfg`` placed to fit the budget, or what is free if less, and the headroom, by the memory model
-        (less its own error): the most layers, and for a MoE every layer with the fewest layers' experts
-        in host memory (unless ``n_cpu_moe`` is pinned or searched); unchanged when nothing fits, so that it
-        is skipped as too big."""
-        limit = self._layer_limit()
-        if "n_cpu_moe" not in self.space.fixed or self.space.moe_pinned:
-            ngl = self.memory.max_layers(cfg, limit)
-            return cfg if ngl is None else replace(cfg, n_gpu_layers=ngl)
-        return self.memory.fit_placement(cfg, limit) or cfg
-
-    def _layer_limit(self) -> int:
-        """The predicted peak a fitted trial may reach: the budget (or what is free, if less) less the
-        headroom and the memory model's own error."""
-        budget = self.limits.budget_bytes
-        free = self.launcher.gpu_free_bytes()
-        room = min(budget, free) if free is not None else budget
-        return room - self.limits.min_headroom_bytes - self.memory.uncertainty(budget)
-
-    def _too_big(self, predicted: int) -> bool:
-        """True when even a generous error of the memory model would not bring the config within budget."""
-        margin = SKIP_MARGIN_FITTED if self.memory.correction is not None else SKIP_MARGIN_PRIOR
-        return predicted > self.limits.budget_bytes * (1 + margin)
 
     def _refit_memory(self, latest: TrialResult) -> None:
         measured = [r for r in (result_of(t) for t in measured_trials(self.study.get_trials(deepcopy=False))) if r]
