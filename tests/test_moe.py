@@ -187,3 +187,24 @@ def test_tune_a_moe_with_n_cpu_moe_pinned_and_export_it(run_cli, tiny_moe, tmp_p
     assert r.code == 0, r.err
     e = run_cli("export", "moe", "--format", "llama-server", "--storage", storage)
     assert e.code == 0 and "--n-cpu-moe 2" in e.out
+
+
+def test_llama_cpps_dry_runs_calibrate_the_prior():
+    from tuner.measure.result import Status, TrialResult
+
+    info = describe_shape(SHAPES["tiny"], "q4_k_m")
+    mm = MemoryModel(ModelFacts.of(info), on_gpu=False)
+    configs = [BenchConfig(n_ctx=c, n_ubatch=u, n_batch=2048, flash_attn=fa, n_threads=1, n_threads_batch=1)
+               for c in (4096, 8192) for u in (128, 512) for fa in (False, True)]
+    # What llama.cpp reports in a dry run: 0 MiB of weights; the KV cache, and compute 10 MiB over the formula.
+    dry = []
+    for c in configs:
+        a = mm.allocations(c)
+        dry.append(TrialResult(Status.OK, c, "/m.gguf", buffers={
+            "model": {"CPU": 0}, "kv": {"CPU": a.host_kv}, "compute": {"CPU": a.host_compute + (10 << 20)}}))
+    pairs = mm.calibrate(dry)
+    assert [d - f for f, d in pairs] == [10 << 20] * 8  # the formula's prior against the dry run
+    for c, r in zip(configs, dry):  # afterwards the formula says what llama.cpp says
+        a = mm.allocations(c)
+        assert abs(a.host_kv + a.host_compute + mm.prior_offset - r.allocated_bytes("host", kinds=("kv", "compute"))) \
+            < 2**20

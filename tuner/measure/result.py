@@ -194,13 +194,13 @@ class TrialResult:
         """Generation t/s each stream sees: the aggregate over ``n_parallel`` (server workload)."""
         return self.tg_mean / self.config.n_parallel if self.tg_mean is not None else None
 
-    def allocated_bytes(self, device: str) -> int | None:
-        """What llama.cpp allocated on ``device`` ("gpu" or "host"): model, KV and compute buffers."""
+    def allocated_bytes(self, device: str, kinds: tuple[str, ...] = ("model", "kv", "compute")) -> int | None:
+        """What llama.cpp allocated on ``device`` ("gpu" or "host") in buffers of ``kinds`` (model, KV, compute)."""
         if not self.buffers:
             return None
         total = 0
-        for kind in self.buffers.values():
-            for name, size in kind.items():
+        for kind in kinds:
+            for name, size in self.buffers.get(kind, {}).items():
                 on_gpu = name.startswith(("CUDA", "ROCm", "Vulkan", "Metal", "SYCL")) and "Host" not in name
                 total += size if on_gpu == (device == "gpu") else 0
         return total

@@ -56,11 +56,6 @@ class Allocations:
         return self.host_weights + self.host_kv + self.host_compute
 
 
-def _on(buffer: str) -> bool:
-    """True for a GPU buffer's name (CUDA0, ROCm0 ...), as TrialResult.allocated_bytes tells them."""
-    return buffer.startswith(("CUDA", "ROCm", "Vulkan", "Metal", "SYCL")) and "Host" not in buffer
-
-
 def compute_features(facts: ModelFacts, cfg: BenchConfig) -> np.ndarray:
     """The terms the compute buffer grows with: logits, attention scores, FFN, a constant."""
     ub = cfg.n_ubatch
@@ -136,8 +131,7 @@ class MemoryModel:
         dry = [r for r in dry_runs if r.ok and r.buffers]
         pairs_before = [self._kv_compute(r.config) for r in dry]
         self._fit_compute(dry)
-        reported = [sum(size for kind in ("kv", "compute") for name, size in r.buffers.get(kind, {}).items()
-                        if _on(name) == (self.device == "gpu")) for r in dry]
+        reported = [r.allocated_bytes(self.device, kinds=("kv", "compute")) for r in dry]
         formula = [self._kv_compute(r.config) for r in dry]
         if dry:
             self.prior_offset = int(statistics.median(d - f for f, d in zip(formula, reported)))
