@@ -9,7 +9,8 @@ import pytest
 
 from tuner.measure.config import BenchConfig, InvalidConfig
 from tuner.model.facts import ModelFacts
-from tuner.model.info import is_expert_tensor, load_model_info
+from tuner.model.experts import is_expert_tensor
+from tuner.model.info import load_model_info
 from tuner.model.twins import SHAPES, describe_shape
 from tuner.report.export import llama_cpp_python_snippet, llama_server_args, ollama_modelfile
 from tuner.study.baselines import parse_server_flags

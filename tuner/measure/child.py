@@ -35,14 +35,13 @@ from llama_cpp import llama_cpp as C
 from tuner.measure import timer as timing
 from tuner.measure.threadpool import attach_threadpools
 from tuner.measure.timer import DecodeError, Timer, fault_point
+from tuner.model.experts import layer_experts_pattern
 
 BUFFER_LINE = re.compile(r"(\S+) +(model|KV|compute) buffer size = +([\d.]+) MiB")
 # The KV cache's own size, printed after its buffers: in a dry run (no_alloc) the buffers read 0.00 MiB.
 KV_SIZE_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB")
 DRY_RUN = {"on": False, "kv_device": "CPU"}
 OVERRIDE_LINE = re.compile(r"tensor (\S+) \(\d+ MiB \S+\) buffer type overridden to (\S+)")
-# llama.cpp's LLM_FFN_EXPS_REGEX for one layer: what llama-server --n-cpu-moe N keeps in host memory, per layer < N
-EXPERT_LAYER_PATTERN = r"blk\.{}\.ffn_(up|down|gate|gate_up)_(ch|)exps"
 # The tensors llama.cpp placed by an override, and where (e.g. {"blk.0.ffn_up_exps.weight": "CPU"}).
 OVERRIDDEN: dict[str, str] = {}
 # llama.cpp's own account of what it allocated, by kind and buffer (e.g. "kv": {"CUDA0": bytes}).
@@ -120,7 +119,7 @@ def cpu_moe_overrides(n_cpu_moe: int) -> ctypes.Array | None:
     base.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
     base.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
     cpu = base.ggml_backend_dev_buffer_type(ggml.ggml_backend_dev_by_type(0))  # GGML_BACKEND_DEVICE_TYPE_CPU
-    patterns = [EXPERT_LAYER_PATTERN.format(i).encode() for i in range(n_cpu_moe)]
+    patterns = [layer_experts_pattern(i).encode() for i in range(n_cpu_moe)]
     array = (BuftOverride * (n_cpu_moe + 1))(*[BuftOverride(p, cpu) for p in patterns], BuftOverride(None, None))
     _KEEP[:] = [array, patterns]
     return array

@@ -9,7 +9,6 @@ per token for each cache type.
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
 from tuner.errors import UserError
+from tuner.model.experts import is_expert_tensor
 from tuner.model.gguf_header import GGUFHeader, LongArray, read_gguf_header
 
 # KV cache types llama.cpp accepts for --cache-type-k/-v.
@@ -142,14 +142,6 @@ class ModelInfo:
             for t in ("f16", "q8_0", "q4_0")
         }
         return d
-
-
-EXPERT_TENSOR = re.compile(r"^blk\.\d+\.ffn_(up|down|gate|gate_up)_(ch|)exps")  # llama.cpp's LLM_FFN_EXPS_REGEX
-
-
-def is_expert_tensor(name: str) -> bool:
-    """True for a routed expert's tensor, which ``--n-cpu-moe`` and ``--cpu-moe`` place in host memory."""
-    return EXPERT_TENSOR.match(name) is not None
 
 
 def _file_type_name(metadata: dict[str, Any], counts: Counter) -> str:
