@@ -98,6 +98,16 @@ class SubprocessLauncher(Launcher):
         self.sample_interval = sample_interval or (0.05 if self.gpu_index is not None else 0.5)
 
     def measure(self, model_path: str, configs: Sequence[BenchConfig]) -> Iterator[TrialResult]:
+        return self._results(model_path, configs, dry_run=False)
+
+    def dry_run(self, model_path: str, configs: Sequence[BenchConfig]) -> list[TrialResult]:
+        """What llama.cpp would allocate for each configuration, from a load with ``no_alloc`` (metadata only,
+        allocations simulated): results with ``buffers`` and no timings, in one child per model setting."""
+        return list(self._results(model_path, configs, dry_run=True))
+
+    def _results(self, model_path: str, configs: Sequence[BenchConfig], dry_run: bool) -> Iterator[TrialResult]:
+        """One result per config, in order: invalid ones at once, the rest measured (or their allocations
+        simulated) in children, consecutive configs with the same model settings sharing one."""
         ready: dict[int, TrialResult] = {}
         valid: list[tuple[int, BenchConfig]] = []
         for i, cfg in enumerate(configs):
@@ -110,7 +120,7 @@ class SubprocessLauncher(Launcher):
         for _, group in groupby(valid, key=lambda ic: json.dumps(ic[1].model_params(), sort_keys=True)):
             pending = list(group)
             while pending:
-                results = self._run_child(model_path, pending)
+                results = self._run_child(model_path, pending, dry_run=dry_run)
                 ready.update((i, r) for (i, _), r in zip(pending, results))
                 pending = pending[len(results):]
                 while next_out in ready:
@@ -135,18 +145,6 @@ class SubprocessLauncher(Launcher):
     def gpu_free_bytes(self) -> int | None:
         """What NVML reports free on this launcher's GPU (None without one)."""
         return self.probe.memory(self.gpu_index).free if self.gpu_index is not None else None
-
-    def dry_run(self, model_path: str, configs: Sequence[BenchConfig]) -> list[TrialResult]:
-        """What llama.cpp would allocate for each configuration, from a load with ``no_alloc`` (metadata only,
-        allocations simulated): results with ``buffers`` and no timings, all in one child per model setting."""
-        out: list[TrialResult] = []
-        for _, group in groupby(list(configs), key=lambda c: json.dumps(c.resolved().model_params(), sort_keys=True)):
-            pending = [(i, c.resolved()) for i, c in enumerate(group)]
-            while pending:
-                results = self._run_child(model_path, pending, dry_run=True)
-                out += results
-                pending = pending[len(results):]
-        return out
 
     def _run_child(self, model_path: str, runs: list[tuple[int, BenchConfig]],
                    dry_run: bool = False) -> list[TrialResult]:
