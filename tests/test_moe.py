@@ -209,3 +209,16 @@ def test_llama_cpps_dry_runs_calibrate_the_prior():
         a = mm.allocations(c)
         assert abs(a.host_kv + a.host_compute + mm.prior_offset - r.allocated_bytes("host", kinds=("kv", "compute"))) \
             < 2**20
+
+
+def test_experts_are_fitted_on_a_gpu_unless_pinned_or_searched(qwen3_moe):
+    from tuner.study.space import Machine, SearchSpace, SpaceOptions
+
+    gpu, cpu = Machine(16, gpu_offload=True), Machine(16, gpu_offload=False)
+    fitted = SearchSpace(qwen3_moe, gpu, SpaceOptions())
+    assert fitted.fit_experts and fitted.choices["use_mmap"] == [True, False]
+    assert not SearchSpace(qwen3_moe, gpu, SpaceOptions(pins={"n_cpu_moe": 2})).fit_experts
+    searched = SearchSpace(qwen3_moe, gpu, SpaceOptions(ranges={"n_cpu_moe": (4, 20)}))
+    assert not searched.fit_experts and searched.ints["n_cpu_moe"] == (4, 20)
+    assert not SearchSpace(qwen3_moe, cpu, SpaceOptions()).fit_experts
+    assert not SearchSpace(describe_shape(SHAPES["qwen3-8b"], "q4_k_m"), gpu, SpaceOptions()).fit_experts

@@ -46,10 +46,10 @@ class Placement:
         in host memory (unless ``n_cpu_moe`` is pinned or searched); unchanged when nothing fits, so that it
         is skipped as too big."""
         limit = self.limit()
-        if "n_cpu_moe" not in self.space.fixed or self.space.moe_pinned:
-            ngl = self.memory.max_layers(cfg, limit)
-            return cfg if ngl is None else replace(cfg, n_gpu_layers=ngl)
-        return self.memory.fit_placement(cfg, limit) or cfg
+        if self.space.fit_experts:
+            return self.memory.fit_placement(cfg, limit) or cfg
+        ngl = self.memory.max_layers(cfg, limit)
+        return cfg if ngl is None else replace(cfg, n_gpu_layers=ngl)
 
     def limit(self) -> int:
         """The predicted peak a fitted trial may reach: the budget (or what is free, if less) less the

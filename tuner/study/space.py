@@ -134,7 +134,8 @@ class SearchSpace:
         # with --set; with experts in host memory the load mode matters (llama.cpp advises --load-mode none), so it is
         # searched too. On a CPU every tensor is in host memory already.
         self.fixed["n_cpu_moe"] = 0
-        self.moe_pinned = "n_cpu_moe" in options.pins
+        self.fit_experts = (self.fit_layers and model.is_moe and "n_cpu_moe" not in options.ranges
+                            and "n_cpu_moe" not in options.pins)
         if gpu and model.is_moe:
             self.choices["use_mmap"] = [True, False]
             if "n_cpu_moe" in options.ranges:
