@@ -128,7 +128,7 @@ def _json_result(r) -> dict:
         d["pp_aggregate_mean"] = r.pp_mean
     if r.curve:
         d["time_to_answer_s"] = r.time_to_answer_s
-        d["depth_curve"] = [{"depth": dp, "tg_tps": tg} for dp, tg in zip(r.curve.depths, r.curve.tg_rates())]
+        d["depth_curve"] = r.curve.points()
     return d
 
 

@@ -74,6 +74,10 @@ class DepthCurve:
         return [statistics.fmean(1e9 * self.probe_tokens / r[i] for r in self.probe_ns)
                 for i in range(len(self.depths))]
 
+    def points(self) -> list[dict[str, float]]:
+        """The curve as JSON exports it: ``[{"depth": d, "tg_tps": t/s}, ...]``."""
+        return [{"depth": d, "tg_tps": tg} for d, tg in zip(self.depths, self.tg_rates())]
+
     def pp_rates(self) -> list[float]:
         """Mean prompt t/s of each span (filling up to ``depths[i + 1]``), over the repetitions."""
         return [statistics.fmean(1e9 * (self.depths[i + 1] - self.depths[i]) / r[i] for r in self.span_ns)

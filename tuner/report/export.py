@@ -164,7 +164,7 @@ def workload_figures(f) -> dict[str, Any]:
     out: dict[str, Any] = {"workload": c.workload}
     if f.time_to_answer_s is not None:
         out["time_to_answer_s"] = f.time_to_answer_s
-        out["depth_curve"] = [{"depth": d, "tg_tps": tg} for d, tg in zip(f.curve.depths, f.curve.tg_rates())]
+        out["depth_curve"] = f.curve.points()
     if c.workload == "server":
         out.update(n_parallel=c.n_parallel, tg_aggregate_tps=f.tg_mean, tg_per_stream_tps=f.stream_tg_mean)
     return out
