@@ -83,6 +83,7 @@ class Tuner:
             sampler=make_sampler(settings.sampler, settings.seed, settings.trials))
         self._check_identity()
         self._repeats = 0
+        self._calibrated = False  # llama.cpp's dry runs have set the memory model's prior (Tuner.run)
         self._surplus_seen = False
         self._other_studies: dict[str, tuple[int, TrialResult]] | None = None
         self._orphans = OrphanSweeper(grace_period(storage, GRACE_S))
@@ -163,7 +164,8 @@ class Tuner:
         self._with_storage(self.recover)
         if enqueue_baselines:
             self._with_storage(self.enqueue_baselines)
-        if self.memory.correction is None and not self.memory.prior_offset:  # before the first measurement
+        if not self._calibrated and self.memory.correction is None:  # once, before this process measures
+            self._calibrated = True
             pairs = self.memory.calibrate(self.launcher.dry_run(self.model.path, self.space.corners()))
             if pairs:
                 self._with_storage(lambda: self.study.set_user_attr(MEMORY_PRIOR_ATTR, pairs))
