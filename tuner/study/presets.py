@@ -99,14 +99,15 @@ def t_sigmas(n: int) -> float:
 
 
 def tied(a: TrialResult, b: TrialResult, objective: str) -> bool:
-    """True when the two mean speeds differ by at most TIE_SIGMAS standard errors of their difference
-    (paired by round when both were confirmed in the same interleaved batch)."""
-    gap = abs(speed(a, objective)[0] - speed(b, objective)[0])
+    """True when the two speeds differ by no more than their noise: for candidates confirmed in the same
+    interleaved batch, the mean per-round gap (as a share) within a Student's t 95% interval of the rounds both
+    ran; otherwise the mean speeds within TIE_SIGMAS standard errors of their difference."""
     ra, rb = round_speeds(a, objective), round_speeds(b, objective)
     if a.interleaved is not None and a.interleaved == b.interleaved and min(len(ra), len(rb)) >= 3:
         # A candidate that left the race early has fewer rounds: the rounds both ran are the first ones.
         diffs = [(x - y) / x for x, y in zip(ra, rb)]  # drift scales both of a round alike
         return abs(statistics.fmean(diffs)) <= t_sigmas(len(diffs)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    gap = abs(speed(a, objective)[0] - speed(b, objective)[0])
     return gap <= TIE_SIGMAS * math.hypot(standard_error(a, objective), standard_error(b, objective))
 
 
