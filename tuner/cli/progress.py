@@ -29,13 +29,22 @@ def describe(c: BenchConfig) -> str:
             f"t {c.n_threads}/{c.n_threads_batch} fa {int(c.flash_attn)} kv {c.type_k}/{c.type_v}")
 
 
-def figures(r: TrialResult) -> str:
-    """A result's figures in its workload's terms: seconds to answer, aggregate and per-stream tg, or tg and pp."""
+def headline(r: TrialResult) -> str:
+    """The figure a result's workload is judged by: seconds to answer, aggregate tg, or tg and pp."""
     if r.time_to_answer_s is not None:
-        return f"answer {r.time_to_answer_s:.2f} s (prompt {r.pp_mean:.2f}, answer {r.tg_mean:.2f} t/s)"
+        return f"answer {r.time_to_answer_s:.2f} s"
     if r.config.workload == "server":
-        return f"tg {r.tg_mean:.2f} t/s aggregate ({r.stream_tg_mean:.2f} per stream) pp {r.pp_mean:.2f} t/s"
+        return f"tg {r.tg_mean:.2f} t/s aggregate"
     return f"tg {r.tg_mean:.2f} pp {r.pp_mean:.2f} t/s"
+
+
+def figures(r: TrialResult) -> str:
+    """The headline with the figures behind it: prompt and answer rates, or per-stream tg and pp."""
+    if r.time_to_answer_s is not None:
+        return f"{headline(r)} (prompt {r.pp_mean:.2f}, answer {r.tg_mean:.2f} t/s)"
+    if r.config.workload == "server":
+        return f"{headline(r)} ({r.stream_tg_mean:.2f} per stream) pp {r.pp_mean:.2f} t/s"
+    return headline(r)
 
 
 def clock(seconds: float) -> str:
@@ -113,7 +122,7 @@ class Progress:
         feasible = all(v <= 0 for v in trial.constraints.values())
         score = 1 / result.time_to_answer_s if result.ok and result.time_to_answer_s else result.tg_mean
         if result.ok and feasible and (self.best is None or score > self.best[0]):
-            self.best = (score, trial.number, figures(result).split(" (")[0])
+            self.best = (score, trial.number, headline(result))
         text = figures(result) if result.ok else f"{result.status.value}: {result.reason[:80]}"
         same = f" (same as #{trial.user_attrs[REUSED_ATTR]})" if reused else ""
         self.last = f"#{trial.number} {text}{same}"
