@@ -24,7 +24,7 @@ install: $(STAMP)
 # The layer contracts (import-linter) and ruff first: seconds, and they fail before the slow tests.
 test: install
 	$(BIN)/lint-imports
-	$(BIN)/ruff check tuner tests bench
+	$(BIN)/ruff check llama_tuner tests bench
 	$(BIN)/python -m pytest -q
 
 # The fast lane: no llama.cpp, no GPU (under a minute on 2 cores).

@@ -44,16 +44,16 @@ sys.path.insert(0, str(ROOT))
 
 import optuna  # noqa: E402
 
-from tuner.measure.config import BenchConfig  # noqa: E402
-from tuner.model.demo import demo_model  # noqa: E402
-from tuner.measure.environment import build_environment, model_sha256  # noqa: E402
-from tuner.measure.launcher import Launcher, SubprocessLauncher  # noqa: E402
-from tuner.measure.probe import detect_probe  # noqa: E402
-from tuner.study.objectives import is_feasible  # noqa: E402
-from tuner.measure.result import TrialResult  # noqa: E402
-from tuner.study.session import StudyRequest, open_tuner  # noqa: E402
-from tuner.study.confirmation import confirm_leaders  # noqa: E402
-from tuner.study.view import StudyView  # noqa: E402
+from llama_tuner.measure.config import BenchConfig  # noqa: E402
+from llama_tuner.model.demo import demo_model  # noqa: E402
+from llama_tuner.measure.environment import build_environment, model_sha256  # noqa: E402
+from llama_tuner.measure.launcher import Launcher, SubprocessLauncher  # noqa: E402
+from llama_tuner.measure.probe import detect_probe  # noqa: E402
+from llama_tuner.study.objectives import is_feasible  # noqa: E402
+from llama_tuner.measure.result import TrialResult  # noqa: E402
+from llama_tuner.study.session import StudyRequest, open_tuner  # noqa: E402
+from llama_tuner.study.confirmation import confirm_leaders  # noqa: E402
+from llama_tuner.study.view import StudyView  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRID_FILE = RESULTS / "efficiency-grid.json"
@@ -136,7 +136,7 @@ def replay(request: StudyRequest, env, grid: dict[str, TrialResult], sampler: st
         tuner = open_tuner(req, launcher=GridLauncher(grid, confirmed), env=env)
         tuner.run()
         confirm_leaders(tuner)
-        view = StudyView(tuner.study)
+        view = StudyView(llama_tuner.study)
         preset = view.presets["fastest"]
         fastest = preset.candidate.figures
         best_so_far, reached = 0.0, None

@@ -39,10 +39,10 @@ sys.path.insert(0, str(ROOT))
 
 from llama_bench_build import llama_bench_binary  # noqa: E402
 
-from tuner.measure.config import BenchConfig  # noqa: E402
-from tuner.model.demo import demo_model  # noqa: E402
-from tuner.measure.launcher import SubprocessLauncher  # noqa: E402
-from tuner.measure.probe import cpu_name, detect_probe  # noqa: E402
+from llama_tuner.measure.config import BenchConfig  # noqa: E402
+from llama_tuner.model.demo import demo_model  # noqa: E402
+from llama_tuner.measure.launcher import SubprocessLauncher  # noqa: E402
+from llama_tuner.measure.probe import cpu_name, detect_probe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = [dict(n_threads=t, n_batch=b, flash_attn=fa) for t in (1, 2) for b in (128, 512) for fa in (False, True)]
@@ -199,7 +199,7 @@ def main() -> None:
     model = args.model or demo_model(ROOT / "models")
     binary = llama_bench_binary()
     launcher = SubprocessLauncher(detect_probe(), timeout_s=900)
-    # Both tools crash with repack on where llama.cpp's AMX kernels do (tuner.measure.repack_check).
+    # Both tools crash with repack on where llama.cpp's AMX kernels do (llama_tuner.measure.repack_check).
     configs = [{**c, "repack": launcher.repack_crash() is None} for c in configs]
     rows = []
     for c in configs:

@@ -22,11 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent  # the demo model lives in ROOT/models, whatever the cwd
 sys.path.insert(0, str(ROOT))
 
-from tuner.model.demo import demo_model  # noqa: E402
-from tuner.model.facts import ModelFacts  # noqa: E402
-from tuner.study.memory_model import MemoryModel  # noqa: E402
-from tuner.model.info import load_model_info  # noqa: E402
-from tuner.measure.result import TrialResult  # noqa: E402
+from llama_tuner.model.demo import demo_model  # noqa: E402
+from llama_tuner.model.facts import ModelFacts  # noqa: E402
+from llama_tuner.study.memory_model import MemoryModel  # noqa: E402
+from llama_tuner.model.info import load_model_info  # noqa: E402
+from llama_tuner.measure.result import TrialResult  # noqa: E402
 
 GRID_FILE = Path(__file__).resolve().parent / "results" / "efficiency-grid.json"
 

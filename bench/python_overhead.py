@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llama_cpp import llama_cpp as C  # noqa: E402
 
-from tuner.measure import child  # noqa: E402
-from tuner.measure.timer import Timer  # noqa: E402
+from llama_tuner.measure import child  # noqa: E402
+from llama_tuner.measure.timer import Timer  # noqa: E402
 
 MODEL = sys.argv[1] if len(sys.argv) > 1 else "models/gemma-3-270m-Q4_K_M.gguf"
 C.llama_log_set(child._LOG_CALLBACK, None)

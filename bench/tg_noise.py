@@ -6,7 +6,7 @@ a 128-token context), through the fidelity bench's own two measurement functions
 without their pp test. Tools:
 
 - ``lb``: ``llama-bench``;
-- ``tuner``: llama-tuner's launcher as a study uses it (memory polled every 0.5 s);
+- ``llama_tuner``: llama-tuner's launcher as a study uses it (memory polled every 0.5 s);
 - ``quiet``: the same with polling off (one sample an hour);
 - ``old``: llama-tuner's child from another checkout (``--old DIR``, e.g. a git worktree
   of an earlier commit), run by this launcher with ``PYTHONPATH=DIR``.
@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 from fidelity import run_llama_bench, run_tuner  # noqa: E402
 from llama_bench_build import llama_bench_binary  # noqa: E402
 
-from tuner.model.demo import demo_model  # noqa: E402
-from tuner.measure.launcher import SubprocessLauncher  # noqa: E402
-from tuner.measure.probe import detect_probe  # noqa: E402
+from llama_tuner.model.demo import demo_model  # noqa: E402
+from llama_tuner.measure.launcher import SubprocessLauncher  # noqa: E402
+from llama_tuner.measure.probe import detect_probe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("fa", type=int, choices=(0, 1))
     ap.add_argument("rounds", type=int)
     ap.add_argument("--tools", default="lb,tuner,quiet")
-    ap.add_argument("--old", type=Path, help="checkout whose tuner.measure.child the 'old' tool runs")
+    ap.add_argument("--old", type=Path, help="checkout whose llama_tuner.measure.child the 'old' tool runs")
     ap.add_argument("--repack", type=int, choices=(0, 1), help="default: on unless it crashes here")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -71,7 +71,7 @@ def main() -> None:
     polling = SubprocessLauncher(probe, timeout_s=300, sample_interval=0.5)
     repack = bool(args.repack) if args.repack is not None else polling.repack_crash() is None
     c = dict(n_threads=args.threads, n_batch=128, flash_attn=bool(args.fa), repack=repack)
-    launchers = {"tuner": polling, "quiet": SubprocessLauncher(probe, timeout_s=300, sample_interval=3600.0)}
+    launchers = {"llama_tuner": polling, "quiet": SubprocessLauncher(probe, timeout_s=300, sample_interval=3600.0)}
     if args.old:
         launchers["old"] = SubprocessLauncher(probe, timeout_s=300, sample_interval=0.5,
                                               extra_env={"PYTHONPATH": str(args.old.resolve())})

@@ -1,7 +1,7 @@
 """Is a workload's predicted time to answer what a real generation takes? And does -np pay?
 
 1. ``reasoning``: ``bench --workload reasoning`` predicts the seconds from a 512-token prompt to
-   the end of 4,096 generated tokens from a depth curve (tuner.measure.workloads). The direct
+   the end of 4,096 generated tokens from a depth curve (llama_tuner.measure.workloads). The direct
    run does it: the same prompt length decoded in n_batch chunks, then 4,096 tokens generated
    one at a time, each sampled (greedy, in llama.cpp) from the last one's logits and fed back,
    timed from the first prompt token to the last generated one. Each round runs both, back to
@@ -39,7 +39,7 @@ def direct(model: str, threads: int, n_prompt: int, n_gen: int) -> float:
 
     from llama_cpp import llama_cpp as C
 
-    from tuner.measure.threadpool import attach_threadpools
+    from llama_tuner.measure.threadpool import attach_threadpools
 
     quiet = C.llama_log_callback(lambda level, text, user_data: None)  # kept alive while llama.cpp runs
     C.llama_log_set(quiet, ctypes.c_void_p(0))
@@ -89,7 +89,7 @@ def _run_direct(model: str, threads: int) -> float:
 
 
 def _run_bench(model: str, threads: int, *extra: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "tuner", "bench", model, "-t", str(threads), "--repack", "0", "-fa", "0",
+    cmd = [sys.executable, "-m", "llama_tuner", "bench", model, "-t", str(threads), "--repack", "0", "-fa", "0",
            "--json", *extra]
     return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout)
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tuner.measure.launcher import SubprocessLauncher
-from tuner.measure.probe import NoGpuProbe
-from tuner.model.twins import SHAPES, Shape, write_synthetic_gguf
+from llama_tuner.measure.launcher import SubprocessLauncher
+from llama_tuner.measure.probe import NoGpuProbe
+from llama_tuner.model.twins import SHAPES, Shape, write_synthetic_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
-# Where llama.cpp's AMX kernels die of SIGILL (tuner.measure.repack_check), tests measure with repack off.
+# Where llama.cpp's AMX kernels die of SIGILL (llama_tuner.measure.repack_check), tests measure with repack off.
 REPACK_WORKS = SubprocessLauncher(NoGpuProbe()).repack_crash() is None
 NO_REPACK = "" if REPACK_WORKS else " --no-repack"
 
@@ -28,7 +28,7 @@ def private_hash_cache(tmp_path_factory):
 
 def pytest_collection_modifyitems(config, items):
     """Skip tests marked ``gpu`` where no NVIDIA GPU is visible."""
-    from tuner.measure.probe import NoGpuProbe, detect_probe
+    from llama_tuner.measure.probe import NoGpuProbe, detect_probe
 
     if isinstance(detect_probe(), NoGpuProbe):
         skip = pytest.mark.skip(reason="needs an NVIDIA GPU (run through ../shared/device)")
@@ -73,7 +73,7 @@ def unknown_arch_model(models_dir) -> Path:
 @pytest.fixture(scope="session")
 def demo_model_path(models_dir) -> Path:
     """The real Gemma 3 270M Q4_K_M from the demo package."""
-    from tuner.model.demo import demo_model
+    from llama_tuner.model.demo import demo_model
 
     return demo_model(models_dir)
 
@@ -96,7 +96,7 @@ def bad_files(models_dir, tiny_model) -> dict[str, Path]:
 
 @dataclass
 class CliResult:
-    """What a real ``python -m tuner`` process did."""
+    """What a real ``python -m llama_tuner`` process did."""
 
     code: int
     out: str
@@ -105,13 +105,13 @@ class CliResult:
 
 @pytest.fixture
 def run_cli():
-    """Run ``python -m tuner ARGS`` in a real process (so exit codes and tracebacks are real): for commands
+    """Run ``python -m llama_tuner ARGS`` in a real process (so exit codes and tracebacks are real): for commands
     that start children, and to check what a real process prints."""
 
     def run(*args: str, timeout: float = 300, env: dict[str, str] | None = None, cwd: Path | None = None) -> CliResult:
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
-        p = subprocess.run([sys.executable, "-m", "tuner", *map(str, args)], capture_output=True, text=True,
+        p = subprocess.run([sys.executable, "-m", "llama_tuner", *map(str, args)], capture_output=True, text=True,
                            timeout=timeout, env=full_env, cwd=cwd or ROOT)
         return CliResult(p.returncode, p.stdout, p.stderr)
 
@@ -123,7 +123,7 @@ def cli():
     """Run ``llama-tuner ARGS`` in this process through click's CliRunner: for commands that start no child."""
     from click.testing import CliRunner
 
-    from tuner.cli.main import cli as group
+    from llama_tuner.cli.main import cli as group
 
     def run(*args: str) -> CliResult:
         result = CliRunner().invoke(group, [str(a) for a in args], prog_name="llama-tuner")

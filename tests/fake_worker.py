@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import optuna  # noqa: E402
 
-from tuner.testing.fakes import FakeLauncher  # noqa: E402
-from tuner.study.worker import join_study  # noqa: E402
+from llama_tuner.testing.fakes import FakeLauncher  # noqa: E402
+from llama_tuner.study.worker import join_study  # noqa: E402
 from test_study import ENV  # noqa: E402
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-PACKAGE = ROOT / "tuner"
+PACKAGE = ROOT / "llama_tuner"
 
 
 def _module_name(path: Path) -> str:
@@ -73,7 +73,7 @@ def test_cycle_finder_finds_a_cycle_through_a_function_level_import():
 
 def test_no_import_cycle_anywhere_in_the_package():
     graph = import_graph()
-    assert "tuner.measure.launcher" in graph and "tuner.measure.repack_check" in graph["tuner.measure.launcher"]
+    assert "llama_tuner.measure.launcher" in graph and "llama_tuner.measure.repack_check" in graph["llama_tuner.measure.launcher"]
     assert cycles(graph) == []
 
 

@@ -6,8 +6,8 @@ import signal
 
 import pytest
 
-from tuner.measure.launcher import classify_death, evidence_line
-from tuner.measure.result import Status
+from llama_tuner.measure.launcher import classify_death, evidence_line
+from llama_tuner.measure.result import Status
 
 CUDA_OOM = """llama_model_load_from_file_impl: using device CUDA0 (NVIDIA GeForce RTX 4070) - 11102 MiB free
 load_tensors: offloading 41 repeating layers to GPU

@@ -39,9 +39,9 @@ def test_tune_bad_input_is_one_line_before_any_work(cli, tiny_model, tmp_path, m
     def work(*_, **__):
         raise AssertionError("work started before the input was checked")
 
-    monkeypatch.setattr("tuner.study.session.build_environment", work)
-    monkeypatch.setattr("tuner.study.session.detect_probe", work)
-    monkeypatch.setattr("tuner.measure.launcher.SubprocessLauncher.repack_crash", work)
+    monkeypatch.setattr("llama_tuner.study.session.build_environment", work)
+    monkeypatch.setattr("llama_tuner.study.session.detect_probe", work)
+    monkeypatch.setattr("llama_tuner.measure.launcher.SubprocessLauncher.repack_crash", work)
     r = cli("tune", tiny_model, "--storage", f"sqlite:///{tmp_path}/s.db", "--no-mlflow", *args)
     assert_one_line_error(r, needle)
     assert not (tmp_path / "s.db").exists()

@@ -6,11 +6,11 @@ import statistics
 
 import pytest
 
-from tuner.measure.config import BenchConfig, InvalidConfig
-from tuner.model.info import load_model_info
-from tuner.measure.result import Environment, Rates, Status, TrialResult
-from tuner.measure.sweep import build_configs, expand_sweep
-from tuner.report.tables import markdown_table
+from llama_tuner.measure.config import BenchConfig, InvalidConfig
+from llama_tuner.model.info import load_model_info
+from llama_tuner.measure.result import Environment, Rates, Status, TrialResult
+from llama_tuner.measure.sweep import build_configs, expand_sweep
+from llama_tuner.report.tables import markdown_table
 
 
 @pytest.mark.parametrize("settings,needle", [

@@ -9,12 +9,12 @@ import optuna
 from optuna.distributions import IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from tuner.study.coordination import (RETRY_ATTR, SETTINGS_ATTR, SURPLUS_ATTR, WORKER_ATTR, Heartbeat, OrphanSweeper,
+from llama_tuner.study.coordination import (RETRY_ATTR, SETTINGS_ATTR, SURPLUS_ATTR, WORKER_ATTR, Heartbeat, OrphanSweeper,
                                 RetryStaleTrial, requeue, twins_ahead)
-from tuner.testing.fakes import FakeLauncher
-from tuner.study.storage import make_storage
-from tuner.study.objectives import BASELINE_ATTR, measured_trials
-from tuner.study.session import StudyRequest, open_tuner
+from llama_tuner.testing.fakes import FakeLauncher
+from llama_tuner.study.storage import make_storage
+from llama_tuner.study.objectives import BASELINE_ATTR, measured_trials
+from llama_tuner.study.session import StudyRequest, open_tuner
 from test_study import ENV
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -118,8 +118,8 @@ def test_a_study_completes_despite_an_orphan_holding_a_slot(long_context_model, 
     tuner = open_tuner(request, launcher=FakeLauncher(env=ENV), env=ENV, storage=storage)
     orphan = tuner.study.ask()  # counts as running: without the sweep the last slot would be held forever
     done = threading.Event()
-    worker = threading.Thread(target=lambda: (tuner.run(), done.set()), daemon=True)
+    worker = threading.Thread(target=lambda: (llama_tuner.run(), done.set()), daemon=True)
     worker.start()
     assert done.wait(60), "the study hung on the orphaned trial"
-    assert len(measured_trials(tuner.study.trials)) == 6
+    assert len(measured_trials(llama_tuner.study.trials)) == 6
     assert tuner.study.trials[orphan.number].state == TrialState.FAIL

@@ -20,14 +20,14 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from conftest import ROOT
-from tuner.errors import UserError
-from tuner.testing.fakes import FakeLauncher
-from tuner.study.objectives import BASELINE_ATTR, REUSED_ATTR, measured_trials
-from tuner.measure.result import Environment
-from tuner.study.session import StudyRequest, open_tuner
-from tuner.study.storage import make_storage
-from tuner.study.coordination import retried_numbers
-from tuner.study.worker import join_study
+from llama_tuner.errors import UserError
+from llama_tuner.testing.fakes import FakeLauncher
+from llama_tuner.study.objectives import BASELINE_ATTR, REUSED_ATTR, measured_trials
+from llama_tuner.measure.result import Environment
+from llama_tuner.study.session import StudyRequest, open_tuner
+from llama_tuner.study.storage import make_storage
+from llama_tuner.study.coordination import retried_numbers
+from llama_tuner.study.worker import join_study
 from test_study import ENV
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -202,7 +202,7 @@ def test_a_real_two_worker_study_logs_under_one_parent(postgres, tiny_model, tmp
         from test_tracking import wait_http
 
         wait_http(f"{mlflow_uri}/health")
-        tune = subprocess.Popen([sys.executable, "-m", "tuner", "tune", str(tiny_model), "--study", "real",
+        tune = subprocess.Popen([sys.executable, "-m", "llama_tuner", "tune", str(tiny_model), "--study", "real",
                                  "--trials", "8", "--min-ctx", "512", "--set", "n_prompt=64", "--set", "n_gen=16",
                                  "--set", "repetitions=2", "--no-confirm", *common], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -213,7 +213,7 @@ def test_a_real_two_worker_study_logs_under_one_parent(postgres, tiny_model, tmp
                 break
             except KeyError:
                 time.sleep(0.5)
-        worker = subprocess.run([sys.executable, "-m", "tuner", "worker", "--study", "real", *common], env=env,
+        worker = subprocess.run([sys.executable, "-m", "llama_tuner", "worker", "--study", "real", *common], env=env,
                                 capture_output=True, text=True, timeout=600)
         out, err = tune.communicate(timeout=600)
         assert tune.returncode == 0 and worker.returncode == 0, (err, worker.stderr)

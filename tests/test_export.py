@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tuner.measure.config import BenchConfig
-from tuner.report.export import FORMATS, render
-from tuner.study.presets import Candidate
-from tuner.measure.result import Environment, Rates, Status, TrialResult
+from llama_tuner.measure.config import BenchConfig
+from llama_tuner.report.export import FORMATS, render
+from llama_tuner.study.presets import Candidate
+from llama_tuner.measure.result import Environment, Rates, Status, TrialResult
 
 GOLDEN = Path(__file__).parent / "golden"
 MODEL = "/models/My Models/Qwen3-8B-Q4_K_M.gguf"  # a space, so quoting matters

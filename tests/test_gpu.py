@@ -6,12 +6,12 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from tuner.measure.config import BenchConfig
-from tuner.measure.launcher import SubprocessLauncher
-from tuner.model.info import load_model_info
-from tuner.measure.probe import detect_probe
-from tuner.study.objectives import measured_trials, result_of
-from tuner.measure.result import Status
+from llama_tuner.measure.config import BenchConfig
+from llama_tuner.measure.launcher import SubprocessLauncher
+from llama_tuner.model.info import load_model_info
+from llama_tuner.measure.probe import detect_probe
+from llama_tuner.study.objectives import measured_trials, result_of
+from llama_tuner.measure.result import Status
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 TEST = dict(n_ctx=1024, n_batch=256, n_ubatch=256, n_prompt=256, n_gen=32, repetitions=3, flash_attn=True)

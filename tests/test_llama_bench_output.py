@@ -9,11 +9,11 @@ import sqlite3
 
 import pytest
 
-from tuner.measure.config import BenchConfig
-from tuner.measure.result import Environment, Rates, Status, TrialResult
-from tuner.measure.sweep import per_test_configs
-from tuner.model.twins import SHAPES, describe_shape
-from tuner.report.llama_bench_output import EXTRA_FIELDS, FIELDS, render, rows
+from llama_tuner.measure.config import BenchConfig
+from llama_tuner.measure.result import Environment, Rates, Status, TrialResult
+from llama_tuner.measure.sweep import per_test_configs
+from llama_tuner.model.twins import SHAPES, describe_shape
+from llama_tuner.report.llama_bench_output import EXTRA_FIELDS, FIELDS, render, rows
 
 ENV = Environment(host="h", cpu="Some CPU", physical_cores=2, ram_total_bytes=8 << 30, llama_cpp_python="0.3.36",
                   llama_cpp_build="ggml 0.25.3 (0c1e570-dirty)")

@@ -14,12 +14,12 @@ import psutil
 import pytest
 
 from conftest import REPACK_WORKS, assert_one_line_error
-from tuner.measure.config import BenchConfig
-from tuner.measure.launcher import SubprocessLauncher
-from tuner.measure.probe import NoGpuProbe
-from tuner.measure.repack_check import CHECK, cpu_has_amx, repack_crash_reason
-from tuner.measure.result import Status, TrialResult
-from tuner.report.llama_bench_output import FIELDS
+from llama_tuner.measure.config import BenchConfig
+from llama_tuner.measure.launcher import SubprocessLauncher
+from llama_tuner.measure.probe import NoGpuProbe
+from llama_tuner.measure.repack_check import CHECK, cpu_has_amx, repack_crash_reason
+from llama_tuner.measure.result import Status, TrialResult
+from llama_tuner.report.llama_bench_output import FIELDS
 
 FAST = dict(n_ctx=512, n_batch=128, n_ubatch=128, n_prompt=128, n_gen=16, repetitions=3, n_threads=1,
             repack=REPACK_WORKS)
@@ -65,10 +65,10 @@ def test_a_changed_model_setting_reloads(small_model):
 THREADPOOL_CHECK = """
 import json, sys
 from llama_cpp import llama_cpp as C
-from tuner.measure.child import load_model, new_context
-from tuner.measure.timer import Timer
-from tuner.measure.config import BenchConfig
-from tuner.measure.threadpool import attach_threadpools
+from llama_tuner.measure.child import load_model, new_context
+from llama_tuner.measure.timer import Timer
+from llama_tuner.measure.config import BenchConfig
+from llama_tuner.measure.threadpool import attach_threadpools
 
 C.llama_backend_init()
 model, _ = load_model(sys.argv[1], {"n_gpu_layers": 0, "repack": sys.argv[2] == "1"})
@@ -166,7 +166,7 @@ def test_a_hanging_child_is_killed_at_the_timeout(tiny_model):
     assert r.status == Status.TIMEOUT and "3 s" in r.reason
     assert time.monotonic() - t0 < 30
     leftovers = [p for p in psutil.process_iter(["cmdline"])
-                 if "tuner.measure.child" in " ".join(p.info["cmdline"] or [])]
+                 if "llama_tuner.measure.child" in " ".join(p.info["cmdline"] or [])]
     assert leftovers == []
 
 
@@ -178,7 +178,7 @@ def test_a_child_that_hangs_after_sending_its_results_is_killed_and_its_results_
     assert r.status == Status.OK, r.reason
     assert time.monotonic() - t0 < 60
     leftovers = [p for p in psutil.process_iter(["cmdline"])
-                 if "tuner.measure.child" in " ".join(p.info["cmdline"] or [])]
+                 if "llama_tuner.measure.child" in " ".join(p.info["cmdline"] or [])]
     assert leftovers == []
 
 

@@ -8,20 +8,20 @@ from dataclasses import replace
 import pytest
 
 from conftest import REPACK_WORKS, assert_one_line_error
-from tuner.measure.config import BenchConfig
-from tuner.testing.fakes import FakeGpuProbe, FakeLauncher
-from tuner.measure.launcher import SubprocessLauncher
-from tuner.model.facts import ModelFacts
-from tuner.study.memory_model import MemoryModel
-from tuner.model.info import load_model_info
-from tuner.measure.probe import NoGpuProbe
-from tuner.study.objectives import RESULT_ATTR, measured_trials
-from tuner.measure.result import Environment
-from tuner.study.session import StudyRequest, open_tuner
-from tuner.study.tuner import START_ATTR
-from tuner.study.view import StudyView
-from tuner.model.twins import SHAPES, Shape, describe_shape
-from tuner.report.memory_plan import _cfg, max_context
+from llama_tuner.measure.config import BenchConfig
+from llama_tuner.testing.fakes import FakeGpuProbe, FakeLauncher
+from llama_tuner.measure.launcher import SubprocessLauncher
+from llama_tuner.model.facts import ModelFacts
+from llama_tuner.study.memory_model import MemoryModel
+from llama_tuner.model.info import load_model_info
+from llama_tuner.measure.probe import NoGpuProbe
+from llama_tuner.study.objectives import RESULT_ATTR, measured_trials
+from llama_tuner.measure.result import Environment
+from llama_tuner.study.session import StudyRequest, open_tuner
+from llama_tuner.study.tuner import START_ATTR
+from llama_tuner.study.view import StudyView
+from llama_tuner.model.twins import SHAPES, Shape, describe_shape
+from llama_tuner.report.memory_plan import _cfg, max_context
 from test_study import ENV
 
 SMALL_TEST = dict(n_prompt=32, n_gen=4, repetitions=1, n_threads=1, repack=REPACK_WORKS)
@@ -167,7 +167,7 @@ def test_the_mistral_twin_under_12_gib_gets_every_layer_at_16k(tiny_model, tmp_p
     # memory model's prior off by up to +-2%, and speeds as measured there. With layers sampled, 13 trials
     # found no full offload at 16k; fitted, the fastest preset must be one.
     info = replace(describe_shape(SHAPES["mistral-small-24b"], "q2_k"), path=str(tiny_model))
-    monkeypatch.setattr("tuner.study.session.load_model_info", lambda path: info)
+    monkeypatch.setattr("llama_tuner.study.session.load_model_info", lambda path: info)
     truth = MemoryModel(ModelFacts.of(info), on_gpu=True)
     env = Environment(**{**FAKE_GPU.__dict__, "vram_total_bytes": 140 << 30, "physical_cores": 16})
 

@@ -10,10 +10,10 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from conftest import assert_one_line_error
-from tuner.errors import UserError
-from tuner.model.gguf_header import read_gguf_header
-from tuner.model.info import load_model_info, swa_layer_flags
-from tuner.model.twins import SHAPES, plan_tensors
+from llama_tuner.errors import UserError
+from llama_tuner.model.gguf_header import read_gguf_header
+from llama_tuner.model.info import load_model_info, swa_layer_flags
+from llama_tuner.model.twins import SHAPES, plan_tensors
 
 
 def test_header_matches_gguf_packages_reader(tiny_model):
@@ -129,7 +129,7 @@ def test_synth_names_the_real_flags_of_a_missing_shape_field(cli, tmp_path):
 def test_model_hash_cache_is_reused_and_drops_files_that_changed(tmp_path):
     import json
 
-    from tuner.measure.environment import model_sha256
+    from llama_tuner.measure.environment import model_sha256
 
     cache = tmp_path / "cache.json"
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"

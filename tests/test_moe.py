@@ -7,14 +7,14 @@ from dataclasses import replace
 
 import pytest
 
-from tuner.measure.config import BenchConfig, InvalidConfig
-from tuner.model.facts import ModelFacts
-from tuner.model.experts import is_expert_tensor
-from tuner.model.info import load_model_info
-from tuner.model.twins import SHAPES, describe_shape
-from tuner.report.export import llama_cpp_python_snippet, llama_server_args, ollama_modelfile
-from tuner.study.baselines import parse_server_flags
-from tuner.study.memory_model import FIT_MARGIN, MemoryModel
+from llama_tuner.measure.config import BenchConfig, InvalidConfig
+from llama_tuner.model.facts import ModelFacts
+from llama_tuner.model.experts import is_expert_tensor
+from llama_tuner.model.info import load_model_info
+from llama_tuner.model.twins import SHAPES, describe_shape
+from llama_tuner.report.export import llama_cpp_python_snippet, llama_server_args, ollama_modelfile
+from llama_tuner.study.baselines import parse_server_flags
+from llama_tuner.study.memory_model import FIT_MARGIN, MemoryModel
 
 GIB = 2**30
 
@@ -38,7 +38,7 @@ def test_the_header_tells_experts_and_their_bytes_per_layer(qwen3_moe):
 
 
 def test_the_tiny_moe_twin_is_written_and_read_back(tmp_path):
-    from tuner.model.twins import write_synthetic_gguf
+    from llama_tuner.model.twins import write_synthetic_gguf
 
     path = write_synthetic_gguf(tmp_path / "moe.gguf", SHAPES["tiny-moe"], "q4_k_m")
     info = load_model_info(path)
@@ -75,7 +75,7 @@ def test_a_fitted_placement_offloads_every_layer_and_the_fewest_experts_to_host_
 
 
 def test_the_fit_baseline_shrinks_the_context_then_moves_experts_then_layers(qwen3_moe):
-    from tuner.study.baselines import server_defaults
+    from llama_tuner.study.baselines import server_defaults
 
     dense = describe_shape(SHAPES["mistral-small-24b"], "q2_k")
     mm = MemoryModel(ModelFacts.of(dense), on_gpu=True)
@@ -121,14 +121,14 @@ def test_a_moe_study_on_a_12_gib_gpu_fits_experts_per_trial_and_fits_the_default
                                                                                   monkeypatch):
     from test_memory import FAKE_GPU
 
-    from tuner.study.keys import DEFAULTS_BASELINE
-    from tuner.study.objectives import result_of
-    from tuner.study.session import StudyRequest, open_tuner
-    from tuner.study.view import StudyView
-    from tuner.testing.fakes import FakeGpuProbe, FakeLauncher
+    from llama_tuner.study.keys import DEFAULTS_BASELINE
+    from llama_tuner.study.objectives import result_of
+    from llama_tuner.study.session import StudyRequest, open_tuner
+    from llama_tuner.study.view import StudyView
+    from llama_tuner.testing.fakes import FakeGpuProbe, FakeLauncher
 
     info = replace(qwen3_moe, path=str(tiny_model))
-    monkeypatch.setattr("tuner.study.session.load_model_info", lambda path: info)
+    monkeypatch.setattr("llama_tuner.study.session.load_model_info", lambda path: info)
     truth = MemoryModel(ModelFacts.of(info), on_gpu=True)
     env = replace(FAKE_GPU, vram_total_bytes=12 * GIB)
     launcher = FakeLauncher(env=env, n_layer=48, peak_fn=lambda c: int(truth.predict(c) * 1.01),
@@ -154,7 +154,7 @@ def test_a_moe_study_on_a_12_gib_gpu_fits_experts_per_trial_and_fits_the_default
 
 @pytest.fixture(scope="module")
 def tiny_moe(tmp_path_factory):
-    from tuner.model.twins import write_synthetic_gguf
+    from llama_tuner.model.twins import write_synthetic_gguf
 
     return write_synthetic_gguf(tmp_path_factory.mktemp("moe") / "tiny-moe-q4_k_m.gguf", SHAPES["tiny-moe"], "q4_k_m")
 
@@ -191,7 +191,7 @@ def test_tune_a_moe_with_n_cpu_moe_pinned_and_export_it(run_cli, tiny_moe, tmp_p
 
 
 def test_llama_cpps_dry_runs_calibrate_the_prior():
-    from tuner.measure.result import Status, TrialResult
+    from llama_tuner.measure.result import Status, TrialResult
 
     info = describe_shape(SHAPES["tiny"], "q4_k_m")
     mm = MemoryModel(ModelFacts.of(info), on_gpu=False)
@@ -212,7 +212,7 @@ def test_llama_cpps_dry_runs_calibrate_the_prior():
 
 
 def test_experts_are_fitted_on_a_gpu_unless_pinned_or_searched(qwen3_moe):
-    from tuner.study.space import Machine, SearchSpace, SpaceOptions
+    from llama_tuner.study.space import Machine, SearchSpace, SpaceOptions
 
     gpu, cpu = Machine(16, gpu_offload=True), Machine(16, gpu_offload=False)
     fitted = SearchSpace(qwen3_moe, gpu, SpaceOptions())

@@ -9,9 +9,9 @@ import types
 
 import pytest
 
-from tuner.testing.fakes import FakeGpuProbe
-from tuner.measure.probe import GpuInfo, NoGpuProbe, NvmlProbe, detect_probe
-from tuner.measure.peak_memory import MemorySampler
+from llama_tuner.testing.fakes import FakeGpuProbe
+from llama_tuner.measure.probe import GpuInfo, NoGpuProbe, NvmlProbe, detect_probe
+from llama_tuner.measure.peak_memory import MemorySampler
 
 
 def test_peak_bandwidth_from_bus_width_and_memory_clock():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import io
 from types import SimpleNamespace
 
-from tuner.cli.progress import Progress, clock
-from tuner.measure.config import BenchConfig
-from tuner.measure.result import Rates, Status, TrialResult
+from llama_tuner.cli.progress import Progress, clock
+from llama_tuner.measure.config import BenchConfig
+from llama_tuner.measure.result import Rates, Status, TrialResult
 
 
 class Clock:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error
-from tuner.measure.kv_quality import compare, log_softmax, summary
-from tuner.testing.fakes import FakeLauncher
+from llama_tuner.measure.kv_quality import compare, log_softmax, summary
+from llama_tuner.testing.fakes import FakeLauncher
 
 
 def test_kl_divergence_and_top1_agreement_on_known_distributions():
@@ -49,8 +49,8 @@ RECORD = {"max_kld": 0.02, "unknown": None,
 
 
 def test_the_gate_reads_each_cache_types_figure():
-    from tuner.measure.config import BenchConfig
-    from tuner.study.quality_gate import allowed, cache_kld, excluded_note, kld_text
+    from llama_tuner.measure.config import BenchConfig
+    from llama_tuner.study.quality_gate import allowed, cache_kld, excluded_note, kld_text
 
     f16, q8, q4 = (BenchConfig(flash_attn=True, type_k=t, type_v=t) for t in ("f16", "q8_0", "q4_0"))
     assert [cache_kld(c, RECORD) for c in (f16, q8, q4)] == [0.0, 0.007, 0.09]
@@ -72,10 +72,10 @@ class QuantizedIsFastest(FakeLauncher):
 
 def test_no_preset_uses_a_cache_over_max_kld_and_exports_say_its_quality(long_context_model, tmp_path):
     from test_study import ENV, tuner_for
-    from tuner.report.export import study_preset_json
-    from tuner.report.study_report import full_report
-    from tuner.study.keys import KV_QUALITY_ATTR
-    from tuner.study.view import StudyView
+    from llama_tuner.report.export import study_preset_json
+    from llama_tuner.report.study_report import full_report
+    from llama_tuner.study.keys import KV_QUALITY_ATTR
+    from llama_tuner.study.view import StudyView
 
     t = tuner_for(long_context_model, tmp_path, QuantizedIsFastest(env=ENV, noise=0.0), trials=16, seed=3)
     t.run()

@@ -19,9 +19,9 @@ import yaml
 
 from conftest import REPACK_WORKS, ROOT, assert_one_line_error
 from test_study import ENV
-from tuner.study.session import StudyRequest, open_tuner
-from tuner.study.view import StudyView
-from tuner.testing.fakes import FakeLauncher
+from llama_tuner.study.session import StudyRequest, open_tuner
+from llama_tuner.study.view import StudyView
+from llama_tuner.testing.fakes import FakeLauncher
 
 TWO_CORES = replace(ENV, physical_cores=2)
 
@@ -70,7 +70,7 @@ def test_serve_answers_completions_and_chat_then_stops_on_ctrl_c(demo_model_path
     fake_study(demo_model_path, storage, "demo")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin"}
-    proc = subprocess.Popen([sys.executable, "-m", "tuner", "serve", "demo", "--storage", storage, "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "llama_tuner", "serve", "demo", "--storage", storage, "--port", str(port),
                              "--tracking-uri", tracking], stderr=subprocess.PIPE, text=True, env=env)
     base = f"http://127.0.0.1:{port}/v1"
     try:

@@ -6,21 +6,21 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tuner.study.baselines import parse_server_flags
-from tuner.measure.config import BenchConfig, InvalidConfig
-from tuner.errors import UserError
-from tuner.testing.fakes import FakeLauncher
-from tuner.model.info import load_model_info
-from tuner.study.presets import Candidate, choose_presets
-from tuner.study.keys import RESULT_ATTR, REUSED_ATTR, WORKER_ATTR
-from tuner.study.objectives import Limits, constraints, measured_trials, result_of
-from tuner.measure.result import Environment, Interleaved, Rates, Status, TrialResult
-from tuner.study.session import StudyRequest, open_tuner
-from tuner.study.space import Machine, SearchSpace, SpaceOptions
-from tuner.study.keys import INTERRUPTED_ATTR
-from tuner.study.worker import join_study
-from tuner.study.confirmation import MIN_ROUNDS, confirm, confirm_leaders, verdict
-from tuner.study.view import StudyView
+from llama_tuner.study.baselines import parse_server_flags
+from llama_tuner.measure.config import BenchConfig, InvalidConfig
+from llama_tuner.errors import UserError
+from llama_tuner.testing.fakes import FakeLauncher
+from llama_tuner.model.info import load_model_info
+from llama_tuner.study.presets import Candidate, choose_presets
+from llama_tuner.study.keys import RESULT_ATTR, REUSED_ATTR, WORKER_ATTR
+from llama_tuner.study.objectives import Limits, constraints, measured_trials, result_of
+from llama_tuner.measure.result import Environment, Interleaved, Rates, Status, TrialResult
+from llama_tuner.study.session import StudyRequest, open_tuner
+from llama_tuner.study.space import Machine, SearchSpace, SpaceOptions
+from llama_tuner.study.keys import INTERRUPTED_ATTR
+from llama_tuner.study.worker import join_study
+from llama_tuner.study.confirmation import MIN_ROUNDS, confirm, confirm_leaders, verdict
+from llama_tuner.study.view import StudyView
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 ENV = Environment(host="fakehost", cpu="Fake CPU", physical_cores=8, ram_total_bytes=32 << 30,
@@ -455,7 +455,7 @@ def test_where_repack_crashes_the_study_searches_repack_off(long_context_model, 
 
 def test_a_resumed_study_that_measured_nothing_new_does_not_measure_its_leaders_again(long_context_model, tmp_path,
                                                                                          capsys):
-    from tuner.cli.study import run_and_print
+    from llama_tuner.cli.study import run_and_print
 
     first = tuner_for(long_context_model, tmp_path, trials=6)
     first.run()

@@ -16,18 +16,18 @@ import optuna
 import pytest
 
 from conftest import REPACK_WORKS, ROOT
-from tuner.model.facts import ModelFacts, TokenCost
-from tuner.report.artifacts import write_tables
-from tuner.report.study_report import study_description
-from tuner.report.compare import ModelRow, compare_text, row_for, versus
-from tuner.study.tracker import Tracker
-from tuner.testing.fakes import FakeLauncher
-from tuner.measure.launcher import SubprocessLauncher
-from tuner.measure.probe import NoGpuProbe
-from tuner.study.objectives import result_of
-from tuner.study.session import StudyRequest, open_tuner
-from tuner.study.view import StudyView
-from tuner.tracking.mlflow_tracker import MlflowTracker, sync
+from llama_tuner.model.facts import ModelFacts, TokenCost
+from llama_tuner.report.artifacts import write_tables
+from llama_tuner.report.study_report import study_description
+from llama_tuner.report.compare import ModelRow, compare_text, row_for, versus
+from llama_tuner.study.tracker import Tracker
+from llama_tuner.testing.fakes import FakeLauncher
+from llama_tuner.measure.launcher import SubprocessLauncher
+from llama_tuner.measure.probe import NoGpuProbe
+from llama_tuner.study.objectives import result_of
+from llama_tuner.study.session import StudyRequest, open_tuner
+from llama_tuner.study.view import StudyView
+from llama_tuner.tracking.mlflow_tracker import MlflowTracker, sync
 from test_study import ENV
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -112,7 +112,7 @@ def test_ui_serves_the_study_over_the_rest_api(long_context_model, tmp_path):
     t = study(long_context_model, tmp_path, MlflowTracker(uri, print))
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "tuner", "ui", "--port", str(port), "--tracking-uri", uri],
+    proc = subprocess.Popen([sys.executable, "-m", "llama_tuner", "ui", "--port", str(port), "--tracking-uri", uri],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/health")

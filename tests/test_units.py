@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tuner.errors import UserError
-from tuner.units import format_size, parse_duration, parse_size
+from llama_tuner.errors import UserError
+from llama_tuner.units import format_size, parse_duration, parse_size
 
 
 @pytest.mark.parametrize("text,expected", [

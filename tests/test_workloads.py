@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from tuner.measure.config import BenchConfig, InvalidConfig
-from tuner.measure.result import DepthCurve, Rates, Status, TrialResult, workload_rates
-from tuner.measure.workloads import PROBE_TOKENS, answer_ns, curve_depths
-from tuner.report.export import llama_server_args, ollama_modelfile
-from tuner.study.objectives import Limits, constraints
-from tuner.study.presets import speed
+from llama_tuner.measure.config import BenchConfig, InvalidConfig
+from llama_tuner.measure.result import DepthCurve, Rates, Status, TrialResult, workload_rates
+from llama_tuner.measure.workloads import PROBE_TOKENS, answer_ns, curve_depths
+from llama_tuner.report.export import llama_server_args, ollama_modelfile
+from llama_tuner.study.objectives import Limits, constraints
+from llama_tuner.study.presets import speed
 
 
 def test_the_curve_probes_doubling_depths_and_the_prompts_and_answers_ends():
@@ -79,7 +79,7 @@ def test_a_server_preset_exports_its_streams_and_their_shared_context():
 
 
 def test_bench_takes_a_workloads_sizes_unless_given_and_np_means_server():
-    from tuner.cli.bench import workload_values
+    from llama_tuner.cli.bench import workload_values
 
     assert workload_values({"n_prompt": None}, "reasoning") == {"n_prompt": "512", "n_gen": "4096", "n_depth": "0",
                                                                  "workload": "reasoning"}
@@ -97,8 +97,8 @@ def test_rates_of_a_pp_tg_test_are_unchanged():
 # -- studies of a workload (fake launcher) ---------------------------------------
 
 def _study(model, tmp_path, **kw):
-    from tuner.study.session import StudyRequest, open_tuner
-    from tuner.testing.fakes import FakeLauncher
+    from llama_tuner.study.session import StudyRequest, open_tuner
+    from llama_tuner.testing.fakes import FakeLauncher
 
     from test_study import ENV
 
@@ -109,9 +109,9 @@ def _study(model, tmp_path, **kw):
 
 def test_a_reasoning_study_ranks_presets_by_seconds_to_answer_and_reports_their_depth_curves(long_context_model,
                                                                                               tmp_path):
-    from tuner.report.export import study_preset_json
-    from tuner.report.study_report import full_report
-    from tuner.study.view import StudyView
+    from llama_tuner.report.export import study_preset_json
+    from llama_tuner.report.study_report import full_report
+    from llama_tuner.study.view import StudyView
 
     t, launcher = _study(long_context_model, tmp_path, workload="reasoning")
     assert t.study.study_name.endswith("@cpu-reasoning") and t.settings.objective == "answer"
@@ -129,8 +129,8 @@ def test_a_reasoning_study_ranks_presets_by_seconds_to_answer_and_reports_their_
 
 
 def test_a_server_study_searches_streams_and_keeps_every_stream_above_its_floor(long_context_model, tmp_path):
-    from tuner.report.export import llama_server_args
-    from tuner.study.view import StudyView
+    from llama_tuner.report.export import llama_server_args
+    from llama_tuner.study.view import StudyView
 
     t, launcher = _study(long_context_model, tmp_path, workload="server", min_stream_tps=20.0,
                          baseline_flags="llama-server -c 8192 -np 2 -t 2")
@@ -147,8 +147,8 @@ def test_a_server_study_searches_streams_and_keeps_every_stream_above_its_floor(
 
 
 def test_compare_answers_the_reference_users_question_per_workload(long_context_model, tmp_path):
-    from tuner.report.compare import compare_text, row_for
-    from tuner.study.view import StudyView
+    from llama_tuner.report.compare import compare_text, row_for
+    from llama_tuner.study.view import StudyView
 
     reasoning, _ = _study(long_context_model, tmp_path, workload="reasoning", study_name="r")
     reasoning.run()
@@ -166,8 +166,8 @@ def test_compare_answers_the_reference_users_question_per_workload(long_context_
 
 
 def test_every_compared_study_answers_the_same_test(long_context_model, tmp_path):
-    from tuner.report.compare import row_for, workload_sizes
-    from tuner.study.view import StudyView
+    from llama_tuner.report.compare import row_for, workload_sizes
+    from llama_tuner.study.view import StudyView
 
     chat, _ = _study(long_context_model, tmp_path, workload="chat", prompt_tokens=256, gen_tokens=64, study_name="c")
     chat.run()

@@ -1,0 +1,146 @@
+"""``llama-tuner bench``: measure configurations like llama-bench, each in a safe child."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from llama_tuner.errors import UserError
+from llama_tuner.measure.workloads import WORKLOADS
+from llama_tuner.report.llama_bench_output import FORMATS as OUTPUTS
+
+
+# (short flag, long flag, BenchConfig field, help)
+BENCH_FLAGS = [
+    ("-ngl", "--n-gpu-layers", "n_gpu_layers", "Layers to offload; -1 = all (default 0)."),
+    ("-ncmoe", "--n-cpu-moe", "n_cpu_moe", "Keep the expert tensors of the first N layers in host memory (default 0)."),
+    ("-mmp", "--mmap", "use_mmap", "Memory-map the model: 0 or 1 (default 1)."),
+    (None, "--repack", "repack", "Repacked/AMX CPU weight buffers: 0 or 1 (default 1)."),
+    ("-c", "--ctx-size", "n_ctx", "Context size (default: each test's own tokens, as llama-bench)."),
+    ("-b", "--batch-size", "n_batch", "Logical batch size (default 2048)."),
+    ("-ub", "--ubatch-size", "n_ubatch", "Physical batch size (default 512)."),
+    ("-t", "--threads", "n_threads", "Generation threads (default: physical cores)."),
+    ("-tb", "--threads-batch", "n_threads_batch", "Prompt threads (default: same as -t)."),
+    ("-fa", "--flash-attn", "flash_attn", "Flash attention: 0 or 1 (default 0)."),
+    ("-ctk", "--cache-type-k", "type_k", "K cache type (default f16)."),
+    ("-ctv", "--cache-type-v", "type_v", "V cache type (default f16)."),
+    ("-p", "--n-prompt", "n_prompt", "Prompt tokens to process (default 512)."),
+    ("-n", "--n-gen", "n_gen", "Tokens to generate (default 128)."),
+    ("-d", "--n-depth", "n_depth", "Tokens already in the cache before each test (default 0)."),
+    ("-r", "--repetitions", "repetitions", "Timed repetitions (default 5)."),
+    ("-np", "--parallel", "n_parallel", "Concurrent streams, as llama-server --parallel (implies --workload server)."),
+]
+
+
+def _bench_options(f):
+    for short, long, field, help_text in reversed(BENCH_FLAGS):
+        decls = [d for d in (short, long) if d]  # --repack has no short form in llama-bench either
+        f = click.option(*decls, field, default=None, metavar="LIST", help=help_text)(f)
+    return f
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@_bench_options
+@click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True,
+              help="Seconds one configuration may take (load and measure) before it is killed.")
+@click.option("-o", "--output", "output", type=click.Choice(OUTPUTS), default="md", show_default=True,
+              help="llama-bench's output formats, with its field names; ours (peak memory, bandwidth) follow.")
+@click.option("--json", "as_json", is_flag=True, help="Print llama-tuner's own results (raw samples) as JSON.")
+@click.option("--download", is_flag=True, help="Fetch an hf:ORG/REPO[:QUANT] model missing from the cache.")
+@click.option("--workload", type=click.Choice(WORKLOADS), default=None,
+              help="What to measure (default pp-tg, llama-bench's tests); -p/-n/-d change its sizes. "
+                   "See `llama-tuner bench --help` and the README's workloads.")
+def bench(model: str, timeout_s: float, output: str, as_json: bool, download: bool, workload: str | None,
+          **values) -> None:
+    """Measure MODEL like llama-bench. Comma-separated values sweep every combination.
+
+    Each configuration runs in a child process that is killed after --timeout;
+    a crash or out-of-memory is reported as that row's result. Settings that only
+    change the context reuse the loaded model. Without -c, as llama-bench, pp and
+    tg are measured apart, each in a context of its own tokens (plus -d).
+
+    Workloads: chat (-p 1024 -n 256), reasoning (-p 512 -n 4096) and long (-p 16384
+    -n 256) measure a depth curve and predict the seconds to the answer; server
+    (-np N) decodes N streams together and reports aggregate and per-stream tg.
+    """
+    from llama_tuner.measure.bandwidth import bandwidth_of
+    from llama_tuner.measure.launcher import SubprocessLauncher
+    from llama_tuner.model.facts import ModelFacts
+    from llama_tuner.model.info import load_model_info
+    from llama_tuner.model.stores import resolve_model
+    from llama_tuner.measure.probe import detect_probe
+    from llama_tuner.measure.sweep import build_configs, per_test_configs
+    from llama_tuner.report import llama_bench_output
+    from llama_tuner.report.tables import markdown_table, result_rows
+
+    model = resolve_model(model, download=download)
+    info = load_model_info(model)
+    requested = build_configs(workload_values(values, workload), info)
+    # Each measured configuration, with the one the user asked for (llama-bench reports its batch sizes).
+    tests = ([(t, cfg) for cfg in requested for t in per_test_configs(cfg)] if values.get("n_ctx") is None
+             else [(cfg, cfg) for cfg in requested])
+    if any(cfg.workload != "pp-tg" for cfg in requested) and output not in ("md",) and not as_json:
+        raise UserError(f"-o {output} speaks llama-bench, which has no {requested[0].workload} workload",
+                        "use the default table or --json")
+    launcher = SubprocessLauncher(detect_probe(), timeout_s=timeout_s)
+    facts = ModelFacts.of(info)
+    results, rows, bench_rows = [], [], []
+    for r, (_, asked) in zip(launcher.measure(model, [t for t, _ in tests]), tests):
+        r.bandwidth = bandwidth_of(r, facts, r.env)
+        results.append(r)
+        rows.extend(result_rows(info, r))
+        bench_rows.extend(llama_bench_output.rows(info, r, asked))
+        click.echo(f"[{len(results)}/{len(tests)}] {r.status.value}", err=True)
+    if as_json:
+        click.echo(json.dumps([_json_result(r) for r in results], indent=2))
+    elif output != "md":
+        click.echo(llama_bench_output.render(output, bench_rows), nl=False)
+    else:
+        click.echo(markdown_table(rows))
+        notes = [bandwidth_line(r) for r in results if r.bandwidth]
+        if notes:
+            click.echo("\n" + "\n".join(notes))
+        env = results[0].env if results else None
+        if env:
+            click.echo(f"\nbuild: llama-cpp-python {env.llama_cpp_python}, {env.llama_cpp_build}; "
+                       f"{env.gpu_name or env.cpu}")
+
+
+def bandwidth_line(r) -> str:
+    """How much memory bandwidth one result's generation achieved, and its share of the peak."""
+    c, bw = r.config, r.bandwidth
+    share = f" = {100 * bw['bandwidth_share']:.0f}% of the peak" if "bandwidth_share" in bw else ""
+    return (f"tg{c.n_gen} at ngl {c.n_gpu_layers}, t {c.n_threads}, fa {int(c.flash_attn)}, {c.type_k}/{c.type_v}: "
+            f"{bw['bytes_per_token'] / 2**20:,.0f} MiB read per token "
+            f"({bw['gpu_bytes_per_token'] / 2**20:,.0f} MiB on the GPU) -> {bw['achieved_gbs']:,.1f} GB/s{share}")
+
+
+def _json_result(r) -> dict:
+    d = r.to_dict()
+    d["pp_mean"], d["tg_mean"] = r.pp_mean, r.tg_mean
+    d["pp_stddev"] = r.pp.stddev if r.pp else None
+    d["tg_stddev"] = r.tg.stddev if r.tg else None
+    d["headroom_bytes"] = r.headroom_bytes
+    if r.config.workload == "server":
+        d["tg_aggregate_mean"], d["tg_per_stream_mean"] = r.tg_mean, r.stream_tg_mean
+        d["pp_aggregate_mean"] = r.pp_mean
+    if r.curve:
+        d["time_to_answer_s"] = r.time_to_answer_s
+        d["depth_curve"] = r.curve.points()
+    return d
+
+
+def workload_values(values: dict, workload: str | None) -> dict:
+    """The sweep's values with the workload's test sizes where -p/-n/-d do not give them; -np means server."""
+    from llama_tuner.measure.workloads import PRESETS
+
+    if workload is None:
+        workload = "server" if values.get("n_parallel") else "pp-tg"
+    preset = PRESETS[workload]
+    out = {**values, "workload": workload}
+    for key in ("n_prompt", "n_gen", "n_depth"):
+        if out.get(key) is None and workload != "pp-tg":
+            out[key] = str(getattr(preset, key))
+    return out

@@ -1,0 +1,219 @@
+"""A preset as something to run: llama-server flags, llama-cpp-python kwargs, an Ollama Modelfile, JSON."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llama_tuner.measure.config import BenchConfig
+from llama_tuner.study.presets import Candidate, gain
+from llama_tuner.study.quality_gate import cache_kld, kld_text
+from llama_tuner.study.view import StudyView
+from llama_tuner.units import format_size
+
+FORMATS = ("llama-server", "llama-cpp-python", "ollama", "json")  # one study's preset
+MULTI_FORMATS = ("llama-swap",)  # one entry per study
+_GGML_TYPE_NAMES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1",
+                    "q5_0": "Q5_0", "q5_1": "Q5_1", "iq4_nl": "IQ4_NL"}
+
+
+def llama_server_args(model_path: str, c: BenchConfig, program: str = "llama-server") -> list[str]:
+    """The llama-server argument list for ``c`` (the program first).
+
+    ``--parallel`` is explicit: the figures are for one sequence (or, for the server
+    workload, for its N streams), and a server with several slots divides the
+    context among them unless its cache is unified, as it was measured (``--kv-unified``).
+    """
+    args = [program, "-m", model_path, "--ctx-size", str(c.n_ctx), "--batch-size", str(c.n_batch),
+            "--ubatch-size", str(c.n_ubatch), "--n-gpu-layers", str(c.n_gpu_layers), "--threads", str(c.n_threads),
+            "--threads-batch", str(c.n_threads_batch), "--flash-attn", "on" if c.flash_attn else "off",
+            "--cache-type-k", c.type_k, "--cache-type-v", c.type_v, "--parallel", str(c.n_parallel)]
+    if c.n_parallel > 1:
+        args.append("--kv-unified")
+    if c.n_cpu_moe:
+        args += ["--n-cpu-moe", str(c.n_cpu_moe)]
+    if not c.use_mmap:
+        args += ["--load-mode", "none"]  # llama-server's --no-mmap before --load-mode replaced it
+    if not c.repack:
+        args.append("--no-repack")
+    if c.swa_full:
+        args.append("--swa-full")
+    if not c.offload_kqv:
+        args.append("--no-kv-offload")
+    return args
+
+
+def llama_server_command(model_path: str, c: BenchConfig) -> str:
+    """A llama-server command line for ``c``, quoted for the shell."""
+    return shlex.join(llama_server_args(model_path, c))
+
+
+def llama_swap_config(views: list[StudyView], preset: str) -> str:
+    """A llama-swap configuration (YAML) with one model per study, started with its ``preset``: several
+    tuned models behind one OpenAI-compatible endpoint. The model's name is its file's stem (the study's
+    name where two studies share a file name); llama-swap fills in ``${PORT}``.
+
+    Raises:
+        UserError: a study has no feasible configuration, so no preset.
+    """
+    stems = [Path(v.model_file).stem for v in views]
+    models = {}
+    for view, stem in zip(views, stems):
+        cand = view.preset(preset).candidate
+        f = cand.figures
+        args = llama_server_args(view.model_path, f.config)
+        models[stem if stems.count(stem) == 1 else view.name] = {
+            "name": f"{stem} ({preset})",
+            "description": (f"llama-tuner study {view.name}, trial {cand.trial}: tg {f.tg_mean:.2f} t/s, "
+                            f"pp {f.pp_mean:.2f} t/s, peak {format_size(f.peak_memory_bytes)}"),
+            "cmd": f"{args[0]} --port ${{PORT}} {shlex.join(args[1:])}",
+        }
+    header = "# llama-swap configuration written by llama-tuner: one tuned preset per model\n"
+    return header + yaml.safe_dump({"models": models}, sort_keys=False, width=10_000)
+
+
+def llama_cpp_python_kwargs(model_path: str, c: BenchConfig) -> dict[str, Any]:
+    """Keyword arguments of ``llama_cpp.Llama`` (cache types as ggml type names)."""
+    return {"model_path": model_path, "n_gpu_layers": c.n_gpu_layers, "n_ctx": c.n_ctx, "n_batch": c.n_batch,
+            "n_ubatch": c.n_ubatch, "n_threads": c.n_threads, "n_threads_batch": c.n_threads_batch,
+            "flash_attn": c.flash_attn, "type_k": f"GGML_TYPE_{_GGML_TYPE_NAMES[c.type_k]}",
+            "type_v": f"GGML_TYPE_{_GGML_TYPE_NAMES[c.type_v]}", "use_mmap": c.use_mmap,
+            "offload_kqv": c.offload_kqv, "swa_full": c.swa_full}
+
+
+def llama_cpp_python_snippet(model_path: str, c: BenchConfig) -> str:
+    """Python code that builds the preset's ``Llama`` (llama-cpp-python ignores unknown kwargs, so every
+    name here is one it reads)."""
+    kw = llama_cpp_python_kwargs(model_path, c)
+    lines = ["import llama_cpp", "from llama_cpp import Llama", ""]
+    if not c.repack:
+        lines += ["# measured with weight repacking off (llama-server --no-repack); Llama(...) has no setting "
+                  "for it", ""]
+    if c.n_cpu_moe:
+        lines += [f"# measured with the expert tensors of the first {c.n_cpu_moe} layers in host memory "
+                  f"(llama-server --n-cpu-moe {c.n_cpu_moe}); Llama(...) has no keyword for it (its "
+                  "tensor_buft_overrides field is never filled): use llama-server, or load through llama.cpp's API",
+                  ""]
+    if c.n_parallel > 1:
+        lines += [f"# measured as {c.n_parallel} streams decoding together (llama-server --parallel "
+                  f"{c.n_parallel}); one Llama serves one stream at a time", ""]
+    lines.append("llm = Llama(")
+    for k, v in kw.items():
+        value = f"llama_cpp.{v}" if k in ("type_k", "type_v") else repr(v)
+        lines.append(f"    {k}={value},")
+    return "\n".join(lines + [")", ""])
+
+
+def ollama_modelfile(model_path: str, c: BenchConfig, header: str = "") -> str:
+    """An Ollama Modelfile. Ollama passes ``num_batch`` to llama.cpp as the physical batch (n_ubatch)
+    and uses ``num_thread`` for prompts too; flash attention and the KV cache type are server settings."""
+    lines = [f"# {line}" for line in header.splitlines()] if header else []
+    source = json.dumps(model_path) if any(ch.isspace() for ch in model_path) else model_path
+    # Ollama gives each of its OLLAMA_NUM_PARALLEL requests a num_ctx of its own.
+    lines += [f"FROM {source}", f"PARAMETER num_ctx {c.n_ctx // c.n_parallel}", f"PARAMETER num_batch {c.n_ubatch}",
+              f"PARAMETER num_gpu {c.n_gpu_layers}", f"PARAMETER num_thread {c.n_threads}"]
+    if c.n_threads_batch != c.n_threads:
+        lines.append(f"# measured with {c.n_threads_batch} prompt threads; Ollama uses num_thread for both")
+    if not c.repack:
+        lines.append("# measured with weight repacking off (llama-server --no-repack); Ollama has no setting for it")
+    if c.n_cpu_moe:
+        lines.append(f"# measured with the expert tensors of the first {c.n_cpu_moe} layers in host memory "
+                     f"(llama-server --n-cpu-moe {c.n_cpu_moe}); Ollama has no expert placement: it offloads "
+                     "whole layers only")
+    server = [f"OLLAMA_FLASH_ATTENTION={int(c.flash_attn)}"]
+    if c.n_parallel > 1:
+        server.append(f"OLLAMA_NUM_PARALLEL={c.n_parallel}")
+
+    if c.type_k == c.type_v:
+        server.append(f"OLLAMA_KV_CACHE_TYPE={c.type_k}")
+    else:
+        lines.append(f"# Ollama has one KV cache type; measured with K {c.type_k}, V {c.type_v}")
+    lines += ["# flash attention and the KV cache type are set where the server starts:",
+              f"#   {' '.join(server)} ollama serve"]
+    return "\n".join(lines) + "\n"
+
+
+def preset_json(name: str, candidate: Candidate, model_path: str, study: str, env: dict[str, Any],
+                gains: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+    """The preset with its measured figures, as a JSON-ready dict."""
+    f = candidate.figures
+    c = f.config
+    return {
+        "preset": name, "study": study, "trial": candidate.trial, "model_path": model_path,
+        "settings": {k: v for k, v in c.to_dict().items() if k not in ("seed",)},
+        "measured": {"tg_tps": f.tg_mean, "tg_stddev": f.tg.stddev if f.tg else None,
+                     "pp_tps": f.pp_mean, "pp_stddev": f.pp.stddev if f.pp else None,
+                     "repetitions": c.repetitions, "n_prompt": c.n_prompt, "n_gen": c.n_gen, "n_depth": c.n_depth,
+                     "peak_memory_bytes": f.peak_memory_bytes, "headroom_bytes": f.headroom_bytes,
+                     **workload_figures(f)},
+        "gain_over_baselines": gains or {},
+        "environment": env,
+        "llama_server": llama_server_command(model_path, c),
+        "llama_cpp_python": llama_cpp_python_kwargs(model_path, c),
+    }
+
+
+def workload_figures(f) -> dict[str, Any]:
+    """What the workload is judged by: seconds to answer and the depth curve, or aggregate and per-stream tg."""
+    c = f.config
+    out: dict[str, Any] = {"workload": c.workload}
+    if f.time_to_answer_s is not None:
+        out["time_to_answer_s"] = f.time_to_answer_s
+        out["depth_curve"] = f.curve.points()
+    if c.workload == "server":
+        out.update(n_parallel=c.n_parallel, tg_aggregate_tps=f.tg_mean, tg_per_stream_tps=f.stream_tg_mean)
+    return out
+
+
+def gains_over_baselines(view: StudyView, candidate: Candidate) -> dict[str, dict[str, float]]:
+    """The candidate's relative tg and pp gain over each baseline that ran."""
+    return {name: {"tg": gain(candidate, b, "tg"), "pp": gain(candidate, b, "pp")}
+            for name, b in view.baselines.items() if b.figures.ok}
+
+
+def exported_environment(view: StudyView) -> dict[str, Any]:
+    """Where the study measured, as exports show it (without llama.cpp's long system-info line)."""
+    return {k: v for k, v in asdict(view.environment).items() if k != "system_info"}
+
+
+def study_preset_json(view: StudyView, name: str) -> dict[str, Any]:
+    """Preset ``name`` of the study as JSON, with its gains and the reason it was chosen."""
+    p = view.presets[name]
+    cfg = p.candidate.figures.config
+    return {**preset_json(name, p.candidate, view.model_path, view.name, exported_environment(view),
+                          gains_over_baselines(view, p.candidate)), "why": p.why,
+            "kv_cache_kld": cache_kld(cfg, view.kv_quality), "kv_cache_quality": kld_text(cfg, view.kv_quality)}
+
+
+def render_study_preset(view: StudyView, fmt: str, name: str) -> str:
+    """Preset ``name`` of the study in format ``fmt``.
+
+    Raises:
+        UserError: the study has no feasible configuration, so no preset.
+    """
+    cand = view.preset(name).candidate
+    if fmt == "json":  # with the reason it won and its KV cache's quality
+        return json.dumps(study_preset_json(view, name), indent=2) + "\n"
+    return render(fmt, name, cand, view.model_path, view.name, exported_environment(view),
+                  gains_over_baselines(view, cand))
+
+
+def render(fmt: str, name: str, candidate: Candidate, model_path: str, study: str, env: dict[str, Any],
+           gains: dict[str, dict[str, float]] | None = None) -> str:
+    """The preset in format ``fmt`` (one of FORMATS)."""
+    c = candidate.figures.config
+    if fmt == "llama-server":
+        return llama_server_command(model_path, c) + "\n"
+    if fmt == "llama-cpp-python":
+        return llama_cpp_python_snippet(model_path, c)
+    if fmt == "ollama":
+        f = candidate.figures
+        header = (f"llama-tuner preset {name!r} from study {study!r} (trial {candidate.trial})\n"
+                  f"measured: tg {f.tg_mean:.2f} t/s, pp {f.pp_mean:.2f} t/s, peak {format_size(f.peak_memory_bytes)}")
+        return ollama_modelfile(model_path, c, header)
+    return json.dumps(preset_json(name, candidate, model_path, study, env, gains), indent=2) + "\n"

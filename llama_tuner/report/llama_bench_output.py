@@ -1,0 +1,148 @@
+"""``bench -o csv|json|jsonl|sql``: rows with llama-bench's field names and meanings, one per test.
+
+The fields and their order are llama-bench's (``test::get_fields()`` of the llama.cpp that
+llama-cpp-python 0.3.36 vendors), so scripts written for llama-bench, such as llama.cpp's
+``scripts/compare-llama-bench.py``, read them. llama-tuner's own figures follow as extra
+fields: the peak memory, bandwidth, and how the measurement ended (a failed test is a row
+with no samples and its ``status`` and ``reason``, where llama-bench would print nothing).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import re
+import statistics
+from typing import Any, Iterable
+
+from llama_tuner.measure.config import BenchConfig
+from llama_tuner.measure.result import Rates, TrialResult
+from llama_tuner.model.info import ModelInfo
+from llama_tuner.report.tables import backend
+
+FORMATS = ("md", "csv", "json", "jsonl", "sql")
+FIELDS = ("build_commit", "build_number", "cpu_info", "gpu_info", "backends", "model_filename", "model_type",
+          "model_size", "model_n_params", "n_batch", "n_ubatch", "n_threads", "cpu_mask", "cpu_strict", "poll",
+          "type_k", "type_v", "n_gpu_layers", "n_cpu_moe", "split_mode", "main_gpu", "no_kv_offload",
+          "flash_attn", "devices", "tensor_split", "tensor_buft_overrides", "load_mode", "lazy_mode",
+          "embeddings", "no_op_offload", "no_host", "repack", "fit_target", "fit_min_ctx", "n_prompt", "n_gen",
+          "n_depth", "test_time", "avg_ns", "stddev_ns", "avg_ts", "stddev_ts")
+INT_FIELDS = {"build_number", "n_batch", "n_ubatch", "n_threads", "poll", "model_size", "model_n_params",
+              "n_gpu_layers", "main_gpu", "n_prompt", "n_gen", "n_depth", "avg_ns", "stddev_ns", "no_op_offload",
+              "n_cpu_moe", "fit_target", "fit_min_ctx", "flash_attn"}
+BOOL_FIELDS = {"no_kv_offload", "cpu_strict", "embeddings", "no_host", "repack"}
+FLOAT_FIELDS = {"avg_ts", "stddev_ts"}
+EXTRA_FIELDS = ("n_ctx", "n_threads_batch", "peak_memory_bytes", "bytes_per_token", "achieved_gbs",
+                "bandwidth_share", "status", "reason")
+EXTRA_INT = {"n_ctx", "n_threads_batch", "peak_memory_bytes", "bytes_per_token"}
+EXTRA_FLOAT = {"achieved_gbs", "bandwidth_share"}
+
+
+def _commit(build: str) -> str:
+    """The llama.cpp commit in llama-cpp-python's build string, e.g. "ggml 0.25.3 (0c1e570-dirty)"."""
+    m = re.search(r"\(([0-9a-f]{6,40})", build or "")
+    return m.group(1) if m else "unknown"
+
+
+def _tests(result: TrialResult) -> list[tuple[int, int, Rates | None]]:
+    """(n_prompt, n_gen, rates) of each llama-bench test in a result: pp then tg, those it ran."""
+    c = result.config
+    tests = []
+    if c.n_prompt:
+        tests.append((c.n_prompt, 0, result.pp))
+    if c.n_gen:
+        tests.append((0, c.n_gen, result.tg))
+    return tests
+
+
+def rows(model: ModelInfo, result: TrialResult, requested: BenchConfig) -> list[dict[str, Any]]:
+    """One row per test of ``result``; ``requested`` is the configuration as the user gave it (llama-bench
+    reports the batch sizes given, before llama.cpp clamps them to the context)."""
+    c, env = result.config, result.env
+    loaded = result.loaded_model or {}
+    started = result.started_at and dt.datetime.fromisoformat(result.started_at).astimezone(dt.timezone.utc)
+    common = {
+        "build_commit": _commit(env.llama_cpp_build), "build_number": 0, "cpu_info": env.cpu,
+        "gpu_info": env.gpu_name or "", "backends": backend(result),
+        "model_filename": model.path, "model_type": loaded.get("type", f"{model.architecture} {model.quant}"),
+        "model_size": loaded.get("size", model.file_size), "model_n_params": loaded.get("n_params", model.n_params),
+        "n_batch": requested.n_batch, "n_ubatch": requested.n_ubatch, "n_threads": c.n_threads, "cpu_mask": "0x0",
+        "cpu_strict": False, "poll": 50, "type_k": c.type_k, "type_v": c.type_v, "n_gpu_layers": c.n_gpu_layers,
+        "n_cpu_moe": c.n_cpu_moe, "split_mode": "layer", "main_gpu": 0, "no_kv_offload": not c.offload_kqv,
+        "flash_attn": int(c.flash_attn), "devices": "auto", "tensor_split": "0.00", "tensor_buft_overrides": "none",
+        "load_mode": "mmap" if c.use_mmap else "none", "lazy_mode": "auto", "embeddings": False,
+        "no_op_offload": 0, "no_host": False, "repack": c.repack, "fit_target": 0, "fit_min_ctx": 0,
+        "n_depth": c.n_depth, "test_time": started.strftime("%Y-%m-%dT%H:%M:%SZ") if started else "",
+        "n_ctx": c.n_ctx, "n_threads_batch": c.n_threads_batch, "peak_memory_bytes": result.peak_memory_bytes,
+        "status": result.status.value, "reason": result.reason,
+    }
+    out = []
+    for n_prompt, n_gen, rates in _tests(result):
+        samples = list(rates.samples_ns) if rates and result.ok else []
+        ts = [(n_prompt + n_gen) * 1e9 / ns for ns in samples]
+        row = {**common, "n_prompt": n_prompt, "n_gen": n_gen,
+               "avg_ns": int(sum(samples) / len(samples)) if samples else 0,
+               "stddev_ns": int(statistics.stdev(samples)) if len(samples) > 1 else 0,
+               "avg_ts": rates.mean if samples else 0.0, "stddev_ts": rates.stddev if samples else 0.0,
+               "samples_ns": samples, "samples_ts": ts}
+        bw = result.bandwidth if n_gen else None  # bytes per token are of generation
+        row.update({k: (bw or {}).get(k) for k in ("bytes_per_token", "achieved_gbs", "bandwidth_share")})
+        out.append(row)
+    return out
+
+
+def _text(field: str, value: Any) -> str:
+    """A value as llama-bench prints it in CSV and SQL (booleans as 0/1, floats with six decimals)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(int(value))
+    if field in FLOAT_FIELDS or field in EXTRA_FLOAT:
+        return f"{value:.6f}"
+    return str(value)
+
+
+def _json_value(field: str, value: Any) -> Any:
+    if field in BOOL_FIELDS:
+        return bool(value)
+    if field in INT_FIELDS or field in EXTRA_INT:
+        return None if value is None else int(value)
+    return value
+
+
+def _ordered(row: dict[str, Any]) -> dict[str, Any]:
+    keys = FIELDS + ("samples_ns", "samples_ts") + EXTRA_FIELDS
+    return {k: _json_value(k, row.get(k)) for k in keys}
+
+
+def render(fmt: str, table: Iterable[dict[str, Any]]) -> str:
+    """The rows in ``fmt`` (csv, json, jsonl or sql), as llama-bench writes that format."""
+    table = list(table)
+    columns = FIELDS + EXTRA_FIELDS
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
+        buf.write(",".join(columns) + "\n")
+        for r in table:
+            w.writerow([_text(k, r.get(k)) for k in columns])
+        return buf.getvalue()
+    if fmt == "json":
+        return json.dumps([_ordered(r) for r in table], indent=2) + "\n"
+    if fmt == "jsonl":
+        return "".join(json.dumps(_ordered(r)) + "\n" for r in table)
+    if fmt == "sql":
+        def sql_type(k: str) -> str:
+            if k in INT_FIELDS or k in BOOL_FIELDS or k in EXTRA_INT:
+                return "INTEGER"
+            return "REAL" if k in FLOAT_FIELDS or k in EXTRA_FLOAT else "TEXT"
+
+        lines = ["CREATE TABLE IF NOT EXISTS llama_bench ("]
+        lines += [f"  {k} {sql_type(k)}{',' if i < len(columns) - 1 else ''}" for i, k in enumerate(columns)]
+        lines += [");", ""]
+        for r in table:
+            values = ", ".join("'" + _text(k, r.get(k)).replace("'", "''") + "'" for k in columns)
+            lines.append(f"INSERT INTO llama_bench ({', '.join(columns)}) VALUES ({values});")
+        return "\n".join(lines) + "\n"
+    raise ValueError(f"unknown format {fmt!r}")

@@ -1,0 +1,248 @@
+"""Assemble a Tuner from what the user asked for: model, machine, space, limits, baselines.
+
+Every option is parsed and checked (:func:`check_request`) before anything costly
+runs: no llama.cpp child, no bandwidth probe and no study is started for input that
+would be refused anyway.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, replace
+
+import optuna
+
+from llama_tuner.errors import UserError
+from llama_tuner.measure.config import TEST_KEYS, BenchConfig, InvalidConfig, physical_cores
+from llama_tuner.measure.environment import build_environment, model_sha256
+from llama_tuner.measure.launcher import Launcher, SubprocessLauncher
+from llama_tuner.measure.probe import GpuProbe, detect_probe, visible_gpu_index
+from llama_tuner.measure.result import Environment
+from llama_tuner.model.info import ModelInfo, load_model_info
+from llama_tuner.study.baselines import SERVER_AUTO_SLOTS, parse_server_flags, server_defaults
+from llama_tuner.model.facts import ModelFacts
+from llama_tuner.study.keys import DEFAULTS_BASELINE, REQUEST_ATTR
+from llama_tuner.study.memory_model import FIT_MARGIN, MemoryModel
+from llama_tuner.study.objectives import Limits
+from llama_tuner.measure.workloads import WORKLOADS, is_curve
+from llama_tuner.study.space import Machine, SearchSpace, SpaceOptions, study_test
+from llama_tuner.study.presets import OBJECTIVES
+from llama_tuner.study.quality_gate import DEFAULT_MAX_KLD
+from llama_tuner.study.storage import DEFAULT_STORAGE, SAMPLERS, make_storage
+from llama_tuner.study.tracker import Tracker
+from llama_tuner.study.settings import Fingerprint, StudySettings
+from llama_tuner.study.tuner import Tuner
+from llama_tuner.units import parse_duration, parse_size
+
+
+@dataclass(kw_only=True)
+class StudyRequest:
+    """The options of ``tune`` (strings still unparsed where the user typed them)."""
+
+    model: str
+    trials: int = 20
+    study_name: str | None = None
+    timeout: str | None = None
+    vram_budget: str | None = None
+    min_headroom: str = "512MiB"
+    min_ctx: int = 4096
+    depth: int = 0
+    objective: str | None = None  # None: the workload's own (answer for curves, else tg)
+    baseline_flags: str | None = None
+    pins: dict[str, str] = field(default_factory=dict)
+    ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    sampler: str = "tpe"
+    seed: int | None = None
+    storage: str = DEFAULT_STORAGE
+    trial_timeout: str = "15m"
+    max_kld: float = DEFAULT_MAX_KLD
+    workload: str = "pp-tg"
+    prompt_tokens: int | None = None
+    gen_tokens: int | None = None
+    min_stream_tps: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckedRequest:
+    """A request with every option parsed and checked against the model (nothing measured yet)."""
+
+    model: ModelInfo
+    pins: dict[str, object]
+    timeout_s: float | None
+    trial_timeout_s: float
+    min_headroom: int
+    budget: int | None  # None: the whole device
+    yours: BenchConfig | None  # the --baseline command line, as parsed
+    test: dict[str, object]  # what every trial measures (the workload's sizes)
+    min_ctx: int  # --min-ctx, raised to what the workload's test needs
+
+
+def default_study_name(model_file: str, gpu_name: str | None, depth: int, workload: str = "pp-tg") -> str:
+    """``<model stem>@<cpu|gpu-name>[-<workload>][-d<depth>]``: the same command finds the same study again."""
+    stem = re.sub(r"\.gguf$", "", model_file)
+    where = "gpu-" + re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-").lower() if gpu_name else "cpu"
+    return f"{stem}@{where}" + (f"-{workload}" if workload != "pp-tg" else "") + (f"-d{depth}" if depth else "")
+
+
+def _pins(raw: dict[str, str]) -> dict[str, object]:
+    """Typed pins; unknown keys and bad values raise InvalidConfig naming them."""
+    typed = BenchConfig.from_dict(raw).to_dict()
+    pins = {k: typed[k] for k in raw}
+    for key, what in (("n_prompt", "prompt"), ("n_gen", "generation")):
+        if key in pins and pins[key] < 1:  # every preset is ranked and reported by its pp and tg
+            raise UserError(f"--set {key}={pins[key]} leaves the study without a {what} test, and its presets "
+                            "need both pp and tg figures", f"pin {key} to 1 or more, or measure it with "
+                            f"`llama-tuner bench MODEL --{key.replace('_', '-')} 0`")
+    return pins
+
+
+def objective_of(request: StudyRequest) -> str:
+    """What 'fastest' means: --objective, else the workload's own (seconds to answer for chat, reasoning, long and
+    custom; aggregate generation for server; generation for pp-tg)."""
+    return request.objective or ("answer" if is_curve(request.workload) else "tg")
+
+
+def check_request(request: StudyRequest) -> CheckedRequest:
+    """Parse and check every option, cheaply, before any measurement or study starts.
+
+    Raises:
+        UserError: a bad model file, option value, pin, range or baseline, naming the fix.
+    """
+    if request.trials < 1:
+        raise UserError(f"--trials {request.trials} measures nothing", "use --trials 1 or more")
+    if request.objective is not None and request.objective not in OBJECTIVES:
+        raise UserError(f"--objective {request.objective!r} is unknown", f"use one of {', '.join(OBJECTIVES)}")
+    if request.workload not in WORKLOADS:
+        raise UserError(f"--workload {request.workload!r} is unknown", f"use one of {', '.join(WORKLOADS)}")
+    if request.objective is not None and (request.objective == "answer") != is_curve(request.workload):
+        raise UserError(f"--objective {request.objective} does not judge the {request.workload} workload",
+                        "leave --objective out: each workload has its own")
+    for flag, value in (("--prompt-tokens", request.prompt_tokens), ("--gen-tokens", request.gen_tokens)):
+        if value is not None and (value < 1 or request.workload == "pp-tg"):
+            raise UserError(f"{flag} {value} needs a workload with a prompt and an answer",
+                            f"use {flag} 1 or more with --workload custom (or chat, reasoning, long)")
+    if request.min_stream_tps < 0 or (request.min_stream_tps and request.workload != "server"):
+        raise UserError(f"--min-stream-tps {request.min_stream_tps} applies to --workload server only",
+                        "add --workload server, or leave --min-stream-tps out")
+    if not request.max_kld >= 0:
+        raise UserError(f"--max-kld {request.max_kld} is below 0", "give a KL divergence like 0.02")
+    if request.sampler not in SAMPLERS:
+        raise UserError(f"--sampler {request.sampler!r} is unknown", f"use one of {', '.join(SAMPLERS)}")
+    model = load_model_info(request.model)
+    pins = _pins(request.pins)
+    test = study_test(request.workload, depth=request.depth, prompt_tokens=request.prompt_tokens,
+                      gen_tokens=request.gen_tokens)
+    min_ctx = request.min_ctx
+    if request.workload != "pp-tg":  # the test's own context, rounded up to a multiple of 1024
+        need = BenchConfig(**{**test, **{k: v for k, v in pins.items() if k in TEST_KEYS}}).context_needed()
+        # Never above the training context: a test that cannot fit it is refused by the space, by name.
+        min_ctx = max(min_ctx, min(-(-need // 1024) * 1024, model.n_ctx_train or need))
+    timeout_s = parse_duration(request.timeout, "--timeout") if request.timeout else None
+    trial_timeout_s = parse_duration(request.trial_timeout, "--trial-timeout")
+    min_headroom = parse_size(request.min_headroom, "--min-headroom")
+    budget = parse_size(request.vram_budget, "--vram-budget") if request.vram_budget is not None else None
+    if budget is not None and budget <= 0:
+        raise UserError(f"--vram-budget {request.vram_budget} is no memory", "give a budget above 0, e.g. 12GiB")
+    yours = None
+    if request.baseline_flags:
+        yours = parse_server_flags(request.baseline_flags, model, request.workload)
+        _measurable("yours", yours, study_test(request.workload, depth=request.depth,
+                                               prompt_tokens=request.prompt_tokens, gen_tokens=request.gen_tokens),
+                    model, pins, physical_cores())
+    # The space checks pins, ranges and --min-ctx; here on a provisional machine (the real one needs a child).
+    machine = Machine(physical_cores(), gpu_offload=False)
+    SearchSpace(model, machine, SpaceOptions(min_ctx=min_ctx, depth=request.depth, pins=pins, test=test,
+                                             ranges={k: v for k, v in request.ranges.items()
+                                                     if k != "n_gpu_layers"}))
+    return CheckedRequest(model=model, pins=pins, timeout_s=timeout_s, trial_timeout_s=trial_timeout_s,
+                          min_headroom=min_headroom, budget=budget, yours=yours, test=test, min_ctx=min_ctx)
+
+
+def _measurable(name: str, cfg: BenchConfig, test: dict[str, object], model: ModelInfo, pins: dict[str, object],
+                cores: int) -> BenchConfig:
+    """A baseline with the study's test sizes (pins included), checked as llama.cpp would check it."""
+    test = {**test, **{k: v for k, v in pins.items() if k in TEST_KEYS}}
+    try:
+        return replace(cfg, **test).resolved(model, cores=cores)
+    except InvalidConfig as exc:
+        raise UserError(f"baseline {name!r} is not measurable: {exc.problem}", exc.fix) from None
+
+
+def _budget(checked: CheckedRequest, request: StudyRequest, env: Environment) -> int:
+    device = env.vram_total_bytes if env.gpu_name else env.ram_total_bytes
+    what = f"the GPU's {device / 2**30:.1f} GiB" if env.gpu_name else f"this machine's {device / 2**30:.1f} GiB of RAM"
+    if checked.budget is None:
+        return device
+    if checked.budget > device:
+        raise UserError(f"--vram-budget {request.vram_budget} is outside 0..{what}", "give a budget the device has")
+    return checked.budget
+
+
+def baselines_for(request: StudyRequest, checked: CheckedRequest, env: Environment, *,
+                  gpu_limit: int | None = None) -> dict[str, BenchConfig]:
+    """llama-server's defaults, fitted as its --fit fits them to ``gpu_limit`` bytes (a GPU's free memory or
+    the budget, less the fit's margin), and your --baseline, with the study's test sizes (pins included)."""
+    defaults = server_defaults(checked.model, env.physical_cores, env.gpu_offload)
+    if request.workload == "server":  # llama-server's slots when -np is not given
+        defaults = replace(defaults, workload="server", n_parallel=SERVER_AUTO_SLOTS)
+    if gpu_limit is not None:
+        memory = MemoryModel(ModelFacts.of(checked.model), on_gpu=True)
+        defaults = memory.fit_like_llama_server(defaults, gpu_limit)
+    out = {DEFAULTS_BASELINE: _measurable(DEFAULTS_BASELINE, defaults, checked.test, checked.model, checked.pins,
+                                          env.physical_cores)}
+    if checked.yours is not None:
+        out["yours"] = _measurable("yours", checked.yours, checked.test, checked.model, checked.pins,
+                                   env.physical_cores)
+    return out
+
+
+def open_tuner(request: StudyRequest, *, launcher: Launcher | None = None, probe: GpuProbe | None = None,
+               env: Environment | None = None, tracker: Tracker | None = None, gpu_index: int | None = None,
+               storage: optuna.storages.BaseStorage | None = None, record_request: bool = True) -> Tuner:
+    """Everything ``tune`` (or ``worker``) needs, validated before anything is measured.
+
+    ``record_request`` stores the request on the study (``tune`` does; a worker, which rebuilt it from
+    there, does not), so workers build the same study and see a later ``--trials``.
+
+    Raises:
+        UserError: bad input (see :func:`check_request`), a budget the device lacks, or a stored study
+            of another model, hardware or build.
+    """
+    checked = check_request(request)
+    probe = probe or detect_probe()
+    if gpu_index is None and probe.gpus():
+        gpu_index = visible_gpu_index()
+    env = env or build_environment(probe, gpu_index)
+    budget = _budget(checked, request, env)
+    launcher = launcher or SubprocessLauncher(probe, timeout_s=checked.trial_timeout_s, gpu_index=gpu_index)
+    on_gpu = env.gpu_offload and gpu_index is not None
+    free = launcher.gpu_free_bytes() if on_gpu else None
+    gpu_limit = min(budget, free if free is not None else budget) - FIT_MARGIN if on_gpu else None
+    baselines = baselines_for(request, checked, env, gpu_limit=gpu_limit)
+    options = SpaceOptions(min_ctx=checked.min_ctx, depth=request.depth, pins=checked.pins, ranges=request.ranges,
+                           test=checked.test)
+    machine = Machine(env.physical_cores, env.gpu_offload and gpu_index is not None,
+                      repack_works=launcher.repack_crash() is None)
+    space = SearchSpace(checked.model, machine, options, tuple(baselines.values()))
+    test = {k: space.fixed[k] for k in ("n_prompt", "n_gen", "n_depth", "repetitions") if k in space.fixed}
+    if request.workload != "pp-tg":  # older studies have no workload in their fingerprint: they stay comparable
+        test["workload"] = request.workload
+    fingerprint = Fingerprint(model_sha256(checked.model.path), env.hardware_key(),
+                              f"llama-cpp-python {env.llama_cpp_python}, {env.llama_cpp_build}", test)
+    settings = StudySettings(trials=request.trials, objective=objective_of(request), sampler=request.sampler,
+                             seed=request.seed, timeout_s=checked.timeout_s, trial_timeout_s=checked.trial_timeout_s)
+    name = request.study_name or default_study_name(checked.model.file_name, env.gpu_name, request.depth,
+                                                    request.workload)
+    tuner = Tuner(storage=storage or make_storage(request.storage), study_name=name, model=checked.model,
+                  space=space, launcher=launcher, env=env, fingerprint=fingerprint,
+                  limits=Limits(budget, checked.min_headroom, checked.min_ctx, request.min_stream_tps),
+                  settings=settings,
+                  baselines=baselines, tracker=tracker, gpu_index=gpu_index)
+    saved = {k: v for k, v in asdict(request).items() if k not in ("storage", "study_name")}
+    stored = tuner.study.user_attrs.get(REQUEST_ATTR)
+    if stored is None or (record_request and stored != saved):
+        if stored is not None and stored.get("trials") != request.trials:
+            tuner.notes.append(f"--trials changed from {stored.get('trials')} to {request.trials}; "
+                               "workers of this study follow")
+        tuner.study.set_user_attr(REQUEST_ATTR, saved)
+    return tuner

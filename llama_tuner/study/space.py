@@ -1,0 +1,257 @@
+"""The search space of a study, derived from the model, the machine and the user's pins.
+
+Every point of the space is a valid llama.cpp configuration: flash attention and
+the KV cache types form one categorical dimension of valid combinations (a
+quantized V cache needs flash attention), batch sizes are ladders of powers of
+two with ``n_ubatch <= n_batch <= n_ctx`` applied as llama.cpp clamps them, and
+the context ladder doubles from ``--min-ctx`` to the training context. Values a
+baseline uses are added to the ladders, so baselines are ordinary points of the
+space and the sampler learns from them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Iterator
+
+from llama_tuner.measure.config import CONTEXT_KEYS, MODEL_KEYS, TEST_KEYS, BenchConfig, InvalidConfig
+from llama_tuner.measure.workloads import PRESETS
+from llama_tuner.errors import UserError
+from llama_tuner.model.info import ModelInfo
+
+CPU_BATCHES, CPU_UBATCHES = (512, 1024, 2048), (128, 256, 512)
+GPU_BATCHES, GPU_UBATCHES = (512, 1024, 2048, 4096), (256, 512, 1024, 2048)
+ATTENTION_CHOICES = ("fa0:f16/f16", "fa1:f16/f16", "fa1:q8_0/q8_0", "fa1:q4_0/q4_0")
+RANGE_KEYS = ("n_gpu_layers", "n_cpu_moe", "n_threads", "n_threads_batch", "n_batch", "n_ubatch", "n_ctx")
+STUDY_TEST = dict(n_prompt=512, n_gen=128, repetitions=3)
+
+
+def attention_choice(flash_attn: bool, type_k: str, type_v: str) -> str:
+    """The categorical value for a flash-attention / KV-type combination."""
+    return f"fa{int(flash_attn)}:{type_k}/{type_v}"
+
+
+def parse_attention(choice: str) -> tuple[bool, str, str]:
+    """(flash_attn, type_k, type_v) of an attention choice."""
+    fa, kv = choice.split(":")
+    k, v = kv.split("/")
+    return fa == "fa1", k, v
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the space needs to know of the machine: cores, whether llama.cpp can offload, and
+    whether its repacked-weight path runs here (see :mod:`llama_tuner.measure.repack_check`)."""
+
+    physical_cores: int
+    gpu_offload: bool
+    repack_works: bool = True
+
+
+PARALLEL_CHOICES = (1, 2, 4, 8)
+
+
+def study_test(workload: str = "pp-tg", *, depth: int = 0, prompt_tokens: int | None = None,
+               gen_tokens: int | None = None) -> dict[str, Any]:
+    """What every trial of a study measures: the workload's sizes (llama_tuner.measure.workloads), changed by
+    --prompt-tokens, --gen-tokens and --depth."""
+    preset = PRESETS[workload]
+    return {**STUDY_TEST, "workload": workload, "n_depth": depth,
+            "n_prompt": prompt_tokens if prompt_tokens is not None else preset.n_prompt,
+            "n_gen": gen_tokens if gen_tokens is not None else preset.n_gen}
+
+
+@dataclass
+class SpaceOptions:
+    """The user's shaping of the space: the test (workload), --min-ctx, --set pins and --range limits."""
+
+    min_ctx: int = 4096
+    depth: int = 0
+    pins: dict[str, Any] = field(default_factory=dict)
+    ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    test: dict[str, Any] | None = None  # study_test(...); None: pp-tg at ``depth``
+
+
+def _ladder(lo: int, hi: int) -> list[int]:
+    out, x = [], lo
+    while x < hi:
+        out.append(x)
+        x *= 2
+    return out + [hi]
+
+
+class SearchSpace:
+    """Named dimensions (int ranges or choice lists) plus pinned settings; see module doc."""
+
+    def __init__(self, model: ModelInfo, machine: Machine, options: SpaceOptions,
+                 baselines: tuple[BenchConfig, ...] = ()):
+        """The space of ``model`` on ``machine`` shaped by ``options``, with the ``baselines``' values in it.
+
+        Raises:
+            InvalidConfig: an unknown pin or range key, an empty range, or a range this build cannot search.
+            UserError: --min-ctx above the training context, or too small for --depth and the test.
+        """
+        self.model, self.machine, self.options = model, machine, options
+        known = {f.name for f in fields(BenchConfig)}
+        for key in options.pins:
+            if key not in known:
+                raise InvalidConfig(f"unknown setting {key!r} in --set", f"known settings: {', '.join(sorted(known))}")
+        test = {**(options.test or study_test(depth=options.depth)), **{k: v for k, v in options.pins.items()
+                                                                       if k in TEST_KEYS}}
+        self.fixed: dict[str, Any] = {"use_mmap": True, "offload_kqv": True, "swa_full": False, **test}
+        server = test["workload"] == "server"
+        # The least context a trial needs: one stream's (the server's streams are searched, see below).
+        need = BenchConfig(**test).context_needed()
+        train = model.n_ctx_train or max(options.min_ctx, need)
+        if options.min_ctx > train:
+            raise UserError(f"--min-ctx {options.min_ctx} exceeds the model's training context {train}",
+                            f"use --min-ctx {train} or less")
+        if need > train:
+            raise UserError(f"the {test['workload']} test needs {need} tokens of context, more than the model's "
+                            f"training context {train}", "use fewer --prompt-tokens or --gen-tokens")
+        if options.min_ctx < need:
+            raise UserError(f"--min-ctx {options.min_ctx} cannot hold the {test['workload']} test "
+                            f"(depth {test['n_depth']}, {test['n_prompt']} prompt and {test['n_gen']} generated "
+                            "tokens)", f"use --min-ctx {need} or more")
+        gpu = machine.gpu_offload
+        self.ints: dict[str, tuple[int, int]] = {"n_threads": (1, machine.physical_cores),
+                                                 "n_threads_batch": (1, machine.physical_cores)}
+        # On a GPU, each trial gets as many layers as the memory model says fit (Placement.fit), since
+        # a layer left on the CPU costs far more speed than any other setting gains; --range searches them.
+        self.fit_layers = gpu and "n_gpu_layers" not in options.ranges and "n_gpu_layers" not in options.pins
+        if gpu and not self.fit_layers:
+            self.ints["n_gpu_layers"] = (0, model.n_gpu_layers_all)
+        else:
+            self.fixed["n_gpu_layers"] = model.n_gpu_layers_all if gpu else 0
+        self.choices: dict[str, list[Any]] = {
+            "n_batch": list(GPU_BATCHES if gpu else CPU_BATCHES),
+            "n_ubatch": list(GPU_UBATCHES if gpu else CPU_UBATCHES),
+            "n_ctx": _ladder(options.min_ctx, train),
+            "attention": list(ATTENTION_CHOICES),
+        }
+        # A MoE's expert placement: fitted per trial on a GPU (Placement.fit), searched with --range, pinned
+        # with --set; with experts in host memory the load mode matters (llama.cpp advises --load-mode none), so it is
+        # searched too. On a CPU every tensor is in host memory already.
+        self.fixed["n_cpu_moe"] = 0
+        self.fit_experts = (self.fit_layers and model.is_moe and "n_cpu_moe" not in options.ranges
+                            and "n_cpu_moe" not in options.pins)
+        if gpu and model.is_moe:
+            self.choices["use_mmap"] = [True, False]
+            if "n_cpu_moe" in options.ranges:
+                self.ints["n_cpu_moe"] = (0, model.n_layer)
+                del self.fixed["n_cpu_moe"]
+        if server:  # streams decoding together: n_ctx holds every stream's prompt and answer
+            self.choices["n_parallel"] = list(PARALLEL_CHOICES)
+        if machine.repack_works:
+            self.choices["repack"] = [True, False]
+        else:
+            self.fixed["repack"] = False
+        self._include_baselines(baselines)
+        self._apply_ranges()
+        self._apply_pins()
+
+    def _include_baselines(self, baselines: tuple[BenchConfig, ...]) -> None:
+        for b in baselines:
+            for key, (lo, hi) in list(self.ints.items()):
+                v = getattr(b, key)
+                self.ints[key] = (min(lo, v), max(hi, v))
+            for key in ("n_batch", "n_ubatch", "n_ctx"):
+                if getattr(b, key) not in self.choices[key]:
+                    self.choices[key] = sorted(self.choices[key] + [getattr(b, key)])
+            att = attention_choice(b.flash_attn, b.type_k, b.type_v)
+            if att not in self.choices["attention"]:
+                self.choices["attention"].append(att)
+
+    def _apply_ranges(self) -> None:
+        for key, (lo, hi) in self.options.ranges.items():
+            if key not in RANGE_KEYS:
+                raise InvalidConfig(f"--range {key} is not a searched setting", f"use one of {', '.join(RANGE_KEYS)}")
+            if lo > hi:
+                raise InvalidConfig(f"--range {key}={lo}:{hi} is empty", "write LO:HI with LO <= HI")
+            if key in self.ints:
+                self.ints[key] = (lo, hi)
+            elif key in self.choices:
+                inside = [v for v in self.choices[key] if lo <= v <= hi] or ([lo] if lo == hi else [])
+                self.choices[key] = inside or _ladder(lo, hi)
+            elif key == "n_cpu_moe":
+                raise InvalidConfig("--range n_cpu_moe searches where a mixture of experts keeps its experts, "
+                                    "which needs a MoE model and a build that offloads to a GPU",
+                                    "drop the range, or measure one placement with --set n_cpu_moe=N")
+            else:  # n_gpu_layers on a build without offload
+                raise InvalidConfig(f"--range {key}: this llama.cpp build cannot offload to a GPU",
+                                    "rebuild with `make install CUDA=1`, or drop the range")
+
+    def _apply_pins(self) -> None:
+        pins = dict(self.options.pins)
+        att_keys = {"flash_attn", "type_k", "type_v"} & pins.keys()
+        if att_keys:
+            keep = [c for c in self.choices["attention"]
+                    if all(dict(zip(("flash_attn", "type_k", "type_v"), parse_attention(c)))[k] == pins[k]
+                           for k in att_keys)]
+            if not keep:
+                fa, k, v = (pins.get("flash_attn", True), pins.get("type_k", "f16"), pins.get("type_v", "f16"))
+                keep = [attention_choice(fa, k, v)]
+            self.choices["attention"] = keep
+            for k in att_keys:
+                pins.pop(k)
+        for key, value in pins.items():
+            self.ints.pop(key, None)
+            self.choices.pop(key, None)
+            self.fixed[key] = value
+
+    def suggest(self, trial) -> BenchConfig:
+        """The configuration an Optuna trial proposes (clamped as llama.cpp would)."""
+        params = {k: trial.suggest_int(k, lo, hi) for k, (lo, hi) in self.ints.items()}
+        params.update({k: trial.suggest_categorical(k, v) for k, v in self.choices.items()})
+        return self.config_of(params)
+
+    def config_of(self, params: dict[str, Any]) -> BenchConfig:
+        """The configuration for a dict of parameter values (without the clamping check)."""
+        values = {**self.fixed, **{k: v for k, v in params.items() if k != "attention"}}
+        if "attention" in params:
+            values["flash_attn"], values["type_k"], values["type_v"] = parse_attention(params["attention"])
+        cfg = BenchConfig(**values)
+        cfg = replace(cfg, n_batch=min(cfg.n_batch, cfg.n_ctx))
+        return replace(cfg, n_ubatch=min(cfg.n_ubatch, cfg.n_batch))
+
+    def params_of(self, cfg: BenchConfig) -> dict[str, Any]:
+        """The point of the space nearest to ``cfg`` (exactly ``cfg`` unless pins or ranges exclude it).
+
+        Baselines are enqueued at this point and measured with their own exact
+        configuration; a pinned dimension is constant for every sampled trial, so
+        projecting a baseline onto it hides nothing from the sampler.
+        """
+        params = {k: min(max(getattr(cfg, k), lo), hi) for k, (lo, hi) in self.ints.items()}
+        for k, choices in self.choices.items():
+            value = (attention_choice(cfg.flash_attn, cfg.type_k, cfg.type_v) if k == "attention"
+                     else getattr(cfg, k))
+            if value not in choices:
+                value = choices[0] if k == "attention" else min(choices, key=lambda c: abs(c - value))
+            params[k] = value
+        return params
+
+    def corners(self) -> list[BenchConfig]:
+        """The extremes of what sizes memory: the least and largest context and physical batch, flash attention
+        on and off (an f16 cache), the largest batch; for llama.cpp's dry runs (MemoryModel.calibrate)."""
+        ctx, ub = self.choices.get("n_ctx", [self.fixed.get("n_ctx")]), self.choices.get("n_ubatch", [512])
+        out = []
+        for n_ctx in sorted({min(ctx), max(ctx)}):
+            for n_ubatch in sorted({min(ub), max(ub)}):
+                for attention in ("fa0:f16/f16", "fa1:f16/f16"):
+                    params = {k: lo for k, (lo, hi) in self.ints.items()}
+                    params.update({k: v[-1] if k == "n_batch" else v[0] for k, v in self.choices.items()})
+                    params.update(n_ctx=n_ctx, n_ubatch=n_ubatch, attention=attention)
+                    out.append(self.config_of(params))
+        return list(dict.fromkeys(out))
+
+    def grid(self) -> Iterator[BenchConfig]:
+        """Every distinct configuration of the space, model settings varying slowest."""
+        names = [k for k in MODEL_KEYS + CONTEXT_KEYS + ("attention",) if k in self.ints or k in self.choices]
+        values = [range(self.ints[k][0], self.ints[k][1] + 1) if k in self.ints else self.choices[k] for k in names]
+        seen = set()
+        for combo in itertools.product(*values):
+            cfg = self.config_of(dict(zip(names, combo)))
+            if cfg not in seen:
+                seen.add(cfg)
+                yield cfg

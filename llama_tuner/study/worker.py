@@ -1,0 +1,66 @@
+"""Joining a study as a worker: same space, same limits, same hardware, its own GPU.
+
+A study created by ``tune`` records how it was requested; a worker rebuilds the
+identical Tuner from that record, refuses to measure on different hardware or a
+different model file (the fingerprint check), points its children at one GPU
+with ``CUDA_VISIBLE_DEVICES``, and runs trials until the study has its count.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+
+from llama_tuner.errors import UserError
+from llama_tuner.measure.environment import build_environment
+from llama_tuner.measure.launcher import Launcher, SubprocessLauncher
+from llama_tuner.measure.probe import GpuProbe, detect_probe
+from llama_tuner.measure.result import Environment
+from llama_tuner.study.keys import FINGERPRINT_ATTR, REQUEST_ATTR
+from llama_tuner.study.session import StudyRequest, open_tuner
+from llama_tuner.study.storage import GRACE_S, HEARTBEAT_S, make_storage
+from llama_tuner.study.tracker import Tracker
+from llama_tuner.study.tuner import Tuner
+from llama_tuner.units import parse_duration
+
+
+def join_study(study_name: str, storage_url: str, *, gpu: int | None = None, model: str | None = None,
+               tracker: Tracker | None = None, launcher: Launcher | None = None, probe: GpuProbe | None = None,
+               env: Environment | None = None, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S) -> Tuner:
+    """A Tuner for an existing study, checked against this machine.
+
+    Raises:
+        UserError: no such study, one not made by ``tune``, its model file missing here, or hardware
+            other than the study's.
+    """
+    storage = make_storage(storage_url, heartbeat_s, grace_s)
+    try:
+        attrs = optuna.load_study(study_name=study_name, storage=storage).user_attrs
+    except KeyError:
+        raise UserError(f"no study named {study_name!r} at {storage_url}",
+                        f"create it first: llama-tuner tune MODEL --study {study_name} "
+                        f"--storage {storage_url}") from None
+    if REQUEST_ATTR not in attrs:
+        raise UserError(f"study {study_name!r} was not created by llama-tuner tune", "create it with tune")
+    saved = dict(attrs[REQUEST_ATTR])
+    request = StudyRequest(**{**saved, "storage": storage_url, "study_name": study_name,
+                              "model": model or saved["model"]})
+    if not Path(request.model).exists():
+        raise UserError(f"the study's model {request.model} is not on this machine",
+                        "copy it there, or pass --model PATH to the same file")
+    probe = probe or detect_probe()
+    extra_env = {"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {}
+    if env is None:
+        env = build_environment(probe, gpu if gpu is not None else (0 if probe.gpus() else None))
+    want = attrs.get(FINGERPRINT_ATTR, {}).get("hardware")
+    if want and env.hardware_key() != want:
+        raise UserError(f"this machine ({env.hardware_key()}) differs from the study's hardware ({want}), so its "
+                        f"figures would not compare",
+                        f"start its own study: llama-tuner tune {request.model} --study {study_name}-"
+                        f"{env.host} --storage {storage_url}")
+    if launcher is None:
+        launcher = SubprocessLauncher(probe, timeout_s=parse_duration(request.trial_timeout), gpu_index=gpu,
+                                      extra_env=extra_env)
+    return open_tuner(request, launcher=launcher, probe=probe, env=env, tracker=tracker, gpu_index=gpu,
+                      storage=storage, record_request=False)

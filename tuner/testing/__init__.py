@@ -1,1 +1,0 @@
-"""Fakes for tests: stand-ins for the launcher (llama.cpp) and the tracker. Nothing in ``tuner`` imports this."""
