@@ -33,6 +33,7 @@ import psutil
 from llama_cpp import llama_cpp as C
 
 from llama_tuner.measure import timer as timing
+from llama_tuner.measure.llama_cpp_pin import FIX, version_problem
 from llama_tuner.measure.threadpool import attach_threadpools
 from llama_tuner.measure.timer import DecodeError, Timer, fault_point
 from llama_tuner.model.experts import layer_experts_pattern
@@ -228,6 +229,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--events-fd", type=int)
     parser.add_argument("--info", action="store_true", help="print the build's versions as JSON and exit")
     args = parser.parse_args(argv)
+    problem = version_problem(llama_cpp.__version__)
+    if problem:  # first: the structs here (and llama-cpp-python's own) are laid out as that release has them
+        refuse(f"{problem}; fix: `{FIX}`", args.events_fd)
+        return
     if args.info:
         print(json.dumps(environment()))
         return
@@ -235,6 +240,20 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--events-fd is required")
     llama_cpp.llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
     run_job(json.load(sys.stdin), Events(args.events_fd))
+
+
+def refuse(reason: str, events_fd: int | None) -> None:
+    """Measure nothing: every run of the job on stdin ends as a load_error for ``reason`` (``--info``, without
+    an events pipe, exits with it on stderr).
+
+    Raises:
+        SystemExit: ``events_fd`` is None.
+    """
+    if events_fd is None:
+        sys.exit(f"error: {reason}")
+    events = Events(events_fd)
+    for run in json.load(sys.stdin)["runs"]:
+        events.send("result", index=run["index"], status="load_error", reason=reason)
 
 
 @llama_cpp.llama_log_callback

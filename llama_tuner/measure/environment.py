@@ -13,6 +13,7 @@ from typing import Any
 from llama_tuner.errors import UserError
 from llama_tuner.measure.bandwidth import measure_host_read_gbs
 from llama_tuner.measure.config import physical_cores
+from llama_tuner.measure.llama_cpp_pin import require_llama_cpp_python
 from llama_tuner.measure.probe import GpuProbe, cpu_name, host_name, ram_total
 from llama_tuner.measure.result import Environment
 
@@ -74,8 +75,9 @@ def llama_cpp_info() -> dict[str, Any]:
     """The llama-cpp-python version, llama.cpp build, GPU offload and system info, asked of a child.
 
     Raises:
-        UserError: llama-cpp-python does not start in a child process.
+        UserError: llama-cpp-python is not the release the child is written for, or does not start in a child.
     """
+    require_llama_cpp_python()
     p = subprocess.run([sys.executable, "-m", "llama_tuner.measure.child", "--info"], capture_output=True, text=True)
     if p.returncode != 0:
         last = (p.stderr.strip().splitlines() or ["no output"])[-1]

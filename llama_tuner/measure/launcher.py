@@ -40,6 +40,7 @@ import psutil
 
 from llama_tuner.measure.config import BenchConfig, InvalidConfig
 from llama_tuner.measure.environment import machine_environment
+from llama_tuner.measure.llama_cpp_pin import require_llama_cpp_python
 from llama_tuner.measure.peak_memory import MemorySampler
 from llama_tuner.measure.probe import GpuProbe, NoGpuProbe, visible_gpu_index
 from llama_tuner.measure.repack_check import CHECK, check_model, cpu_has_amx, repack_crash_reason
@@ -86,7 +87,12 @@ class SubprocessLauncher(Launcher):
                  extra_env: dict[str, str] | None = None, sample_interval: float | None = None,
                  ram_limit_bytes: int | None = None, exit_grace_s: float = EXIT_GRACE_S):
         """Measure with GPU ``probe``; a run may take ``timeout_s``, a child that has sent every result
-        ``exit_grace_s`` more to exit before it is killed; ``ram_limit_bytes`` caps its address space."""
+        ``exit_grace_s`` more to exit before it is killed; ``ram_limit_bytes`` caps its address space.
+
+        Raises:
+            UserError: the installed llama-cpp-python is not the release the child is written for.
+        """
+        require_llama_cpp_python()
         self.probe = probe
         self.exit_grace_s = exit_grace_s
         self.ram_limit_bytes = ram_limit_bytes
