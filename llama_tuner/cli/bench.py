@@ -3,26 +3,33 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
 
 from llama_tuner.errors import UserError
 from llama_tuner.measure.workloads import WORKLOADS
-from llama_tuner.report.llama_bench_output import FORMATS as OUTPUTS
+from llama_tuner.report.llama_bench_output import FORMATS as OUTPUTS, AsGiven
+
+if TYPE_CHECKING:
+    from llama_tuner.measure.config import BenchConfig
+    from llama_tuner.model.info import ModelInfo
 
 
 # (short flag, long flag, BenchConfig field, help)
 BENCH_FLAGS = [
-    ("-ngl", "--n-gpu-layers", "n_gpu_layers", "Layers to offload; -1 = all (default 0)."),
+    ("-ngl", "--n-gpu-layers", "n_gpu_layers", "Layers to offload; -1 = all (default -1, as llama-bench)."),
     ("-ncmoe", "--n-cpu-moe", "n_cpu_moe", "Keep the expert tensors of the first N layers in host memory (default 0)."),
-    ("-mmp", "--mmap", "use_mmap", "Memory-map the model: 0 or 1 (default 1)."),
+    ("-mmp", "--mmap", "use_mmap", "Memory-map the model: 0 or 1 (default: llama.cpp's auto load mode, which maps "
+                                   "it where every device can)."),
     (None, "--repack", "repack", "Repacked/AMX CPU weight buffers: 0 or 1 (default 1)."),
     ("-c", "--ctx-size", "n_ctx", "Context size (default: each test's own tokens, as llama-bench)."),
     ("-b", "--batch-size", "n_batch", "Logical batch size (default 2048)."),
     ("-ub", "--ubatch-size", "n_ubatch", "Physical batch size (default 512)."),
     ("-t", "--threads", "n_threads", "Generation threads (default: physical cores)."),
     ("-tb", "--threads-batch", "n_threads_batch", "Prompt threads (default: same as -t)."),
-    ("-fa", "--flash-attn", "flash_attn", "Flash attention: 0 or 1 (default 0)."),
+    ("-fa", "--flash-attn", "flash_attn", "Flash attention: on, off or auto (1, 0, -1; default auto, as llama-bench: "
+                                          "on where the backend has it)."),
     ("-ctk", "--cache-type-k", "type_k", "K cache type (default f16)."),
     ("-ctv", "--cache-type-v", "type_v", "V cache type (default f16)."),
     ("-p", "--n-prompt", "n_prompt", "Prompt tokens to process (default 512)."),
@@ -71,27 +78,29 @@ def bench(model: str, timeout_s: float, output: str, as_json: bool, download: bo
     from llama_tuner.model.info import load_model_info
     from llama_tuner.model.stores import resolve_model
     from llama_tuner.measure.probe import detect_probe
-    from llama_tuner.measure.sweep import build_configs, per_test_configs
+    from llama_tuner.measure.sweep import per_test_configs
     from llama_tuner.report import llama_bench_output
     from llama_tuner.report.tables import markdown_table, result_rows
 
     model = resolve_model(model, download=download)
     info = load_model_info(model)
-    requested = build_configs(workload_values(values, workload), info)
-    # Each measured configuration, with the one the user asked for (llama-bench reports its batch sizes).
-    tests = ([(t, cfg) for cfg in requested for t in per_test_configs(cfg)] if values.get("n_ctx") is None
-             else [(cfg, cfg) for cfg in requested])
+    swept = sweep_as_given(workload_values(values, workload), info)
+    requested = [cfg for cfg, _ in swept]
+    # Each measured configuration, with the one the user asked for (llama-bench reports its batch sizes) and the
+    # settings as given (llama-bench reports -ngl -1 and -fa auto so).
+    tests = ([(t, cfg, given) for cfg, given in swept for t in per_test_configs(cfg)] if values.get("n_ctx") is None
+             else [(cfg, cfg, given) for cfg, given in swept])
     if any(cfg.workload != "pp-tg" for cfg in requested) and output not in ("md",) and not as_json:
         raise UserError(f"-o {output} speaks llama-bench, which has no {requested[0].workload} workload",
                         "use the default table or --json")
     launcher = SubprocessLauncher(detect_probe(), timeout_s=timeout_s)
     facts = ModelFacts.of(info)
     results, rows, bench_rows = [], [], []
-    for r, (_, asked) in zip(launcher.measure(model, [t for t, _ in tests]), tests):
+    for r, (_, asked, given) in zip(launcher.measure(model, [t for t, _, _ in tests]), tests):
         r.bandwidth = bandwidth_of(r, facts, r.env)
         results.append(r)
         rows.extend(result_rows(info, r))
-        bench_rows.extend(llama_bench_output.rows(info, r, asked))
+        bench_rows.extend(llama_bench_output.rows(info, r, asked, given=given))
         click.echo(f"[{len(results)}/{len(tests)}] {r.status.value}", err=True)
     if as_json:
         click.echo(json.dumps([_json_result(r) for r in results], indent=2))
@@ -143,4 +152,39 @@ def workload_values(values: dict, workload: str | None) -> dict:
     for key in ("n_prompt", "n_gen", "n_depth"):
         if out.get(key) is None and workload != "pp-tg":
             out[key] = str(getattr(preset, key))
+    return out
+
+
+# llama-bench's defaults where they differ from BenchConfig's (tools/llama-bench/llama-bench.cpp,
+# cmd_params_defaults): every layer offloaded, flash attention and the load mode left to llama.cpp.
+LLAMA_BENCH_DEFAULTS = {"n_gpu_layers": "-1", "flash_attn": "auto"}
+_FA = {**dict.fromkeys(("on", "enabled", "true", "1"), "1"), **dict.fromkeys(("off", "disabled", "false", "0"), "0"),
+       **dict.fromkeys(("auto", "-1"), "auto")}  # llama.cpp's is_truthy, is_falsey and is_autoy
+
+
+def sweep_as_given(values: dict, model: ModelInfo | None) -> list[tuple[BenchConfig, AsGiven]]:
+    """Each configuration of the sweep, validated and resolved, with the settings as llama-bench writes them.
+
+    Settings not given take llama-bench's defaults (:data:`LLAMA_BENCH_DEFAULTS`). Flash attention ``auto``
+    is measured on, which is what llama.cpp's auto chooses where the backend has it (the CPU, CUDA); the load
+    mode not given is measured mapped, as auto maps the file where every device can.
+
+    Raises:
+        UserError: a flash attention value that is not on, off or auto.
+        InvalidConfig: a combination llama.cpp would reject.
+    """
+    from llama_tuner.measure.sweep import build_configs, expand_sweep
+
+    values = {k: LLAMA_BENCH_DEFAULTS.get(k) if v is None else v for k, v in values.items()}
+    values.update({k: v for k, v in LLAMA_BENCH_DEFAULTS.items() if k not in values})
+    out = []
+    for combo in expand_sweep(values):
+        fa = _FA.get(combo["flash_attn"].lower())
+        if fa is None:
+            raise UserError(f"flash_attn must be on, off or auto, got {combo['flash_attn']!r}",
+                            "use -fa on, off or auto (or 1, 0, -1, as llama-bench)")
+        [cfg] = build_configs({**combo, "flash_attn": "1" if fa == "auto" else fa}, model)
+        load_mode = "auto" if "use_mmap" not in combo else ("mmap" if cfg.use_mmap else "none")
+        out.append((cfg, AsGiven(n_gpu_layers=int(combo["n_gpu_layers"]), flash_attn=-1 if fa == "auto" else int(fa),
+                                 load_mode=load_mode)))
     return out

@@ -5,6 +5,13 @@ llama-cpp-python 0.3.36 vendors), so scripts written for llama-bench, such as ll
 ``scripts/compare-llama-bench.py``, read them. llama-tuner's own figures follow as extra
 fields: the peak memory, bandwidth, and how the measurement ended (a failed test is a row
 with no samples and its ``status`` and ``reason``, where llama-bench would print nothing).
+
+Settings llama-bench writes as the user gave them (``-ngl -1``, ``-fa auto``, the load mode
+``auto``) are written so, from :class:`AsGiven`, though llama-tuner measures their resolved
+values; so ``compare-llama-bench.py`` pairs a row of ours with llama-bench's row of the same
+command. SQL keeps llama-bench's table as llama-bench creates it, so that either tool's output
+appends to a database the other made, and writes every test, with our fields, to a second
+table, ``llama_tuner`` (see :func:`render`).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import io
 import json
 import re
 import statistics
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from llama_tuner.measure.config import BenchConfig
@@ -38,6 +46,26 @@ EXTRA_FIELDS = ("n_ctx", "n_threads_batch", "peak_memory_bytes", "bytes_per_toke
                 "bandwidth_share", "status", "reason")
 EXTRA_INT = {"n_ctx", "n_threads_batch", "peak_memory_bytes", "bytes_per_token"}
 EXTRA_FLOAT = {"achieved_gbs", "bandwidth_share"}
+# The SQL table of llama-tuner's rows: every test, llama-bench's fields then ours; bench_rowid is the test's row
+# in llama_bench (NULL for a failed test, which llama-bench's table does not get).
+TUNER_TABLE = "llama_tuner"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AsGiven:
+    """What llama-bench writes for settings llama-tuner measures resolved: ``n_gpu_layers`` as given (-1 or 99
+    for all, where the configuration holds the model's layer count), ``flash_attn`` -1 for auto, 0 off or 1 on
+    (the configuration holds on or off), and the ``load_mode`` name (auto, mmap or none)."""
+
+    n_gpu_layers: int
+    flash_attn: int
+    load_mode: str
+
+    @classmethod
+    def of(cls, config: BenchConfig) -> "AsGiven":
+        """The fields of a configuration given in full, with nothing left to llama.cpp to decide."""
+        return cls(n_gpu_layers=config.n_gpu_layers, flash_attn=int(config.flash_attn),
+                   load_mode="mmap" if config.use_mmap else "none")
 
 
 def _commit(build: str) -> str:
@@ -57,10 +85,13 @@ def _tests(result: TrialResult) -> list[tuple[int, int, Rates | None]]:
     return tests
 
 
-def rows(model: ModelInfo, result: TrialResult, requested: BenchConfig) -> list[dict[str, Any]]:
+def rows(model: ModelInfo, result: TrialResult, requested: BenchConfig, *,
+         given: AsGiven | None = None) -> list[dict[str, Any]]:
     """One row per test of ``result``; ``requested`` is the configuration as the user gave it (llama-bench
-    reports the batch sizes given, before llama.cpp clamps them to the context)."""
+    reports the batch sizes given, before llama.cpp clamps them to the context), ``given`` the settings as the
+    user wrote them where llama-bench reports those (default: ``requested``'s)."""
     c, env = result.config, result.env
+    given = given or AsGiven.of(requested)
     loaded = result.loaded_model or {}
     started = result.started_at and dt.datetime.fromisoformat(result.started_at).astimezone(dt.timezone.utc)
     common = {
@@ -69,10 +100,10 @@ def rows(model: ModelInfo, result: TrialResult, requested: BenchConfig) -> list[
         "model_filename": model.path, "model_type": loaded.get("type", f"{model.architecture} {model.quant}"),
         "model_size": loaded.get("size", model.file_size), "model_n_params": loaded.get("n_params", model.n_params),
         "n_batch": requested.n_batch, "n_ubatch": requested.n_ubatch, "n_threads": c.n_threads, "cpu_mask": "0x0",
-        "cpu_strict": False, "poll": 50, "type_k": c.type_k, "type_v": c.type_v, "n_gpu_layers": c.n_gpu_layers,
+        "cpu_strict": False, "poll": 50, "type_k": c.type_k, "type_v": c.type_v, "n_gpu_layers": given.n_gpu_layers,
         "n_cpu_moe": c.n_cpu_moe, "split_mode": "layer", "main_gpu": 0, "no_kv_offload": not c.offload_kqv,
-        "flash_attn": int(c.flash_attn), "devices": "auto", "tensor_split": "0.00", "tensor_buft_overrides": "none",
-        "load_mode": "mmap" if c.use_mmap else "none", "lazy_mode": "auto", "embeddings": False,
+        "flash_attn": given.flash_attn, "devices": "auto", "tensor_split": "0.00", "tensor_buft_overrides": "none",
+        "load_mode": given.load_mode, "lazy_mode": "auto", "embeddings": False,
         "no_op_offload": 0, "no_host": False, "repack": c.repack, "fit_target": 0, "fit_min_ctx": 0,
         "n_depth": c.n_depth, "test_time": started.strftime("%Y-%m-%dT%H:%M:%SZ") if started else "",
         "n_ctx": c.n_ctx, "n_threads_batch": c.n_threads_batch, "peak_memory_bytes": result.peak_memory_bytes,
@@ -117,8 +148,47 @@ def _ordered(row: dict[str, Any]) -> dict[str, Any]:
     return {k: _json_value(k, row.get(k)) for k in keys}
 
 
+def _sql_type(field: str) -> str:
+    """The column type llama-bench's SQL printer gives a field (booleans are integers)."""
+    if field in INT_FIELDS or field in BOOL_FIELDS or field in EXTRA_INT or field == "bench_rowid":
+        return "INTEGER"
+    return "REAL" if field in FLOAT_FIELDS or field in EXTRA_FLOAT else "TEXT"
+
+
+def _create_table(name: str, columns: tuple[str, ...]) -> list[str]:
+    lines = [f"CREATE TABLE IF NOT EXISTS {name} ("]
+    lines += [f"  {k} {_sql_type(k)}{',' if i < len(columns) - 1 else ''}" for i, k in enumerate(columns)]
+    return lines + [");", ""]
+
+
+def _sql_values(columns: tuple[str, ...], row: dict[str, Any]) -> str:
+    """The row's values as llama-bench writes them, each a quoted string (NULL where we have no value)."""
+    return ", ".join("NULL" if row.get(k) is None else "'" + _text(k, row.get(k)).replace("'", "''") + "'"
+                     for k in columns)
+
+
+def _sql(table: list[dict[str, Any]]) -> str:
+    """llama-bench's ``CREATE TABLE IF NOT EXISTS llama_bench`` with its columns only, and an INSERT of each measured
+    test, so that the script appends to a database llama-bench made and llama-bench to one this made; then every
+    test with llama-tuner's fields in :data:`TUNER_TABLE`, keyed by the llama_bench row."""
+    tuner_columns = ("bench_rowid",) + FIELDS + EXTRA_FIELDS
+    lines = _create_table("llama_bench", FIELDS) + _create_table(TUNER_TABLE, tuner_columns)
+    for r in table:
+        measured = bool(r.get("samples_ns"))
+        if measured:  # llama-bench prints no row for a test that failed; its table has no column to say so
+            lines.append(f"INSERT INTO llama_bench ({', '.join(FIELDS)}) VALUES ({_sql_values(FIELDS, r)});")
+        rowid = "last_insert_rowid()" if measured else "NULL"
+        lines.append(f"INSERT INTO {TUNER_TABLE} ({', '.join(tuner_columns)}) "
+                     f"VALUES ({rowid}, {_sql_values(FIELDS + EXTRA_FIELDS, r)});")
+    return "\n".join(lines) + "\n"
+
+
 def render(fmt: str, table: Iterable[dict[str, Any]]) -> str:
-    """The rows in ``fmt`` (csv, json, jsonl or sql), as llama-bench writes that format."""
+    """The rows in ``fmt`` (csv, json, jsonl or sql), as llama-bench writes that format; SQL as :func:`_sql`.
+
+    Raises:
+        ValueError: an unknown format.
+    """
     table = list(table)
     columns = FIELDS + EXTRA_FIELDS
     if fmt == "csv":
@@ -133,16 +203,5 @@ def render(fmt: str, table: Iterable[dict[str, Any]]) -> str:
     if fmt == "jsonl":
         return "".join(json.dumps(_ordered(r)) + "\n" for r in table)
     if fmt == "sql":
-        def sql_type(k: str) -> str:
-            if k in INT_FIELDS or k in BOOL_FIELDS or k in EXTRA_INT:
-                return "INTEGER"
-            return "REAL" if k in FLOAT_FIELDS or k in EXTRA_FLOAT else "TEXT"
-
-        lines = ["CREATE TABLE IF NOT EXISTS llama_bench ("]
-        lines += [f"  {k} {sql_type(k)}{',' if i < len(columns) - 1 else ''}" for i, k in enumerate(columns)]
-        lines += [");", ""]
-        for r in table:
-            values = ", ".join("'" + _text(k, r.get(k)).replace("'", "''") + "'" for k in columns)
-            lines.append(f"INSERT INTO llama_bench ({', '.join(columns)}) VALUES ({values});")
-        return "\n".join(lines) + "\n"
+        return _sql(table)
     raise ValueError(f"unknown format {fmt!r}")
