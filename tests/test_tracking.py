@@ -154,6 +154,58 @@ def test_mlflow_outage_loses_nothing_and_sync_fills_it_once(long_context_model, 
         os.killpg(server.pid, 9)
 
 
+class CutClient:
+    """An MlflowClient whose first ``method`` call on the parent run (``on="parent"``) or on a trial's run
+    (``on="trial"``) raises, as when MLflow goes away in the middle of writing a run."""
+
+    def __init__(self, client, tracker: MlflowTracker, method: str, on: str):
+        self.client, self.tracker, self.method, self.on = client, tracker, method, on
+        self.cut_run: str | None = None
+
+    def __getattr__(self, name: str):
+        real = getattr(self.client, name)
+        if name != self.method or self.cut_run is not None:
+            return real
+
+        def cut(run_id: str, *args, **kwargs):
+            if (run_id == self.tracker.parent_id) != (self.on == "parent"):
+                return real(run_id, *args, **kwargs)
+            self.cut_run = run_id
+            raise ConnectionError("MLflow went away")
+
+        return cut
+
+
+@pytest.mark.parametrize("method,on", [("log_batch", "trial"), ("set_terminated", "trial"), ("log_batch", "parent")])
+def test_sync_completes_a_run_whose_writing_was_cut_exactly_once(cli, long_context_model, tmp_path, method, on):
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    warnings: list[str] = []
+    tracker = MlflowTracker(uri, warnings.append)
+    tracker._client = cut = CutClient(mlflow.MlflowClient(uri), tracker, method, on)
+    t = study(long_context_model, tmp_path, tracker, study_name="cut")
+    assert cut.cut_run is not None and len(warnings) == 1  # the cut happened, and the study went on
+    done = [tr for tr in t.study.trials if tr.state.name == "COMPLETE"]
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    first = cli("sync", "cut", "--storage", storage, "--tracking-uri", uri)
+    again = cli("sync", "cut", "--storage", storage, "--tracking-uri", uri)
+    assert first.code == 0 and f": {len(done)} runs written, 0 already" in first.out  # the cut run counts as missing
+    assert again.code == 0 and f": 0 runs written, {len(done)} already" in again.out
+
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("long-context").experiment_id])
+    trial_runs = [r for r in runs if r.data.tags.get("llama_tuner.kind") == "trial"]
+    assert sorted(r.data.tags["optuna_trial"] for r in trial_runs) == sorted(str(tr.number) for tr in done)
+    for run in trial_runs:  # each exactly once, and whole: params, metrics, final status and end
+        result = result_of(t.study.trials[int(run.data.tags["optuna_trial"])])
+        assert run.data.params == {k: str(v) for k, v in result.config.to_dict().items()}
+        assert run.data.metrics["wall_time_s"] == round(result.wall_time_s, 3)
+        assert run.info.status == ("FINISHED" if result.ok else "FAILED") and run.info.end_time
+    parent = [r for r in runs if r.data.tags.get("llama_tuner.kind") == "study"]
+    assert len(parent) == 1 and {"model", "objective", "trials", "workload"} <= parent[0].data.params.keys()
+    if on == "trial":  # the half-written run is gone (deleted), not left beside its rewrite
+        assert cut.cut_run not in {r.info.run_id for r in trial_runs}
+
+
 def test_sync_cli_reports_an_unreachable_server_in_one_line(run_cli, long_context_model, tmp_path):
     study(long_context_model, tmp_path, Tracker(), study_name="s1")
     r = run_cli("sync", "s1", "--storage", f"sqlite:///{tmp_path}/studies.db", "--tracking-uri",

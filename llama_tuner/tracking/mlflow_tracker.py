@@ -5,6 +5,9 @@ SQLite file is locked, the tracker warns once and stops trying for this run; the
 study goes on, and ``llama-tuner sync STUDY`` later writes what is missing. Every
 write first looks the run up by its tags (study, trial number), so syncing twice,
 or after a crash between creating a run and recording its id, never duplicates.
+A trial's run is whole only once its last write, the tag ``COMPLETE_TAG``, is in:
+a run cut before it (created, but its metrics, params or final status not all
+written) is deleted and written anew, so each trial ends with exactly one run.
 What the parent run's files say (presets, commands, tables) is the report layer's
 business: the caller hands the tracker a writer for them.
 """
@@ -19,15 +22,15 @@ from typing import Any, Callable
 
 from llama_tuner import __version__
 from llama_tuner.measure.result import TrialResult
-from llama_tuner.study.keys import (ENVIRONMENT_ATTR, FINGERPRINT_ATTR, KV_QUALITY_ATTR, MODEL_FILE_ATTR, OBJECTIVE_ATTR,
-                              PARENT_RUN_ATTR, RESULT_ATTR, STUDY_RUN_PREFIX, TRACKING_URI_ATTR)
+from llama_tuner.study.keys import (ENVIRONMENT_ATTR, FINGERPRINT_ATTR, KV_QUALITY_ATTR, MODEL_FILE_ATTR,
+                                    OBJECTIVE_ATTR, PARENT_RUN_ATTR, RESULT_ATTR, STUDY_RUN_PREFIX, TRACKING_URI_ATTR)
 from llama_tuner.study.objectives import constraints as constraints_of
 from llama_tuner.study.objectives import result_of
 from llama_tuner.study.quality_gate import cache_kld
 from llama_tuner.study.tracker import Tracker
 from llama_tuner.tracking.plots import write_plots
-from llama_tuner.tracking.run_fields import (EXPERIMENT_KIND, KIND_TAG, STUDY_TAG, TRIAL_TAG, run_times, study_params,
-                                       trial_metrics, trial_tags)
+from llama_tuner.tracking.run_fields import (COMPLETE, COMPLETE_TAG, EXPERIMENT_KIND, KIND_TAG, STUDY_TAG, TRIAL_TAG,
+                                             run_times, study_params, trial_metrics, trial_tags)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 ArtifactWriter = Callable[[Any, Path], dict[str, float]]  # (study view, folder) -> summary metrics
@@ -110,6 +113,7 @@ class MlflowTracker(Tracker):
         found = known or self._find({STUDY_TAG: self.study_name, KIND_TAG: "study"})
         if found:
             self.parent_id = found
+            self._fill_params(found)
             return
         env = self.attrs.get(ENVIRONMENT_ATTR, {})
         tags = {STUDY_TAG: self.study_name, KIND_TAG: "study", "mlflow.runName": self.study_name,
@@ -117,17 +121,42 @@ class MlflowTracker(Tracker):
                 "model_sha256": self.attrs.get(FINGERPRINT_ATTR, {}).get("model_sha256", ""),
                 "gpu_name": env.get("gpu_name") or "", "host": env.get("host", ""), "llama_tuner": __version__}
         self.parent_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
-        from mlflow.entities import Param
-
-        self.client.log_batch(self.parent_id, params=[Param(k, v) for k, v in study_params(self.attrs).items()])
+        self._fill_params(self.parent_id)
         if self.remember:
             self.remember(PARENT_RUN_ATTR, self.parent_id)
             self.remember(TRACKING_URI_ATTR, self.uri)
 
-    def _find(self, tags: dict[str, str]) -> str | None:
+    def _fill_params(self, parent_id: str) -> None:
+        """Log the study's params that the parent run lacks (all of them, unless its writing was cut after
+        creating it); those it has stay as they are, since MLflow never lets a param change."""
+        from mlflow.entities import Param
+
+        have = self.client.get_run(parent_id).data.params
+        missing = [Param(k, v) for k, v in study_params(self.attrs).items() if k not in have]
+        if missing:
+            self.client.log_batch(parent_id, params=missing)
+
+    def _search(self, tags: dict[str, str], max_results: int) -> list:
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
+        return self.client.search_runs([self.experiment_id], filter_string=query, max_results=max_results)
+
+    def _find(self, tags: dict[str, str]) -> str | None:
+        runs = self._search(tags, 1)
         return runs[0].info.run_id if runs else None
+
+    def complete_run(self, number: int) -> str | None:
+        """The id of trial ``number``'s whole run (one with the last write, ``COMPLETE_TAG``), or None; runs of
+        that trial whose writing was cut are deleted, so that writing it again leaves exactly one.
+
+        Raises:
+            Exception: whatever MLflow raises when it cannot be reached.
+        """
+        runs = self._search({STUDY_TAG: self.study_name, TRIAL_TAG: str(number)}, 100)
+        whole = [r.info.run_id for r in runs if r.data.tags.get(COMPLETE_TAG) == COMPLETE]
+        for run in runs:
+            if run.info.run_id not in whole:
+                self.client.delete_run(run.info.run_id)
+        return whole[0] if whole else None
 
     def trial_measured(self, trial, result: TrialResult, constraints: dict[str, float]) -> str | None:
         run_id = self._guard(f"logging trial {trial.number}",
@@ -136,12 +165,22 @@ class MlflowTracker(Tracker):
 
     def log_trial(self, number: int, user_attrs: dict[str, Any], result: TrialResult,
                   constraints: dict[str, float]) -> str:
-        """Create (or find) the trial's nested run and log everything; returns its run id."""
+        """Find the trial's whole nested run, or create it and log everything; returns its run id.
+
+        Raises:
+            Exception: whatever MLflow raises when it cannot be reached.
+        """
         if self.parent_id is None:
             self._open()
-        existing = self._find({STUDY_TAG: self.study_name, TRIAL_TAG: str(number)})
-        if existing:
-            return existing
+        return self.complete_run(number) or self.write_trial(number, user_attrs, result, constraints)
+
+    def write_trial(self, number: int, user_attrs: dict[str, Any], result: TrialResult,
+                    constraints: dict[str, float]) -> str:
+        """Create the trial's nested run and log everything, ``COMPLETE_TAG`` last; returns its run id.
+
+        Raises:
+            Exception: whatever MLflow raises when it cannot be reached (the run then lacks ``COMPLETE_TAG``).
+        """
         from mlflow.entities import Metric, Param, RunTag
 
         start, end = run_times(result)
@@ -163,6 +202,7 @@ class MlflowTracker(Tracker):
         tags = [RunTag(f"constraint.{k}", f"{v:.4g}") for k, v in constraints.items()]
         self.client.log_batch(run.info.run_id, metrics=metrics, params=params, tags=tags)
         self.client.set_terminated(run.info.run_id, "FINISHED" if result.ok else "FAILED", end_time=end)
+        self.client.set_tag(run.info.run_id, COMPLETE_TAG, COMPLETE)  # last: the run is whole
         return run.info.run_id
 
     def study_finished(self, view) -> None:
@@ -197,7 +237,8 @@ class MlflowTracker(Tracker):
 
 
 def sync(view, tracker: MlflowTracker) -> tuple[int, int]:
-    """Write the runs MLflow lacks for ``view``'s study; returns (created, already there).
+    """Write the runs MLflow lacks for ``view``'s study, and rewrite those whose writing was cut; returns
+    (written, already there and whole).
 
     Raises:
         Exception: whatever MLflow raises when it cannot be reached (the caller reports it in one line).
@@ -208,12 +249,11 @@ def sync(view, tracker: MlflowTracker) -> tuple[int, int]:
     for t in view.study.get_trials(deepcopy=False):
         if RESULT_ATTR not in t.user_attrs or t.state.name != "COMPLETE":
             continue
-        existing = tracker._find({STUDY_TAG: view.name, TRIAL_TAG: str(t.number)})
-        if existing:
+        if tracker.complete_run(t.number):
             present += 1
             continue
         result = result_of(t)
-        run_id = tracker.log_trial(t.number, t.user_attrs, result, constraints_of(result, view.limits))
+        run_id = tracker.write_trial(t.number, t.user_attrs, result, constraints_of(result, view.limits))
         view.study.set_user_attr(f"{STUDY_RUN_PREFIX}{t.number}", run_id)
         created += 1
     tracker.log_study_artifacts(view)

@@ -13,6 +13,9 @@ from llama_tuner.study.keys import (BASELINE_ATTR, FINGERPRINT_ATTR, LIMITS_ATTR
                               OBJECTIVE_ATTR, REQUEST_ATTR, REUSED_ATTR, SKIPPED_ATTR)
 
 STUDY_TAG, TRIAL_TAG, KIND_TAG = "llama_tuner.study", "optuna_trial", "llama_tuner.kind"
+# A trial's run is whole once it has this tag: it is written last, after the run's metrics, params, tags and final
+# status, so a run whose writing was cut (MLflow went away, the process died) lacks it and ``sync`` rewrites it.
+COMPLETE_TAG, COMPLETE = "llama_tuner.complete", "true"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow's runs view, not its GenAI one
 DECIMALS = {"tg_tps": 2, "tg_tps_stddev": 2, "pp_tps": 2, "pp_tps_stddev": 2, "load_time_s": 3, "context_time_s": 3,
             "wall_time_s": 3, "achieved_gbs": 2, "bandwidth_share": 4, "time_to_answer_s": 3, "tg_aggregate_tps": 2,
