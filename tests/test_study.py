@@ -245,17 +245,30 @@ def test_running_the_same_command_again_measures_nothing_new(long_context_model,
     assert not old & {c.settings_key() for c in more.measured}
 
 
+class OpposedLauncher(FakeLauncher):
+    """Repacked weights make generation faster and prompts slower: the objectives disagree."""
+
+    def speeds(self, c: BenchConfig) -> tuple[float, float]:
+        return (100.0, 1000.0) if c.repack else (80.0, 1200.0)
+
+
 def test_resuming_with_another_objective_changes_what_the_presets_rank_by(long_context_model, tmp_path):
-    tuner_for(long_context_model, tmp_path, trials=6).run()
-    assert StudyView(tuner_for(long_context_model, tmp_path, trials=6).study).objective == "tg"
-    again = FakeLauncher(env=ENV)
+    tuner_for(long_context_model, tmp_path, OpposedLauncher(env=ENV), trials=6).run()
+    before = StudyView(tuner_for(long_context_model, tmp_path, trials=6).study)
+    assert before.objective == "tg"
+    was = before.top(10)  # the order the leaders race in for the presets
+    again = OpposedLauncher(env=ENV)
     t = tuner_for(long_context_model, tmp_path, again, trials=6, objective="pp")
     assert t.notes == ["objective changed from tg to pp: presets now rank by pp"]
     t.run()
     view = StudyView(t.study)
     assert view.objective == "pp" and again.measured == []  # nothing to measure again: every trial has pp
-    fastest = view.presets["fastest"].candidate.figures.pp_mean
-    assert fastest == max(c.figures.pp_mean for c in view.candidates) or view.presets["fastest"].ties
+    figures = {c.trial: c.figures for c in view.candidates}
+    ranked = view.top(10)
+    assert {figures[n].config.repack for n in ranked} == {True, False}  # the objectives disagree here
+    assert [figures[n].pp_mean for n in ranked] == sorted((figures[n].pp_mean for n in ranked), reverse=True)
+    assert [figures[n].tg_mean for n in was] == sorted((figures[n].tg_mean for n in was), reverse=True)
+    assert not figures[ranked[0]].config.repack and figures[was[0]].config.repack
 
 
 def test_a_later_trials_count_reaches_workers_that_are_already_running(long_context_model, tmp_path):
@@ -313,9 +326,13 @@ def test_another_study_on_the_same_model_reuses_measurements(long_context_model,
     t.run()
     reused = [tr for tr in t.study.trials if REUSED_ATTR in tr.user_attrs]
     assert reused, "the baselines at least are shared with the first study"
-    measured_keys = [c.settings_key() for c in launcher.measured]
-    assert len(measured_keys) == 10 and all(
-        tr.user_attrs[RESULT_ATTR]["config"] for tr in reused)
+    measured_keys = {c.settings_key() for c in launcher.measured}
+    assert len(launcher.measured) == 10  # a reused result is not one of the 10 measurements
+    first = optuna.load_study(study_name="first", storage=f"sqlite:///{tmp_path}/studies.db")
+    for tr in reused:  # a copy of the first study's result of the same settings, and not measured again
+        copy, source = result_of(tr), result_of(first.trials[tr.user_attrs[REUSED_ATTR]])
+        assert copy.config.settings_key() == source.config.settings_key() not in measured_keys
+        assert copy.tg.samples_ns == source.tg.samples_ns
 
 
 def test_a_study_refuses_another_model_under_its_name(long_context_model, tiny_model, tmp_path):
@@ -391,7 +408,14 @@ def test_leaders_race_in_paired_rounds_taking_turns(long_context_model, tmp_path
     keys = {result_of(t.study.trials[n]).config.settings_key(): n for n in top}
     order = [keys[c.settings_key()] for c in plan]
     assert sorted(order[:3]) == sorted(top) and order[:3] != order[3:6]  # every one in round 1; the order rotates
-    assert len(rounds_seen) >= MIN_ROUNDS and rounds_seen[-1][3] == 0  # the last round decided it (or was the cap)
+    assert len(rounds_seen) >= MIN_ROUNDS and [r for r, *_ in rounds_seen] == list(range(1, len(rounds_seen) + 1))
+    racing = list(top)
+    for r, cap, v, left in rounds_seen:
+        racing = v.open(racing)
+        if r < len(rounds_seen):  # it went on only while undecided, with rounds (and seconds) to go
+            assert len(racing) > 1 and left > 0, (r, v.describe())
+        else:  # and stopped when decided, or at the cap
+            assert len(racing) <= 1 or r == cap, (r, v.describe())
     assert len({r.interleaved for r in out.values()}) == 1
     assert StudyView(t.study).confirmations.keys() == set(top)
     confirm_leaders(t)  # the leaders are one confirmed batch already: nothing is measured
