@@ -36,10 +36,10 @@ def models(as_json: bool) -> None:
     for m in find_models():
         try:
             info = load_model_info(m.path)
-            arch, quant = info.architecture, info.quant
+            arch, quant, size = info.architecture, info.quant, info.file_size  # a split GGUF's: every shard's
         except UserError as exc:
-            arch, quant = "unreadable", exc.problem
-        rows.append({"source": m.source, "name": m.name, "size": m.size, "architecture": arch, "quant": quant,
+            arch, quant, size = "unreadable", exc.problem, m.size
+        rows.append({"source": m.source, "name": m.name, "size": size, "architecture": arch, "quant": quant,
                      "path": str(m.path)})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -81,7 +81,8 @@ def inspect(model: str, download: bool, as_json: bool, tensors: bool, plan: bool
         return
     lb = info.layer_bytes
     rows = [
-        ("model", f"{info.file_name} ({_mib(info.file_size)})"),
+        ("model", f"{info.file_name} ({_mib(info.file_size)}"
+                  + (f" in {len(info.files)} files: a split GGUF)" if len(info.files) > 1 else ")")),
         ("name", info.name),
         ("architecture", f"{info.architecture}, {info.n_params / 1e6:,.2f} M params, {info.quant}"),
         ("layers", f"{info.n_layer}" + (f" ({len(info.swa_layers)} sliding-window, window {info.n_swa})"

@@ -16,6 +16,7 @@ from llama_tuner.measure.config import physical_cores
 from llama_tuner.measure.llama_cpp_pin import require_llama_cpp_python
 from llama_tuner.measure.probe import GpuProbe, cpu_name, host_name, ram_total
 from llama_tuner.measure.result import Environment
+from llama_tuner.model.gguf_header import model_files
 
 
 def hash_cache_file() -> Path:
@@ -27,7 +28,20 @@ def hash_cache_file() -> Path:
 
 
 def model_sha256(path: str | os.PathLike, cache_file: Path | None = None) -> str:
-    """SHA-256 of the model file, cached by (absolute path, size, mtime) because big files take long."""
+    """SHA-256 of the model: of its file, or for a split GGUF (the first shard's path) of the hex digests of
+    all its shards in order, each file's cached as :func:`file_sha256` caches it.
+
+    Raises:
+        UserError: a shard of a split GGUF is missing, or ``path`` is a later shard.
+    """
+    files = model_files(path)
+    if len(files) == 1:
+        return file_sha256(files[0], cache_file)
+    return hashlib.sha256("".join(file_sha256(f, cache_file) for f in files).encode()).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike, cache_file: Path | None = None) -> str:
+    """SHA-256 of one file, cached by (absolute path, size, mtime) because big files take long."""
     cache_file = cache_file or hash_cache_file()
     p = Path(path).resolve()
     st = p.stat()

@@ -6,14 +6,20 @@ reshape error. This parser walks the same format (it uses the ``gguf`` package's
 type enums and block sizes), skips large arrays without materialising them, and
 turns every damaged-file case into a :class:`~llama_tuner.errors.UserError` that names
 the file and the fix.
+
+A split GGUF (llama.cpp's gguf-split: ``NAME-00001-of-0000N.gguf`` and its siblings, each a
+GGUF, the first holding the metadata and every one ``split.no``, ``split.count`` and
+``split.tensors.count``) is read whole: :func:`read_gguf_header` given the first shard returns
+the tensor table of every shard and the bytes of all of them, as llama.cpp loads it.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,9 @@ GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 # Arrays longer than this (vocabularies, merges) are kept as their length only.
 MAX_MATERIALISED_ARRAY = 4096
+# Split GGUFs (llama.cpp's gguf-split, LLM_KV_SPLIT_*): split.no counts from 0, the names from 1.
+SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS = "split.count", "split.no", "split.tensors.count"
+SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
 _SCALAR_FORMATS = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b",
@@ -51,8 +60,9 @@ class TensorInfo:
     name: str
     type_name: str
     shape: tuple[int, ...]
-    offset: int
+    offset: int  # in its own file
     n_bytes: int
+    shard: int = 0  # the file of a split GGUF that holds it (0: the first, or the only one)
 
     @property
     def n_elements(self) -> int:
@@ -65,13 +75,15 @@ class TensorInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class GGUFHeader:
-    """Parsed header: GGUF version, metadata key/values and the tensor table."""
+    """Parsed header: GGUF version, metadata key/values and the tensor table (of every shard of a split GGUF,
+    whose ``file_size`` is then that of all shards, and ``files`` their paths in order)."""
 
     version: int
     metadata: dict[str, Any]
     tensors: list[TensorInfo]
     data_offset: int
     file_size: int
+    files: tuple[str, ...] = ()
 
 
 class _Cursor:
@@ -164,8 +176,8 @@ def _tensor_bytes(type_name: str, shape: tuple[int, ...]) -> int:
     return n // block * type_size
 
 
-def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
-    """Parse the header of the GGUF file at ``path``; UserError if it is not a whole GGUF.
+def _read_file(path: str | os.PathLike) -> GGUFHeader:
+    """Parse the header of the one GGUF file at ``path`` (a shard of a split GGUF alone).
 
     Raises:
         UserError: the file is missing, a directory, not GGUF, or truncated.
@@ -203,4 +215,80 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
     end = max((t.offset + t.n_bytes for t in tensors), default=data_offset)
     if end > size:
         raise UserError(f"{damaged}: its tensors need {end:,} bytes but the file has {size:,}", fix)
-    return GGUFHeader(version=version, metadata=metadata, tensors=tensors, data_offset=data_offset, file_size=size)
+    return GGUFHeader(version=version, metadata=metadata, tensors=tensors, data_offset=data_offset, file_size=size,
+                      files=(str(p),))
+
+
+def _split_count(metadata: dict[str, Any]) -> int:
+    return int(metadata.get(SPLIT_COUNT, 0) or 0)
+
+
+def shard_paths(path: str | os.PathLike, metadata: dict[str, Any]) -> list[Path]:
+    """The files of the model whose first file is ``path`` with ``metadata``: that file alone, or every shard
+    of a split GGUF in order, named as llama.cpp derives them from the first (llama_split_prefix).
+
+    Raises:
+        UserError: ``path`` is a later shard, is not named as gguf-split names shards, or a shard is missing.
+    """
+    p = Path(path)
+    count = _split_count(metadata)
+    if count <= 1:
+        return [p]
+    no = int(metadata.get(SPLIT_NO, 0) or 0)
+    suffix = f"-{no + 1:05d}-of-{count:05d}.gguf"
+    if not p.name.endswith(suffix) or len(p.name) == len(suffix):
+        raise UserError(f"{p} is shard {no + 1} of a split GGUF of {count} files, but its name does not end in "
+                        f"{suffix}", "keep the names gguf-split gave the shards: llama.cpp finds them by name")
+    prefix = p.name[:-len(suffix)]
+    if no != 0:
+        raise UserError(f"{p} is shard {no + 1} of {count} of a split GGUF",
+                        f"pass the first shard, {p.with_name(f'{prefix}-00001-of-{count:05d}.gguf')}")
+    paths = [p.with_name(f"{prefix}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    for q in paths[1:]:
+        if not q.exists():
+            raise UserError(f"shard {q} is missing ({p.name} is the first of {count} files)",
+                            "download every shard of the model into the same folder")
+    return paths
+
+
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """The files a model is made of, in order: ``path`` itself, or every shard of a split GGUF whose first
+    shard ``path`` is (a file named ``NAME-00001-of-0000N.gguf`` whose header says it is split).
+
+    Raises:
+        UserError: as :func:`shard_paths`; or a file named as a shard is not a whole GGUF.
+    """
+    p = Path(path)
+    if not SPLIT_NAME.search(p.name):
+        return [p]
+    return shard_paths(p, _read_file(p).metadata)
+
+
+def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
+    """Parse the header of the GGUF model at ``path``; UserError if it is not a whole GGUF. For the first shard
+    of a split GGUF, the header holds the first shard's metadata and the tensors of every shard.
+
+    Raises:
+        UserError: a file is missing, a directory, not GGUF, or truncated; a split GGUF is passed by a later
+            shard, lacks a shard, or its shards disagree with each other.
+    """
+    first = _read_file(path)
+    paths = shard_paths(path, first.metadata)
+    if len(paths) == 1:
+        return first
+    count, headers = len(paths), [first]
+    for i, q in enumerate(paths[1:], start=1):
+        h = _read_file(q)
+        if (int(h.metadata.get(SPLIT_NO, -1)), _split_count(h.metadata)) != (i, count):
+            raise UserError(f"{q} is not shard {i + 1} of {count} of {paths[0].name} (its split.no is "
+                            f"{h.metadata.get(SPLIT_NO)}, its split.count {h.metadata.get(SPLIT_COUNT)})",
+                            "download or split the model again")
+        headers.append(h)
+    tensors = [replace(t, shard=i) for i, h in enumerate(headers) for t in h.tensors]
+    expected = first.metadata.get(SPLIT_TENSORS)
+    if expected is not None and int(expected) != len(tensors):
+        raise UserError(f"the {count} shards of {paths[0].name} hold {len(tensors)} tensors, its header says "
+                        f"{expected}", "download or split the model again")
+    return GGUFHeader(version=first.version, metadata=first.metadata, tensors=tensors,
+                      data_offset=first.data_offset, file_size=sum(h.file_size for h in headers),
+                      files=tuple(str(q) for q in paths))

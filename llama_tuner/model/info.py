@@ -70,7 +70,8 @@ def _per_layer(value: Any, n_layer: int) -> list[int]:
 
 @dataclass(kw_only=True)
 class ModelInfo:
-    """A GGUF model described from its header alone (no weights are read)."""
+    """A GGUF model described from its header alone (no weights are read); a split GGUF from the headers of
+    all its shards (``file_size`` is theirs together)."""
 
     path: str
     file_size: int
@@ -98,6 +99,7 @@ class ModelInfo:
     n_expert_used: int = 0  # experts each token runs through
     n_expert_shared: int = 0  # experts every token runs through besides those (shared experts)
     expert_bytes: list[int] = field(default_factory=list)  # per layer: the routed experts' tensors (ffn_*_exps)
+    files: list[str] = field(default_factory=list)  # what llama.cpp reads: the file, or every shard of a split GGUF
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -210,13 +212,15 @@ def model_info_from_header(path: str, header: GGUFHeader) -> ModelInfo:
         token_embd_bytes=embd.n_bytes if embd else 0, tied_embeddings=tied,
         n_expert=int(key("expert_count", 0) or 0), n_expert_used=int(key("expert_used_count", 0) or 0),
         n_expert_shared=int(key("expert_shared_count", 0) or 0), expert_bytes=expert_bytes,
+        files=list(header.files),
         extra={"tensors": header.tensors, "chat_template": "tokenizer.chat_template" in md,
                "twin": "llama_tuner.twin" in md or str(md.get("general.name", "")).startswith("synthetic ")},
     )
 
 
 def load_model_info(path: str | os.PathLike) -> ModelInfo:
-    """Read the GGUF header at ``path`` and describe the model; UserError on a bad file.
+    """Read the GGUF header at ``path`` (of every shard, for the first shard of a split GGUF) and describe the
+    model; UserError on a bad file.
 
     Raises:
         UserError: see :func:`llama_tuner.model.gguf_header.read_gguf_header`.

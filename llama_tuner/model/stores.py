@@ -18,15 +18,14 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from llama_tuner.errors import UserError
+from llama_tuner.model.gguf_header import SPLIT_NAME
 
 OLLAMA_REGISTRY, OLLAMA_NAMESPACE = "registry.ollama.ai", "library"
 OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
-SHARD = re.compile(r"-(\d{5})-of-\d{5}\.gguf$")  # split GGUFs: llama.cpp loads the first shard
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,8 +106,8 @@ def _hf_files(cache: Path) -> dict[str, list[Path]]:
             continue
         revisions = sorted(repo.revisions, key=lambda r: ("main" not in r.refs, -r.last_modified))
         for rev in revisions:
-            files = sorted(Path(f.file_path) for f in rev.files if f.file_name.endswith(".gguf")
-                           and (not SHARD.search(f.file_name) or SHARD.search(f.file_name).group(1) == "00001"))
+            files = sorted(Path(f.file_path) for f in rev.files
+                           if f.file_name.endswith(".gguf") and _first_or_only(f.file_name))
             if files:
                 out[repo.repo_id] = files
                 break
@@ -125,13 +124,19 @@ def hf_models(cache: Path | None = None) -> list[StoredModel]:
     return out
 
 
+def _first_or_only(name: str) -> bool:
+    """True for a GGUF file that is a model by itself or the first shard of a split one (the one to load)."""
+    shard = SPLIT_NAME.search(name)  # llama.cpp loads a split GGUF by its first shard
+    return shard is None or shard.group(1) == "00001"
+
+
 def find_models() -> list[StoredModel]:
-    """Every GGUF file in the stores this machine has."""
+    """Every GGUF model in the stores this machine has (a split GGUF as its first shard)."""
     found = ollama_models() + hf_models()
     for source, folders in plain_folders().items():
         for folder in folders:
             found += [StoredModel(source=source, name=str(p), path=p, size=p.stat().st_size)
-                      for p in sorted(folder.rglob("*.gguf")) if p.is_file()]
+                      for p in sorted(folder.rglob("*.gguf")) if p.is_file() and _first_or_only(p.name)]
     return found
 
 

@@ -214,17 +214,26 @@ def _tensor_iter(planned: list[PlannedTensor], seed: int) -> Iterator[tuple[Plan
 
 
 def write_synthetic_gguf(path: str | os.PathLike, shape: Shape, quant: str, seed: int = 0,
-                         name: str | None = None, progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write a random-weight GGUF of ``shape`` and ``quant`` to ``path`` (atomically).
+                         name: str | None = None, progress: Callable[[int, int], None] | None = None, *,
+                         shards: int = 1) -> Path:
+    """Write a random-weight GGUF of ``shape`` and ``quant`` to ``path`` (atomically), and return its path.
+
+    With ``shards`` > 1 it is a split GGUF as llama.cpp's gguf-split writes one: up to ``shards`` files
+    ``STEM-00001-of-0000N.gguf`` ... beside ``path``, the first with all the metadata, each with its share of
+    the tensors and the keys split.no, split.count and split.tensors.count; the first shard's path is returned.
 
     Raises:
         UserError: an unknown quant type.
     """
     planned = plan_tensors(shape, quant)
     out = Path(path)
-    tmp = out.with_name(out.name + ".part")
+    per_shard = -(-len(planned) // shards) if shards > 1 else 0
+    staging = out.parent / f".{out.name}.part" if per_shard else None
+    if staging is not None:
+        staging.mkdir(exist_ok=True)
+    tmp = staging / out.name if staging is not None else out.with_name(out.name + ".part")
     arch = shape.arch
-    w = GGUFWriter(tmp, arch)
+    w = GGUFWriter(tmp, arch, split_max_tensors=per_shard)
     w.add_name(name or f"synthetic {arch} {shape.n_layer}L {quant}")
     w.add_file_type(int(QUANTS[quant]))
     w.add_quantization_version(2)
@@ -271,8 +280,14 @@ def write_synthetic_gguf(path: str | os.PathLike, shape: Shape, quant: str, seed
         if progress:
             progress(done, total)
     w.close()
-    os.replace(tmp, out)
-    return out
+    if staging is None:
+        os.replace(tmp, out)
+        return out
+    written = sorted(staging.iterdir())
+    for f in written:
+        os.replace(f, out.with_name(f.name))
+    staging.rmdir()
+    return out.with_name(written[0].name)
 
 
 def describe_shape(shape: Shape, quant: str, name: str = "twin.gguf"):
