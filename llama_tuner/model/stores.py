@@ -1,8 +1,10 @@
 """Models where people already keep them: Ollama's store, the Hugging Face cache, llama.cpp's cache, LM Studio.
 
 ``tune``, ``bench`` and ``inspect`` take ``ollama:NAME[:TAG]`` and ``hf:ORG/REPO[:QUANT]`` as
-well as paths; :func:`resolve_model` turns them into the GGUF file on disk. Nothing is
-downloaded unless asked (``download=True``, the Hugging Face hub only).
+well as paths; :func:`resolve_model` turns them into the GGUF file on disk (the first shard of
+a split GGUF). Nothing is downloaded unless asked (``download=True``, the Hugging Face hub
+only): then a name that no cached file matches is fetched, the one GGUF file (every shard of
+it) of the repository whose name holds QUANT.
 
 - Ollama (``$OLLAMA_MODELS`` or ``~/.ollama/models``): a manifest
   ``manifests/<registry>/<namespace>/<name>/<tag>`` names its layers; the one of media
@@ -16,6 +18,7 @@ downloaded unless asked (``download=True``, the Hugging Face hub only).
 from __future__ import annotations
 
 import difflib
+import importlib
 import json
 import os
 from dataclasses import dataclass
@@ -159,16 +162,90 @@ def _resolve_ollama(spec: str) -> str:
     return str(blob)
 
 
+def _matching(files: list[Path], quant: str) -> list[Path]:
+    return [f for f in files if not quant or quant.lower() in f.name.lower()]
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What the hub's client raises for a network or server failure (over requests, httpx or httpx2, by its
+    version)."""
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    errors: list[type[BaseException]] = [OSError, ValueError, HfHubHTTPError, EntryNotFoundError]
+    for module, name in (("requests", "RequestException"), ("httpx", "HTTPError"), ("httpx2", "HTTPError")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _hub_error(spec: str, repo: str, exc: BaseException) -> UserError:
+    """A failure of the Hugging Face hub as one line that says what to do."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(exc, GatedRepoError):
+        return UserError(f"{repo} on the Hugging Face hub is gated: {spec} needs its terms accepted",
+                         f"accept them on https://huggingface.co/{repo}, then log in with `hf auth login`")
+    if isinstance(exc, RepositoryNotFoundError):
+        return UserError(f"the Hugging Face hub has no repository {repo} (or it is private)",
+                         "check the name on huggingface.co, or log in with `hf auth login`")
+    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return UserError(f"could not fetch {spec} from the Hugging Face hub: {detail}",
+                     "check the network (or HF_HUB_OFFLINE, HF_ENDPOINT, a proxy) and try again, "
+                     "or download the file and pass its path")
+
+
+def _shard_names(name: str) -> list[str]:
+    """Every shard of the split GGUF whose first shard is ``name`` (``name`` alone if it is not split)."""
+    split = SPLIT_NAME.search(name)
+    if split is None:
+        return [name]
+    count = int(split.group(2))
+    return [f"{name[:split.start()]}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+
+
+def _download_hf(spec: str, repo: str, quant: str) -> None:
+    """Fetch into the cache the one GGUF model of ``repo`` whose file name holds ``quant`` (every shard of a
+    split one), asking the hub first which files it has so that nothing else is downloaded.
+
+    Raises:
+        UserError: the hub cannot be reached or refuses; no file, or several, match ``quant``.
+    """
+    import huggingface_hub
+
+    errors = _hub_errors()
+    try:
+        names = [n for n in huggingface_hub.list_repo_files(repo) if n.endswith(".gguf")]
+    except errors as exc:
+        raise _hub_error(spec, repo, exc) from None
+    models = [n for n in names if _first_or_only(Path(n).name) and _matching([Path(n)], quant)]
+    if not models:
+        quants = ", ".join(Path(n).name.removesuffix(".gguf") for n in names if _first_or_only(Path(n).name))
+        raise UserError(f"no GGUF file of {repo} on the Hugging Face hub matches {spec}",
+                        f"its GGUF files: {quants}" if quants else "the repository holds no .gguf file")
+    if len(models) > 1:
+        listed = ", ".join(f"hf:{repo}:{Path(n).name.removesuffix('.gguf')}" for n in models)
+        raise UserError(f"{spec} matches {len(models)} GGUF files on the Hugging Face hub: {listed}",
+                        "add :QUANT (or a longer one) to pick one")
+    [first] = models
+    wanted = _shard_names(first)
+    missing = [n for n in wanted if n not in names]
+    if missing:
+        raise UserError(f"{repo} on the Hugging Face hub lacks {missing[0]}, a shard of {first}",
+                        "download the shards it has yourself, or pick another quant")
+    try:
+        huggingface_hub.snapshot_download(repo, cache_dir=hf_cache(), allow_patterns=wanted)
+    except errors as exc:
+        raise _hub_error(spec, repo, exc) from None
+
+
 def _resolve_hf(spec: str, download: bool) -> str:
     repo, _, quant = spec.removeprefix("hf:").partition(":")
-    files = _hf_files(hf_cache()).get(repo, [])
-    if not files and download:
-        from huggingface_hub import snapshot_download
-
-        pattern = f"*{quant}*.gguf" if quant else "*.gguf"
-        snapshot_download(repo, cache_dir=hf_cache(), allow_patterns=[pattern])
-        files = _hf_files(hf_cache()).get(repo, [])
-    wanted = [f for f in files if not quant or quant.lower() in f.name.lower()]
+    wanted = _matching(_hf_files(hf_cache()).get(repo, []), quant)
+    if not wanted and download:
+        _download_hf(spec, repo, quant)
+        wanted = _matching(_hf_files(hf_cache()).get(repo, []), quant)
     if len(wanted) == 1:
         return str(wanted[0])
     if len(wanted) > 1:
@@ -180,9 +257,12 @@ def _resolve_hf(spec: str, download: bool) -> str:
 
 def resolve_model(spec: str, *, download: bool = False) -> str:
     """The GGUF path that ``spec`` names: ``ollama:NAME[:TAG]``, ``hf:ORG/REPO[:QUANT]`` or a path (as is).
+    With ``download``, an ``hf:`` name that no cached file matches is fetched from the hub first (even when
+    another quant of the repository is cached).
 
     Raises:
-        UserError: the name resolves to nothing here (the message lists close matches), or to several files.
+        UserError: the name resolves to nothing here (the message lists close matches), or to several files;
+            with ``download``, the hub cannot be reached or refuses, or has no file (or several) matching it.
     """
     if spec.startswith("ollama:"):
         return _resolve_ollama(spec)
