@@ -7,6 +7,7 @@ stdout, so a log shows where a long run is and how long it has left.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import TextIO
@@ -18,7 +19,8 @@ from rich.text import Text
 
 from llama_tuner.measure.config import BenchConfig
 from llama_tuner.measure.result import TrialResult
-from llama_tuner.study.keys import REUSED_ATTR
+from llama_tuner.study.keys import REUSED_ATTR, SKIPPED_ATTR
+from llama_tuner.study.presets import speed
 
 
 def describe(c: BenchConfig) -> str:
@@ -54,15 +56,18 @@ def clock(seconds: float) -> str:
 
 
 class Progress:
-    """An observer of the study that counts trials, keeps the best and estimates the time left.
+    """An observer of the study that counts measured trials, keeps the best and estimates the time left.
 
+    Trials count toward n/N as the study counts them: a reused measurement or a trial skipped as
+    predicted not to fit is not measured. The best so far is the fastest by the study's
+    ``objective`` (tg, pp, balanced: their geometric mean, or answer: fewest seconds to answer).
     ``plain`` writes one line per finished trial and per phase to ``out``; otherwise a
     status block is redrawn on ``console`` (a terminal).
     """
 
-    def __init__(self, target: int, already: int, *, plain: bool, out: TextIO | None = None,
+    def __init__(self, target: int, already: int, *, plain: bool, objective: str = "tg", out: TextIO | None = None,
                  console: Console | None = None, now=time.monotonic):
-        self.target, self.done, self.already = target, already, already
+        self.target, self.done, self.already, self.objective = target, already, already, objective
         self.plain, self.out, self.now = plain, out or sys.stdout, now
         self.start = now()
         self.best: tuple[float, int, str] | None = None  # score, trial, its figure
@@ -116,15 +121,17 @@ class Progress:
         self._show()
 
     def trial_finished(self, trial: FrozenTrial, result: TrialResult, reused: bool) -> None:
-        """Count the trial, update the best, and (plain) print its line."""
-        if not reused:
+        """Count the trial (if measured), update the best, and (plain) print its line."""
+        skipped = SKIPPED_ATTR in trial.user_attrs
+        if not reused and not skipped:
             self.done += 1
         feasible = all(v <= 0 for v in trial.constraints.values())
-        score = 1 / result.time_to_answer_s if result.ok and result.time_to_answer_s else result.tg_mean
-        if result.ok and feasible and (self.best is None or score > self.best[0]):
+        score = speed(result, self.objective)[0] if result.ok else math.nan  # nan: the figure was not measured
+        if feasible and not math.isnan(score) and (self.best is None or score > self.best[0]):
             self.best = (score, trial.number, headline(result))
         text = figures(result) if result.ok else f"{result.status.value}: {result.reason[:80]}"
-        same = f" (same as #{trial.user_attrs[REUSED_ATTR]})" if reused else ""
+        same = (f" (same as #{trial.user_attrs[REUSED_ATTR]})" if reused
+                else " (skipped: predicted not to fit, not loaded)" if skipped else "")
         self.last = f"#{trial.number} {text}{same}"
         self.current = ""
         if self.plain:
@@ -134,7 +141,8 @@ class Progress:
         self._show()
 
 
-def make_progress(target: int, already: int) -> Progress:
-    """Redrawn in place where stdout and stderr are terminals, plain lines on stdout elsewhere."""
+def make_progress(target: int, already: int, *, objective: str = "tg") -> Progress:
+    """Redrawn in place where stdout and stderr are terminals, plain lines on stdout elsewhere; the best so far
+    by ``objective`` (tg, pp, balanced or answer)."""
     plain = not (sys.stdout.isatty() and sys.stderr.isatty())
-    return Progress(target, already, plain=plain)
+    return Progress(target, already, plain=plain, objective=objective)

@@ -118,7 +118,7 @@ def run_and_print(tuner, confirm: bool, max_kld: float | None = None) -> None:
     if already:
         click.echo(f"resuming study {tuner.study.study_name}: {already} of {target} configurations "
                    "already measured", err=True)
-    progress = make_progress(target, already)
+    progress = make_progress(target, already, objective=tuner.settings.objective)
     tuner.observers.append(progress)
     try:
         with progress:
