@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 
 import numpy as np
 import pytest
 
 from conftest import assert_one_line_error
-from llama_tuner.measure.kv_quality import compare, log_softmax, summary
+from llama_tuner.measure.kv_quality import compare, log_softmax, summary, tokenize
 from llama_tuner.testing.fakes import FakeLauncher
 
 
@@ -55,7 +56,8 @@ def test_the_gate_reads_each_cache_types_figure():
     f16, q8, q4 = (BenchConfig(flash_attn=True, type_k=t, type_v=t) for t in ("f16", "q8_0", "q4_0"))
     assert [cache_kld(c, RECORD) for c in (f16, q8, q4)] == [0.0, 0.007, 0.09]
     assert [allowed(c, RECORD) for c in (f16, q8, q4)] == [True, True, False]
-    assert allowed(q4, None) and allowed(q4, {**RECORD, "types": {}})  # nothing measured: nothing excluded
+    assert allowed(q4, None)  # a study without a record (no gate): nothing excluded
+    assert allowed(q4, {**RECORD, "types": {}, "unknown": "measurement failed"})  # said so, with a warning
     assert kld_text(q8, RECORD) == "0.0070" and kld_text(f16, None) == "0 (f16)"
     assert kld_text(q4, {"max_kld": 0.02, "types": {}, "unknown": "twin"}) == "unknown (twin)"
     assert "q4_0 (KLD 0.0900, top-1 agreement 81.0%)" in excluded_note(RECORD) and "q8_0" not in excluded_note(RECORD)
@@ -88,3 +90,30 @@ def test_no_preset_uses_a_cache_over_max_kld_and_exports_say_its_quality(long_co
     assert fastest["kv_cache_kld"] in (0.0, 0.007) and fastest["kv_cache_quality"] in ("0 (f16)", "0.0070")
     report = full_report(view)
     assert "KV KLD" in report and "never a preset: q4_0" in report
+
+
+class FakeTokenizer:
+    """llama_tokenize's contract: fill the buffer and return the count, or return -(tokens needed) when the
+    buffer is too small (a model whose tokens outnumber the text's bytes: here, 3 tokens per byte)."""
+
+    llama_token = ctypes.c_int32
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def llama_tokenize(self, vocab, raw, n_raw, out, n_max, add_special, parse_special):
+        self.calls.append(n_max)
+        tokens = [1] + [b * 3 + k for b in raw[:n_raw] for k in range(3)]
+        if len(tokens) > n_max:
+            return -len(tokens)
+        for i, t in enumerate(tokens):
+            out[i] = t
+        return len(tokens)
+
+
+def test_tokenize_retries_with_the_size_llama_tokenize_asks_for():
+    fake = FakeTokenizer()
+    text = b"a text whose tokens outnumber its bytes"
+    tokens = tokenize(fake, None, text)
+    assert len(tokens) == 1 + 3 * len(text) and tokens[:4] == [1, ord("a") * 3, ord("a") * 3 + 1, ord("a") * 3 + 2]
+    assert fake.calls == [len(text) + 16, 1 + 3 * len(text)]  # asked once more, with the size it said it needs

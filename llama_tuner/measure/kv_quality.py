@@ -42,14 +42,30 @@ def summary(kld: np.ndarray, agree: np.ndarray) -> dict[str, float]:
             "top1_agreement": float(agree.mean()), "n_positions": int(kld.size)}
 
 
+def tokenize(C, vocab, raw: bytes) -> list[int]:
+    """Every token of ``raw`` (with BOS) by llama_tokenize, which returns the negative of the tokens it needs
+    when the buffer is too small: then asked once more with a buffer of that size.
+
+    Raises:
+        SystemExit: the text overflows llama_tokenize's count, or it fails even with the size it asked for.
+    """
+    size = len(raw) + 16
+    for _ in range(2):
+        arr = (C.llama_token * size)()
+        got = C.llama_tokenize(vocab, raw, len(raw), arr, size, True, False)
+        if got >= 0:
+            return list(arr[:got])
+        if got == -2**31:  # INT32_MIN: more tokens than an int32 counts
+            raise SystemExit("the text is too long for llama_tokenize")
+        size = -got
+    raise SystemExit(f"llama_tokenize failed on the text (it asked for {size} tokens twice)")
+
+
 def _tokens(C, model, text: str, n: int) -> list[int]:
-    vocab = C.llama_model_get_vocab(model)
-    raw = text.encode()
-    arr = (C.llama_token * (len(raw) + 16))()
-    got = C.llama_tokenize(vocab, raw, len(raw), arr, len(arr), True, False)
-    if got < n:
-        raise SystemExit(f"the text has {got} tokens for this model; {n} are needed")
-    return list(arr[:n])
+    tokens = tokenize(C, C.llama_model_get_vocab(model), text.encode())
+    if len(tokens) < n:
+        raise SystemExit(f"the text has {len(tokens)} tokens for this model; {n} are needed")
+    return tokens[:n]
 
 
 def _decode(C, ctx, tokens: list[int], start: int, n_vocab: int) -> np.ndarray:
