@@ -6,7 +6,11 @@ quantized V cache needs flash attention), batch sizes are ladders of powers of
 two with ``n_ubatch <= n_batch <= n_ctx`` applied as llama.cpp clamps them, and
 the context ladder doubles from ``--min-ctx`` to the training context. Values a
 baseline uses are added to the ladders, so baselines are ordinary points of the
-space and the sampler learns from them.
+space and the sampler learns from them; its KV cache types only where the space
+searches them anyway (their quality is measured and gated, see
+:mod:`llama_tuner.study.quality_gate`). Pins and ranges are checked up front: each
+range within its setting's domain, and the pins against llama.cpp's own rules
+(:meth:`BenchConfig.validate`), so that no study starts whose every trial is invalid.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import itertools
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterator
 
-from llama_tuner.measure.config import CONTEXT_KEYS, MODEL_KEYS, TEST_KEYS, BenchConfig, InvalidConfig
+from llama_tuner.measure.config import (CONTEXT_KEYS, MAX_THREADS, MODEL_KEYS, QUANTIZED_CACHE_TYPES, TEST_KEYS,
+                                       BenchConfig, InvalidConfig)
 from llama_tuner.measure.workloads import PRESETS
 from llama_tuner.errors import UserError
 from llama_tuner.model.info import ModelInfo
@@ -74,11 +79,45 @@ class SpaceOptions:
 
 
 def _ladder(lo: int, hi: int) -> list[int]:
+    """lo, 2 lo, 4 lo... below hi, then hi (from a lo of 0 or less it climbs from 1: it always ends)."""
     out, x = [], lo
     while x < hi:
         out.append(x)
-        x *= 2
+        x = x * 2 if x > 0 else 1
     return out + [hi]
+
+
+def range_domain(key: str, model: ModelInfo, *, need: int = 1) -> tuple[int, int | None]:
+    """The values ``--range key=LO:HI`` may take for ``model`` (None: no upper bound); ``need`` is the context
+    the study's test fills, the least context a trial can have.
+
+    Raises:
+        InvalidConfig: ``key`` is not a searched setting.
+    """
+    if key not in RANGE_KEYS:
+        raise InvalidConfig(f"--range {key} is not a searched setting", f"use one of {', '.join(RANGE_KEYS)}")
+    return {"n_gpu_layers": (0, model.n_gpu_layers_all), "n_cpu_moe": (0, model.n_layer),
+            "n_threads": (1, MAX_THREADS), "n_threads_batch": (1, MAX_THREADS), "n_batch": (1, None),
+            "n_ubatch": (1, None), "n_ctx": (need, model.n_ctx_train or None)}[key]
+
+
+def check_ranges(ranges: dict[str, tuple[int, int]], model: ModelInfo, *, need: int = 1) -> None:
+    """Check every --range before anything is measured: a searched setting, LO <= HI, and both within the
+    setting's domain (:func:`range_domain`; ``need``: the context the study's test fills).
+
+    Raises:
+        InvalidConfig: the first range that breaks a rule, naming it and the fix.
+    """
+    for key, (lo, hi) in ranges.items():
+        low, high = range_domain(key, model, need=need)
+        if lo > hi:
+            raise InvalidConfig(f"--range {key}={lo}:{hi} is empty", "write LO:HI with LO <= HI")
+        if lo < low or (high is not None and hi > high):
+            what = {"n_ctx": f"a trial's context holds the test's {need} tokens and at most the model's training "
+                             f"context", "n_gpu_layers": f"the model has {model.n_layer} layers + output",
+                    "n_cpu_moe": f"the model has {model.n_layer} layers"}.get(key, f"{key} is at least {low}")
+            bounds = f"{low} <= LO <= HI" + (f" <= {high}" if high is not None else "")
+            raise InvalidConfig(f"--range {key}={lo}:{hi} is out of range ({what})", f"write {key}=LO:HI with {bounds}")
 
 
 class SearchSpace:
@@ -110,6 +149,7 @@ class SearchSpace:
         if need > train:
             raise UserError(f"the {test['workload']} test needs {need} tokens of context, more than the model's "
                             f"training context {train}", "use fewer --prompt-tokens or --gen-tokens")
+        self.need = need
         if options.min_ctx < need:
             raise UserError(f"--min-ctx {options.min_ctx} cannot hold the {test['workload']} test "
                             f"(depth {test['n_depth']}, {test['n_prompt']} prompt and {test['n_gen']} generated "
@@ -150,25 +190,31 @@ class SearchSpace:
         self._include_baselines(baselines)
         self._apply_ranges()
         self._apply_pins()
+        self._check_valid()
 
     def _include_baselines(self, baselines: tuple[BenchConfig, ...]) -> None:
+        # A baseline's KV cache joins the attention choices only with cache types the space searches anyway: the
+        # study measures those types' quality and gates every pair by its worst type. Another type (q5_1,
+        # bf16...) is measured as the baseline's own, never searched (the gate's figures come after the space).
+        searched = {t for c in self.choices["attention"] for t in parse_attention(c)[1:]}
         for b in baselines:
             for key, (lo, hi) in list(self.ints.items()):
                 v = getattr(b, key)
-                self.ints[key] = (min(lo, v), max(hi, v))
+                if v is not None:  # None threads: the machine's cores, already in the range
+                    self.ints[key] = (min(lo, v), max(hi, v))
             for key in ("n_batch", "n_ubatch", "n_ctx"):
                 if getattr(b, key) not in self.choices[key]:
                     self.choices[key] = sorted(self.choices[key] + [getattr(b, key)])
             att = attention_choice(b.flash_attn, b.type_k, b.type_v)
-            if att not in self.choices["attention"]:
+            if att not in self.choices["attention"] and {b.type_k, b.type_v} <= searched:
                 self.choices["attention"].append(att)
 
     def _apply_ranges(self) -> None:
+        check_ranges(self.options.ranges, self.model, need=self.need)
+        both = sorted(self.options.ranges.keys() & self.options.pins.keys())
+        if both:
+            raise InvalidConfig(f"--set {both[0]} and --range {both[0]} both given", "pin it or search it, not both")
         for key, (lo, hi) in self.options.ranges.items():
-            if key not in RANGE_KEYS:
-                raise InvalidConfig(f"--range {key} is not a searched setting", f"use one of {', '.join(RANGE_KEYS)}")
-            if lo > hi:
-                raise InvalidConfig(f"--range {key}={lo}:{hi} is empty", "write LO:HI with LO <= HI")
             if key in self.ints:
                 self.ints[key] = (lo, hi)
             elif key in self.choices:
@@ -199,6 +245,35 @@ class SearchSpace:
             self.ints.pop(key, None)
             self.choices.pop(key, None)
             self.fixed[key] = value
+
+    def _check_valid(self) -> None:
+        """Refuse pins (with the ranges and the space's choices) that leave no valid configuration: every
+        trial would be INVALID. Checked on the point of the space most likely valid, by the rule a trial's
+        configuration is checked by (:meth:`BenchConfig.resolved`).
+
+        Raises:
+            InvalidConfig: the conflict, naming the pins and the fix.
+        """
+        pins = self.options.pins
+
+        def given(keys) -> str:
+            return " ".join(f"--set {k}={int(v) if isinstance(v, bool) else v}" for k, v in pins.items() if k in keys)
+
+        valid = [c for c in self.choices["attention"]
+                 if parse_attention(c)[0] or parse_attention(c)[2] not in QUANTIZED_CACHE_TYPES]
+        if not valid:
+            _, _, v = parse_attention(self.choices["attention"][0])
+            raise InvalidConfig(f"{given(('flash_attn', 'type_k', 'type_v'))} conflict: a quantized V cache ({v}) "
+                                "needs flash attention", "set flash_attn=1, or type_v=f16")
+        params: dict[str, Any] = {k: lo for k, (lo, _) in self.ints.items()}
+        params.update({k: max(v) if k == "n_ctx" else min(v) if k == "n_parallel" else v[0]
+                       for k, v in self.choices.items() if k != "attention"})
+        params["attention"] = valid[0]
+        try:
+            self.config_of(params).resolved(self.model)
+        except InvalidConfig as exc:
+            what = f"{given(pins)} leaves no valid configuration" if pins else "the space has no valid configuration"
+            raise InvalidConfig(f"{what}: {exc.problem}", exc.fix) from None
 
     def suggest(self, trial) -> BenchConfig:
         """The configuration an Optuna trial proposes (clamped as llama.cpp would)."""
