@@ -19,6 +19,8 @@ import yaml
 
 from conftest import REPACK_WORKS, ROOT, assert_one_line_error
 from test_study import ENV
+from llama_tuner.model.info import load_model_info
+from llama_tuner.model.twins import SHAPES, write_synthetic_gguf
 from llama_tuner.study.session import StudyRequest, open_tuner
 from llama_tuner.study.view import StudyView
 from llama_tuner.testing.fakes import FakeLauncher
@@ -26,10 +28,11 @@ from llama_tuner.testing.fakes import FakeLauncher
 TWO_CORES = replace(ENV, physical_cores=2)
 
 
-def fake_study(model, storage: str, name: str) -> StudyView:
+def fake_study(model, storage: str, name: str, *, pins: dict[str, str] | None = None) -> StudyView:
     """A study whose presets come from the fake launcher: serving needs a real model file, not real figures."""
     crash = None if REPACK_WORKS else "child died of SIGSEGV"
-    t = open_tuner(StudyRequest(model=str(model), storage=storage, study_name=name, trials=4, seed=1, min_ctx=1024),
+    t = open_tuner(StudyRequest(model=str(model), storage=storage, study_name=name, trials=4, seed=1, min_ctx=1024,
+                                pins=pins or {}),
                    launcher=FakeLauncher(env=TWO_CORES, repack_crash_reason=crash), env=TWO_CORES)
     t.run()
     return StudyView(t.study)
@@ -39,6 +42,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The peak resident set size (VmHWM) of a running process."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def post(url: str, body: dict) -> dict:
@@ -66,12 +75,21 @@ def test_llama_swap_export_holds_one_llama_server_cmd_per_study(cli, tiny_model,
 
 @pytest.mark.slow
 def test_serve_answers_completions_and_chat_then_stops_on_ctrl_c(demo_model_path, tmp_path):
+    """llama-cpp-python's server (no llama-server on PATH) with a 32,768-token preset of the demo model: it starts
+    (logits_all would ask for n_ctx x n_vocab float32 scores, 32 GiB, which a 24 GB machine without swap refuses)
+    and a 700-token prompt leaves no per-token logits behind (logits_all keeps n_vocab floats, 1 MiB, per prompt
+    token in Python's scores and as many in llama.cpp's outputs: about 1.9 GiB more peak RSS, against 30 MiB)."""
     storage, tracking = f"sqlite:///{tmp_path}/s.db", f"sqlite:///{tmp_path}/mlflow.db"
-    fake_study(demo_model_path, storage, "demo")
+    info = load_model_info(str(demo_model_path))
+    n_ctx, n_vocab = info.n_ctx_train, info.n_vocab
+    assert n_ctx == 32768  # the demo model's whole context, pinned: every candidate, so every preset, uses it
+    view = fake_study(demo_model_path, storage, "demo", pins={"n_ctx": str(n_ctx)})
+    assert view.presets["fastest"].candidate.figures.config.n_ctx == n_ctx
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin"}
-    proc = subprocess.Popen([sys.executable, "-m", "llama_tuner", "serve", "demo", "--storage", storage, "--port", str(port),
-                             "--tracking-uri", tracking], stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "llama_tuner", "serve", "demo", "--storage", storage,
+                             "--port", str(port), "--tracking-uri", tracking],
+                            stderr=subprocess.PIPE, text=True, env=env)
     base = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 120
@@ -87,6 +105,17 @@ def test_serve_answers_completions_and_chat_then_stops_on_ctrl_c(demo_model_path
         chat = post(f"{base}/chat/completions", {"messages": [{"role": "user", "content": "Name a colour."}],
                                                   "max_tokens": 8})
         assert chat["choices"][0]["message"]["content"].strip()
+        loaded = peak_rss_bytes(proc.pid)  # the serve process became the server (execv): same pid
+        long = post(f"{base}/completions", {"prompt": "Paris is the capital of France. " * 100, "max_tokens": 4})
+        prompt_tokens, peak = long["usage"]["prompt_tokens"], peak_rss_bytes(proc.pid)
+        print(f"\nserver peak RSS {loaded / 2**20:.0f} MiB after the short requests, {peak / 2**20:.0f} MiB after a "
+              f"{prompt_tokens}-token prompt (n_ctx {n_ctx}, n_vocab {n_vocab}: logits_all would allocate "
+              f"{n_ctx * n_vocab * 4 / 2**30:.0f} GiB of scores and fill {prompt_tokens * n_vocab * 4 / 2**20:.0f} MiB "
+              "of them for this prompt)")
+        assert prompt_tokens > 500, long["usage"]
+        assert peak < n_ctx * n_vocab * 4 // 16, peak
+        # where the kernel grants the 32 GiB, logits_all still shows: n_vocab floats kept per prompt token
+        assert peak - loaded < prompt_tokens * n_vocab * 4 // 2, (loaded, peak)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
     finally:
@@ -98,6 +127,37 @@ def test_serve_answers_completions_and_chat_then_stops_on_ctrl_c(demo_model_path
         [mlflow.MlflowClient(tracking).get_experiment_by_name(demo_model_path.stem).experiment_id],
         filter_string="tags.`llama_tuner.kind` = 'study'")[0]
     assert parent.data.tags["served_preset"] == "fastest" and "llama_cpp_server" in parent.data.tags["served_command"]
+
+
+@pytest.mark.parametrize(("shape", "request_options", "missing"), [
+    # the pin keeps llama-server's defaults (no expert placement) from being a preset; --baseline is one
+    ("tiny-moe", {"pins": {"n_cpu_moe": "2"}, "baseline_flags": "--n-cpu-moe 2"},
+     lambda c: f"cannot keep experts in host memory (--n-cpu-moe {c.n_cpu_moe})"),
+    # llama-server's defaults for the server workload: several slots
+    ("tiny", {"workload": "server"},
+     lambda c: f"cannot serve {c.n_parallel} streams at once (--parallel {c.n_parallel})"),
+])
+def test_serve_without_llama_server_refuses_a_preset_its_fallback_cannot_carry(cli, models_dir, tmp_path, monkeypatch,
+                                                                               shape, request_options, missing):
+    """llama-cpp-python's server has no expert placement and serves one stream: such a preset is refused in one
+    line naming llama-server, before anything loads, rather than served without what made it fast."""
+    model = write_synthetic_gguf(models_dir / f"{shape}-serve.gguf", SHAPES[shape], "q4_k_m")
+    storage = f"sqlite:///{tmp_path}/s.db"
+    crash = None if REPACK_WORKS else "child died of SIGSEGV"
+    t = open_tuner(StudyRequest(model=str(model), storage=storage, study_name="s", trials=2, seed=1, min_ctx=1024,
+                                **request_options),
+                   launcher=FakeLauncher(env=TWO_CORES, repack_crash_reason=crash), env=TWO_CORES)
+    t.run()
+    cfg = StudyView(t.study).presets["fastest"].candidate.figures.config
+    assert cfg.n_cpu_moe > 0 or cfg.n_parallel > 1, cfg  # the preset holds what the fallback lacks
+    monkeypatch.setenv("PATH", str(tmp_path))  # no llama-server to be found
+
+    def execv(path, argv):
+        raise AssertionError(f"started {shlex.join(argv)}")
+
+    monkeypatch.setattr(os, "execv", execv)
+    r = cli("serve", "s", "--storage", storage, "--no-mlflow", "--port", free_port())
+    assert_one_line_error(r, f"llama-cpp-python's server {missing(cfg)}", "install llama-server or pass --llama-server")
 
 
 def test_serve_refuses_a_busy_port_and_a_missing_server_program_in_one_line(cli, tiny_model, tmp_path):

@@ -33,11 +33,13 @@ def server_argv(view, preset: str, host: str, port: int, llama_server: str | Non
     """The command that serves ``preset`` of the study, and which server it runs.
 
     llama-server (``llama_server``, else the one on PATH) with the exported flags; without one,
-    llama-cpp-python's server with the same settings.
+    llama-cpp-python's server with the same settings, where it can carry them.
 
     Raises:
-        UserError: no such preset, the model file is missing here, or ``llama_server`` is not a program.
+        UserError: no such preset, the model file is missing here, ``llama_server`` is not a program, or
+            there is no llama-server and the preset needs one (experts in host memory, several streams).
     """
+    from llama_tuner.measure.llama_cpp_server import check_servable
     from llama_tuner.report.export import llama_server_args
 
     cfg = view.preset(preset).candidate.figures.config
@@ -49,6 +51,7 @@ def server_argv(view, preset: str, host: str, port: int, llama_server: str | Non
     if exe:
         return llama_server_args(view.model_path, cfg, program=exe) + ["--host", host, "--port", str(port)], \
             "llama-server"
+    check_servable(cfg)
     settings = {**cfg.to_dict(), "model_path": view.model_path, "alias": Path(view.model_file).stem,
                 "host": host, "port": port, "chat_format": _chat_format(view.model_path)}
     return [sys.executable, "-m", "llama_tuner.measure.llama_cpp_server", json.dumps(settings)], "llama-cpp-python"
@@ -73,7 +76,8 @@ def _chat_format(model_path: str) -> str | None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (loopback unless told).")
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True)
 @click.option("--llama-server", "llama_server", help="llama-server to run (default: on PATH; without one, "
-                                                     "llama-cpp-python's OpenAI-compatible server).")
+                                                     "llama-cpp-python's OpenAI-compatible server, which cannot "
+                                                     "serve --n-cpu-moe or --parallel presets, nor logprobs).")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: the study's).")
 @click.option("--no-mlflow", is_flag=True, help="Do not record the served preset in MLflow.")
 def serve(study: str, preset: str, port: int, host: str, storage: str, llama_server: str | None,

@@ -10,6 +10,17 @@ the sliding-window cache size: its ``Llama`` fills them from llama.cpp's default
 full-size SWA cache). Those defaults are patched to the preset's values before the model
 loads (repack off where a CPU's AMX kernels crash with it on; the smaller SWA cache the
 preset's memory was measured with), so the server runs what was measured.
+
+Two settings it cannot carry at all, and ``serve`` refuses such a preset (:func:`check_servable`):
+experts in host memory (``n_cpu_moe``: its server never fills ``Llama``'s tensor_buft_overrides)
+and several streams (``n_parallel``: one ``Llama`` decodes one sequence at a time). Its server's
+own defaults that differ from what was measured are overridden: ``logits_all`` off (on, ``Llama``
+allocates n_ctx x n_vocab float32 scores up front, 32 GiB for 32,768 tokens of a 262k vocabulary,
+and computes every prompt token's logits) and mlock off (the measuring child never locks the
+weights). Without ``logits_all`` it answers no ``logprobs`` (a request for them gets an error);
+llama-server does. The test's sizes and seed (``workload``, ``n_prompt``, ``n_gen``, ``n_depth``,
+``repetitions``, ``seed``) are what was measured, not server settings, and llama-server takes
+none of them either.
 """
 
 from __future__ import annotations
@@ -18,19 +29,41 @@ import json
 import sys
 from typing import Any
 
-from llama_tuner.measure.child import GGML_TYPES
+from llama_tuner.errors import UserError
+from llama_tuner.measure.config import BenchConfig
+
+LLAMA_SERVER_FIX = "install llama-server or pass --llama-server PATH"
+
+
+def check_servable(cfg: BenchConfig) -> None:
+    """Refuse a preset llama-cpp-python's server cannot run as measured (imports nothing of llama_cpp).
+
+    Raises:
+        UserError: the preset keeps experts in host memory (n_cpu_moe > 0) or decodes several streams
+            (n_parallel > 1); llama-server runs both.
+    """
+    missing = []
+    if cfg.n_cpu_moe > 0:
+        missing.append(f"keep experts in host memory (--n-cpu-moe {cfg.n_cpu_moe})")
+    if cfg.n_parallel > 1:
+        missing.append(f"serve {cfg.n_parallel} streams at once (--parallel {cfg.n_parallel})")
+    if missing:
+        raise UserError(f"llama-cpp-python's server cannot {' nor '.join(missing)}", LLAMA_SERVER_FIX)
 
 
 def model_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """The llama_cpp.server ModelSettings fields for a preset's settings (unknown fields are not passed:
-    llama-cpp-python would silently ignore them)."""
+    llama-cpp-python would silently ignore them). ``logits_all`` and ``use_mlock`` are off, as measured
+    (the server's defaults have both on)."""
+    from llama_tuner.measure.child import GGML_TYPES  # imports llama_cpp: only in the server's process
+
     return {"model": settings["model_path"], "model_alias": settings.get("alias"),
             "n_gpu_layers": settings["n_gpu_layers"], "n_ctx": settings["n_ctx"], "n_batch": settings["n_batch"],
             "n_ubatch": settings["n_ubatch"], "n_threads": settings["n_threads"],
             "n_threads_batch": settings["n_threads_batch"], "flash_attn": settings["flash_attn"],
             "type_k": GGML_TYPES[settings["type_k"]], "type_v": GGML_TYPES[settings["type_v"]],
-            "use_mmap": settings["use_mmap"], "offload_kqv": settings["offload_kqv"],
-            "chat_format": settings.get("chat_format"), "verbose": False}
+            "use_mmap": settings["use_mmap"], "use_mlock": False, "offload_kqv": settings["offload_kqv"],
+            "logits_all": False, "chat_format": settings.get("chat_format"), "verbose": False}
 
 
 def _patch_defaults(*, repack: bool, swa_full: bool) -> None:
