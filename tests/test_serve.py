@@ -19,6 +19,8 @@ import yaml
 
 from conftest import REPACK_WORKS, ROOT, assert_one_line_error
 from test_study import ENV
+from llama_tuner.measure.config import BenchConfig
+from llama_tuner.measure.llama_cpp_server import model_settings
 from llama_tuner.model.info import load_model_info
 from llama_tuner.model.twins import SHAPES, write_synthetic_gguf
 from llama_tuner.study.session import StudyRequest, open_tuner
@@ -44,10 +46,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def peak_rss_bytes(pid: int) -> int:
-    """The peak resident set size (VmHWM) of a running process."""
+def status_bytes(pid: int, key: str) -> int:
+    """A size from a running process's /proc status: VmHWM (peak resident set), VmLck (locked memory)."""
     with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(f"{key}:"))
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The peak resident set size of a running process."""
+    return status_bytes(pid, "VmHWM")
 
 
 def post(url: str, body: dict) -> dict:
@@ -127,6 +134,25 @@ def test_serve_answers_completions_and_chat_then_stops_on_ctrl_c(demo_model_path
         [mlflow.MlflowClient(tracking).get_experiment_by_name(demo_model_path.stem).experiment_id],
         filter_string="tags.`llama_tuner.kind` = 'study'")[0]
     assert parent.data.tags["served_preset"] == "fastest" and "llama_cpp_server" in parent.data.tags["served_command"]
+
+
+@pytest.mark.slow
+def test_the_fallback_loads_the_model_as_measured_unlocked_and_without_every_tokens_logits(tiny_model):
+    """llama-cpp-python's server defaults lock the weights (mlock) and keep every token's logits (logits_all:
+    n_ctx x n_vocab float32 scores); the measuring child does neither, and the served preset does neither."""
+    from llama_cpp.server.model import LlamaProxy
+    from llama_cpp.server.settings import ModelSettings
+
+    cfg = BenchConfig(n_ctx=2048, n_batch=256, n_ubatch=256).resolved(cores=1)
+    locked = status_bytes(os.getpid(), "VmLck")
+    llm = LlamaProxy.load_llama_from_model_settings(
+        ModelSettings(**model_settings({**cfg.to_dict(), "model_path": str(tiny_model)})))
+    try:
+        assert status_bytes(os.getpid(), "VmLck") == locked  # nothing locked in memory
+        assert llm.scores.shape[0] < cfg.n_ctx, llm.scores.shape  # one batch of logits, not the context's
+        assert llm.create_completion("Hello", max_tokens=2)["usage"]["completion_tokens"] > 0
+    finally:
+        llm.close()
 
 
 @pytest.mark.parametrize(("shape", "request_options", "missing"), [
