@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,7 @@ def file_sha256(path: str | os.PathLike, cache_file: Path | None = None) -> str:
     p = Path(path).resolve()
     st = p.stat()
     key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
+    cache = {k: v for k, v in read_json_cache(cache_file).items() if isinstance(v, str)}
     if key in cache:
         return cache[key]
     h = hashlib.sha256()
@@ -60,11 +58,42 @@ def file_sha256(path: str | os.PathLike, cache_file: Path | None = None) -> str:
     cache = {k: v for k, v in cache.items() if _still_current(k)}
     cache[key] = h.hexdigest()
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        cache_file.write_text(json.dumps(cache, indent=1))
+        write_json_atomic(cache_file, cache)
     except OSError:
         pass  # a read-only checkout still works, it just hashes again
     return cache[key]
+
+
+def read_json_cache(path: Path) -> dict[str, Any]:
+    """A JSON object cached in ``path``; empty when the file is missing, unreadable, cut short or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):  # ValueError: invalid JSON or UTF-8, e.g. a file cut short
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` so that a reader sees the old file or the new one, never a part:
+    into a temporary file in the same directory, then ``os.replace``. A failed write leaves ``path`` as it was.
+
+    Raises:
+        OSError: the directory cannot be made or written (the temporary file is removed).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _still_current(key: str) -> bool:

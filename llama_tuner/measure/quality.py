@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from llama_tuner.errors import UserError
-from llama_tuner.measure.environment import hash_cache_file, llama_cpp_info, model_sha256
+from llama_tuner.measure.environment import (hash_cache_file, llama_cpp_info, model_sha256, read_json_cache,
+                                             write_json_atomic)
 
 DEFAULT_TEXT = Path(__file__).with_name("quality_text.txt")
 CACHE_TYPES = ("f16", "q8_0", "q4_0")
@@ -38,10 +39,7 @@ def kv_quality(model_path: str, cache_types: list[str], *, text: str | None = No
     device = f"gpu{n_gpu_layers}" if n_gpu_layers and info["gpu_offload"] else "cpu"
     base = "|".join([model_sha256(model_path), info["llama_cpp_build"], hashlib.sha256(text.encode()).hexdigest(),
                      str(n_tokens), device])
-    try:
-        cache = json.loads(_cache_file().read_text())
-    except (OSError, ValueError):
-        cache = {}
+    cache = read_json_cache(_cache_file())
     todo = [t for t in cache_types if f"{base}|{t}" not in cache]
     if todo:
         job = {"model_path": str(Path(model_path).resolve()), "cache_types": todo, "text": text,
@@ -57,8 +55,7 @@ def kv_quality(model_path: str, cache_types: list[str], *, text: str | None = No
         for t, figures in json.loads(p.stdout).items():
             cache[f"{base}|{t}"] = figures
         try:
-            _cache_file().parent.mkdir(parents=True, exist_ok=True)
-            _cache_file().write_text(json.dumps(cache, indent=1))
+            write_json_atomic(_cache_file(), cache)
         except OSError:
             pass  # a read-only home still works, it just measures again
     return {t: {**cache[f"{base}|{t}"], "cached": t not in todo} for t in cache_types}
