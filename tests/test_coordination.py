@@ -9,8 +9,8 @@ import optuna
 from optuna.distributions import IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from llama_tuner.study.coordination import (RETRY_ATTR, SETTINGS_ATTR, SURPLUS_ATTR, WORKER_ATTR, Heartbeat, OrphanSweeper,
-                                RetryStaleTrial, requeue, twins_ahead)
+from llama_tuner.study.coordination import (RETRY_ATTR, SETTINGS_ATTR, SURPLUS_ATTR, WORKER_ATTR, Heartbeat,
+                                            OrphanSweeper, RetryStaleTrial, requeue, twins_ahead)
 from llama_tuner.testing.fakes import FakeLauncher
 from llama_tuner.study.storage import make_storage
 from llama_tuner.study.objectives import BASELINE_ATTR, measured_trials
@@ -118,8 +118,8 @@ def test_a_study_completes_despite_an_orphan_holding_a_slot(long_context_model, 
     tuner = open_tuner(request, launcher=FakeLauncher(env=ENV), env=ENV, storage=storage)
     orphan = tuner.study.ask()  # counts as running: without the sweep the last slot would be held forever
     done = threading.Event()
-    worker = threading.Thread(target=lambda: (llama_tuner.run(), done.set()), daemon=True)
+    worker = threading.Thread(target=lambda: (tuner.run(), done.set()), daemon=True)
     worker.start()
     assert done.wait(60), "the study hung on the orphaned trial"
-    assert len(measured_trials(llama_tuner.study.trials)) == 6
+    assert len(measured_trials(tuner.study.trials)) == 6
     assert tuner.study.trials[orphan.number].state == TrialState.FAIL

@@ -14,20 +14,31 @@ this module adds what a study of expensive, non-repeatable measurements needs:
   so Optuna never sees them as stale, and they would hold a slot of the study forever.
 - :func:`twins_ahead` names the earlier running trials a new trial must wait for so
   that two workers never measure the same settings at once.
+- :func:`give_back` queues again what a surplus trial popped from the queue (a baseline,
+  a retry), so failing the surplus trial loses no queued configuration.
+- :class:`PendingResults` keeps a measurement on this machine from the moment it is
+  taken until its trial is told, so a storage outage in between costs no measurement.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import time
 import warnings
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from llama_tuner.study.keys import BASELINE_ATTR, CONFIG_ATTR, RETRY_ATTR, SETTINGS_ATTR, SURPLUS_ATTR, WORKER_ATTR
+from llama_tuner.measure.environment import read_json_cache, write_json_atomic
+from llama_tuner.study.keys import (BASELINE_ATTR, CONFIG_ATTR, RETRY_ATTR, SETTINGS_ATTR, START_ATTR, SURPLUS_ATTR,
+                                    WORKER_ATTR)
+
 _KEPT_ON_RETRY = (BASELINE_ATTR, CONFIG_ATTR)
+_QUEUED_ATTRS = (BASELINE_ATTR, CONFIG_ATTR, RETRY_ATTR, START_ATTR)  # what enqueue_trial gives a queued trial
 
 
 def requeue(study: optuna.Study, trial: FrozenTrial) -> bool:
@@ -42,6 +53,16 @@ def requeue(study: optuna.Study, trial: FrozenTrial) -> bool:
         return False
     attrs = {RETRY_ATTR: trial.number, **{k: trial.user_attrs[k] for k in _KEPT_ON_RETRY if k in trial.user_attrs}}
     study.enqueue_trial(params, user_attrs=attrs)
+    return True
+
+
+def give_back(study: optuna.Study, trial: FrozenTrial) -> bool:
+    """Queue again what ``trial`` popped from the queue (its fixed parameters and queued attributes), because
+    it ends without measuring them (a surplus trial); False when it was a sampled trial, which popped nothing."""
+    fixed = trial.system_attrs.get("fixed_params")
+    if not fixed:
+        return False
+    study.enqueue_trial(fixed, user_attrs={k: trial.user_attrs[k] for k in _QUEUED_ATTRS if k in trial.user_attrs})
     return True
 
 
@@ -147,3 +168,47 @@ def grace_period(storage: optuna.storages.BaseStorage, default: float) -> float:
 def _heartbeat_interval(storage: optuna.storages.BaseStorage) -> float | None:
     getter = getattr(storage, "get_heartbeat_interval", None)
     return getter() if getter else None
+
+
+class PendingResults:
+    """Measurements taken on this machine whose trial has not been told yet, one JSON file per reuse key.
+
+    A result is saved as soon as it is measured and dropped once its trial is COMPLETE in the storage. If
+    the storage stays away in between (or the process dies), the file remains: the retry of that trial,
+    queued on resume, takes the result from here instead of measuring it again. ``directory`` holds the
+    results of one fingerprint (model file, hardware, build, test), so a result is only ever taken for
+    the same measurement.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    @classmethod
+    def for_fingerprint(cls, root: Path, fingerprint: dict[str, Any]) -> "PendingResults":
+        """The pending results under ``root`` of the study fingerprint ``fingerprint`` (a dict)."""
+        digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+        return cls(root / digest)
+
+    def path(self, key: str) -> Path:
+        """The file of reuse key ``key``."""
+        return self.directory / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+    def save(self, key: str, result: dict[str, Any]) -> None:
+        """Keep ``result`` (a TrialResult dict) for ``key``, atomically; a failure to write is ignored
+        (the measurement is then only as safe as it was without this record)."""
+        try:
+            write_json_atomic(self.path(key), {"key": key, "result": result})
+        except OSError:
+            pass
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The result kept for ``key``; None when there is none, or its file is unreadable or cut short."""
+        data = read_json_cache(self.path(key))
+        return data["result"] if data.get("key") == key and isinstance(data.get("result"), dict) else None
+
+    def drop(self, key: str) -> None:
+        """Forget the result of ``key`` (it is stored on a completed trial now)."""
+        try:
+            self.path(key).unlink()
+        except OSError:
+            pass

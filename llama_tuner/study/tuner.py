@@ -31,8 +31,9 @@ from llama_tuner.measure.launcher import Launcher
 from llama_tuner.model.info import ModelInfo
 from llama_tuner.measure.probe import host_name
 from llama_tuner.measure.bandwidth import bandwidth_of
-from llama_tuner.study.coordination import (Heartbeat, OrphanSweeper, fail_stale, grace_period, requeue,
-                                      retried_numbers, twins_ahead)
+from llama_tuner.measure.environment import hash_cache_file
+from llama_tuner.study.coordination import (Heartbeat, OrphanSweeper, PendingResults, fail_stale, give_back,
+                                            grace_period, requeue, retried_numbers, twins_ahead)
 from llama_tuner.study.keys import (BASELINE_ATTR, CONFIG_ATTR, DEFAULTS_BASELINE, IMPUTED_ATTR, INTERRUPTED_ATTR,
                               MEMORY_PRIOR_ATTR, RESULT_ATTR, REUSED_ATTR, RUN_ID_ATTR, SETTINGS_ATTR, SKIPPED_ATTR,
                               START_ATTR, SURPLUS_ATTR, WORKER_ATTR, ENVIRONMENT_ATTR, FINGERPRINT_ATTR, LIMITS_ATTR,
@@ -47,7 +48,7 @@ from llama_tuner.study.objectives import (Limits, constraints, measured_trials, 
 from llama_tuner.measure.result import Environment, Status, TrialResult
 from llama_tuner.study.space import SearchSpace
 from llama_tuner.study.tracker import Tracker
-from llama_tuner.study.settings import Fingerprint, Observer, StudySettings, SurplusTrial
+from llama_tuner.study.settings import Fingerprint, Observer, StudySettings, SurplusTrial, reuse_key
 
 MAX_CONSECUTIVE_REPEATS = 30
 
@@ -87,6 +88,9 @@ class Tuner:
         self._surplus_seen = False
         self._other_studies: dict[str, tuple[int, TrialResult]] | None = None
         self._orphans = OrphanSweeper(grace_period(storage, GRACE_S))
+        # Measurements not yet told to the storage, kept on this machine (see coordination.PendingResults).
+        self.pending = PendingResults.for_fingerprint(hash_cache_file().parent / "pending", asdict(fingerprint))
+        self._unsaved: str | None = None  # the reuse key of this trial's measurement while it is pending
 
     # -- identity and resume ------------------------------------------------
     def _check_identity(self) -> None:
@@ -127,7 +131,10 @@ class Tuner:
             w = t.user_attrs.get(WORKER_ATTR) or {}
             dead = (t.state == TrialState.RUNNING and w.get("host") == host and not _alive(w.get("pid")))
             if dead:
-                self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                try:
+                    self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    continue  # another worker finished it between our read and this write (and requeued it)
             cut = dead or (t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR))
             if cut and t.number not in already and requeue(self.study, t):
                 retried.append(t.number)
@@ -209,7 +216,7 @@ class Tuner:
         with warnings.catch_warnings():  # we do beat (coordination.Heartbeat), just not via optimize()
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
             trial = self.study.ask()
-        values, state = None, TrialState.COMPLETE
+        values, state, self._unsaved = None, TrialState.COMPLETE, None
         with Heartbeat(self.storage, trial._trial_id, first_beat=self._with_storage):
             try:
                 values = self._objective(trial)
@@ -220,8 +227,26 @@ class Tuner:
             except KeyboardInterrupt:
                 self._tell(trial, None, TrialState.FAIL)
                 raise
-        self._with_storage(lambda: self._tell(trial, values, state))
-        self._finished(self.study, self._with_storage(lambda: self.storage.get_trial(trial._trial_id)))
+            self._saving(lambda: self._tell(trial, values, state), trial)  # still beating: the trial is ours
+        frozen = self._saving(lambda: self.storage.get_trial(trial._trial_id), trial)
+        if self._unsaved is not None and frozen.state == TrialState.COMPLETE:
+            self.pending.drop(self._unsaved)  # else (failed by another worker meanwhile) its retry takes it
+        self._finished(self.study, frozen)
+
+    def _saving(self, fn: Callable[[], Any], trial: Trial) -> Any:
+        """:meth:`_with_storage` for a write after a measurement: where the storage stays away, the error
+        says that the measurement is kept on this machine and is not measured again on resume.
+
+        Raises:
+            UserError: the storage was away for over ``reconnect_s``.
+        """
+        try:
+            return self._with_storage(fn)
+        except UserError as exc:
+            if self._unsaved is None:
+                raise
+            raise UserError(exc.problem, f"{exc.fix}; the measurement of trial {trial.number} is kept in "
+                                         f"{self.pending.path(self._unsaved)} and is not measured again") from None
 
     def _clear_dead(self) -> None:
         """Fail the trials of silent workers and the orphans of interrupted asks, so no slot is held forever."""
@@ -243,16 +268,17 @@ class Tuner:
                 o.trial_finished(trial, result, REUSED_ATTR in trial.user_attrs)
 
     def _cache(self) -> dict[str, tuple[int, TrialResult]]:
-        """Measured results by settings key: this study's (read afresh, other workers add to it), then
-        those of other studies with the same fingerprint (read once per run)."""
+        """Measured results by reuse key (settings, and the host where the CPU takes part): this study's
+        (read afresh, other workers add to it), then those of other studies with the same fingerprint
+        (read once per run)."""
         if self._other_studies is None:
             self._other_studies = {}
             fp = asdict(self.fingerprint)
             for summary in optuna.get_all_study_summaries(storage=self.storage, include_best_trial=False):
                 if summary.study_name != self.study.study_name and summary.user_attrs.get(FINGERPRINT_ATTR) == fp:
                     other = optuna.load_study(study_name=summary.study_name, storage=self.storage)
-                    self._other_studies.update(_results_by_key(other))
-        return {**self._other_studies, **_results_by_key(self.study)}
+                    self._other_studies.update(_results_by_key(other, self.model.n_gpu_layers_all))
+        return {**self._other_studies, **_results_by_key(self.study, self.model.n_gpu_layers_all)}
 
     def _objective(self, trial: Trial) -> list[float]:
         trial.set_user_attr(WORKER_ATTR, {"host": host_name(), "pid": os.getpid(), "gpu": self.env.gpu_name,
@@ -266,9 +292,14 @@ class Tuner:
         if self._surplus(trial):
             self._surplus_seen = True
             trial.set_user_attr(SURPLUS_ATTR, True)
+            give_back(self.study, self.storage.get_trial(trial._trial_id))  # a queued baseline or retry
             raise SurplusTrial("enough configurations are measured or being measured")
         self._wait_for_twin(trial, cfg.settings_key())
-        hit = self._cache().get(cfg.settings_key())
+        key = reuse_key(cfg, self.env, n_gpu_layers_all=self.model.n_gpu_layers_all)
+        hit = self._cache().get(key)
+        kept = self.pending.get(key) if hit is None else None  # measured here, its trial never told
+        if hit is not None:
+            self.pending.drop(key)  # stored after all (its trial completed before the process went)
         for o in self.observers:
             o.trial_started(trial.number, cfg)
         predicted = self.memory.predict(cfg)
@@ -276,6 +307,10 @@ class Tuner:
             self._repeats += 1
             number, result = hit
             trial.set_user_attr(REUSED_ATTR, number)
+        elif kept is not None:
+            self._repeats = 0
+            self._unsaved, result = key, TrialResult.from_dict(kept)
+            self._saving(lambda: self._refit_memory(result), trial)
         elif BASELINE_ATTR not in trial.user_attrs and self.placement.too_big(predicted):
             self._repeats += 1
             trial.set_user_attr(SKIPPED_ATTR, True)
@@ -291,18 +326,28 @@ class Tuner:
                 raise
             result.predicted_peak_bytes = predicted  # made before measuring, to judge the model honestly
             result.bandwidth = bandwidth_of(result, self.memory.facts, self.env)
-            self._refit_memory(result)
-        trial.set_user_attr(RESULT_ATTR, result.to_dict())
+            self._unsaved = key
+            self.pending.save(key, result.to_dict())  # before any write that the storage could refuse
+            self._saving(lambda: self._refit_memory(result), trial)
+        # Each write is retried on its own through a storage outage, so none asks a new trial.
+        self._saving(lambda: trial.set_user_attr(RESULT_ATTR, result.to_dict()), trial)
         cons = constraints(result, self.limits)
-        for key, value in cons.items():
-            trial.set_constraint(key, value)
+        self._saving(lambda: self._set_constraints(trial, cons), trial)
         run_id = self.tracker.trial_measured(trial, result, cons)
         if run_id:
-            trial.set_user_attr(RUN_ID_ATTR, run_id)
-        values, imputed = objective_values(result, worst_rates(self.study.get_trials(deepcopy=False)))
+            self._saving(lambda: trial.set_user_attr(RUN_ID_ATTR, run_id), trial)
+        worst = self._saving(lambda: worst_rates(self.study.get_trials(deepcopy=False)), trial)
+        values, imputed = objective_values(result, worst)
         if imputed:
-            trial.set_user_attr(IMPUTED_ATTR, True)
+            self._saving(lambda: trial.set_user_attr(IMPUTED_ATTR, True), trial)
         return values
+
+    def _set_constraints(self, trial: Trial, cons: dict[str, float]) -> None:
+        """Set the trial's constraints; those an earlier, cut-off attempt already wrote are left alone."""
+        written = self.storage.get_trial(trial._trial_id).system_attrs
+        for key, value in cons.items():
+            if f"constraints:{key}" not in written:
+                trial.set_constraint(key, value)
 
     def _refit_memory(self, latest: TrialResult) -> None:
         measured = [r for r in (result_of(t) for t in measured_trials(self.study.get_trials(deepcopy=False))) if r]
@@ -321,18 +366,23 @@ class Tuner:
                 self._clear_dead()
 
     def _surplus(self, trial: Trial) -> bool:
-        """True when measured trials plus earlier running ones already reach the target."""
+        """True when measured trials plus earlier running ones already reach the target; never for a
+        baseline, which is measured whatever the count (a surplus baseline would be queued again and
+        popped again for as long as it waits)."""
+        if BASELINE_ATTR in trial.user_attrs:
+            return False
         trials = self.study.get_trials(deepcopy=False)
         running = [t for t in trials if t.state == TrialState.RUNNING and t.number < trial.number
                    and not t.user_attrs.get(SURPLUS_ATTR)]
         return len(measured_trials(trials)) + len(running) >= self.target()
 
 
-def _results_by_key(study: optuna.Study) -> dict[str, tuple[int, TrialResult]]:
+def _results_by_key(study: optuna.Study, n_gpu_layers_all: int) -> dict[str, tuple[int, TrialResult]]:
+    """The study's measured results by :func:`reuse_key`, each keyed with the host that measured it."""
     out: dict[str, tuple[int, TrialResult]] = {}
     for t in measured_trials(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))):
         r = result_of(t)
-        out.setdefault(r.config.settings_key(), (t.number, r))
+        out.setdefault(reuse_key(r.config, r.env, n_gpu_layers_all=n_gpu_layers_all), (t.number, r))
     return out
 
 
