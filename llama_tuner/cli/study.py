@@ -168,11 +168,12 @@ def _round_line(view, done: int, rounds: int, verdict, left_s: float) -> str:
 @click.command()
 @click.option("--study", "study_name", required=True, help="The study to join (created by `tune`).")
 @click.option("--storage", required=True, help="The study's storage, e.g. postgresql://user@db/tuning.")
-@click.option("--gpu", type=int, help="The GPU this worker measures on (sets CUDA_VISIBLE_DEVICES).")
+@click.option("--gpu", help="The GPU this worker measures on: an index as nvidia-smi numbers them, or a UUID "
+                           "(GPU-...); sets CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER=PCI_BUS_ID.")
 @click.option("--model", help="The model file's path on this machine, if not the study's path.")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: the study's).")
 @click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
-def worker(study_name: str, storage: str, gpu: int | None, model: str | None, tracking_uri: str | None,
+def worker(study_name: str, storage: str, gpu: str | None, model: str | None, tracking_uri: str | None,
            no_mlflow: bool) -> None:
     """Join a study and measure its trials on this machine until it has its count."""
     from llama_tuner.cli.tracking import make_tracker

@@ -97,7 +97,7 @@ class SubprocessLauncher(Launcher):
         self.exit_grace_s = exit_grace_s
         self.ram_limit_bytes = ram_limit_bytes
         self.timeout_s = timeout_s
-        self.gpu_index = gpu_index if gpu_index is not None else (visible_gpu_index() if probe.gpus() else None)
+        self.gpu_index = gpu_index if gpu_index is not None else (visible_gpu_index(probe) if probe.gpus() else None)
         self.extra_env = extra_env or {}
         # The child reports its exact peak RSS itself; polling is for VRAM (and a backstop).
         # Polling often on a CPU-only machine steals time from llama.cpp's threads.

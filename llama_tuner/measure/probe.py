@@ -17,7 +17,7 @@ import psutil
 
 @dataclass(frozen=True, kw_only=True)
 class GpuInfo:
-    """One GPU as NVML describes it."""
+    """One GPU as NVML describes it; ``index`` is NVML's, which numbers GPUs by PCI bus."""
 
     index: int
     name: str
@@ -25,6 +25,7 @@ class GpuInfo:
     total_bytes: int
     bus_width_bits: int | None = None
     max_mem_clock_mhz: int | None = None
+    uuid: str | None = None  # "GPU-..." as nvidia-smi -L shows it
 
     @property
     def peak_bandwidth_gbs(self) -> float | None:
@@ -66,6 +67,13 @@ class GpuProbe(ABC):
         """GPU ``index``, or None if absent."""
         return next((g for g in self.gpus() if g.index == index), None)
 
+    def find(self, name: str) -> GpuInfo | None:
+        """The GPU that ``name`` names: an NVML index ("1") or a UUID ("GPU-..."); None if there is none."""
+        name = name.strip()
+        if name.isdigit():
+            return self.gpu(int(name))
+        return next((g for g in self.gpus() if g.uuid and g.uuid.lower() == name.lower()), None)
+
 
 class NoGpuProbe(GpuProbe):
     """The probe of a machine without an NVIDIA GPU (or without a driver)."""
@@ -104,9 +112,20 @@ class NvmlProbe(GpuProbe):
                                    total_bytes=int(nv.nvmlDeviceGetMemoryInfo(h).total),
                                    bus_width_bits=_optional(lambda: nv.nvmlDeviceGetMemoryBusWidth(h)),
                                    max_mem_clock_mhz=_optional(
-                                       lambda: nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_MEM))))
+                                       lambda: nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_MEM)),
+                                   uuid=_optional(lambda: _text(nv.nvmlDeviceGetUUID(h)), cast=str)))
             self._gpus = out
         return self._gpus
+
+    def find(self, name: str) -> GpuInfo | None:
+        """As :meth:`GpuProbe.find`, a UUID looked up by NVML itself (``nvmlDeviceGetHandleByUUID``)."""
+        name = name.strip()
+        if name.isdigit():
+            return self.gpu(int(name))
+        try:
+            return self.gpu(int(self.nvml.nvmlDeviceGetIndex(self.nvml.nvmlDeviceGetHandleByUUID(name))))
+        except self.nvml.NVMLError:  # not found, or a MIG instance (which has no NVML index of its own)
+            return None
 
     def memory(self, index: int) -> DeviceMemory:
         info = self.nvml.nvmlDeviceGetMemoryInfo(self._handle(index))
@@ -128,9 +147,9 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _optional(read):
+def _optional(read, cast=int):
     try:
-        return int(read())
+        return cast(read())
     except Exception:  # noqa: BLE001 - older GPUs/drivers lack these queries
         return None
 
@@ -168,7 +187,11 @@ def ram_total() -> int:
     return int(psutil.virtual_memory().total)
 
 
-def visible_gpu_index() -> int:
-    """The NVML index of the GPU the children will use (first of CUDA_VISIBLE_DEVICES)."""
+def visible_gpu_index(probe: GpuProbe | None = None) -> int:
+    """The NVML index of the GPU the children will use (first of CUDA_VISIBLE_DEVICES): an index as it
+    is, a UUID looked up with ``probe`` (0 without one, or when the probe does not know it)."""
     first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-    return int(first) if first.isdigit() else 0
+    if first.isdigit():
+        return int(first)
+    gpu = probe.find(first) if probe is not None and first else None
+    return gpu.index if gpu is not None else 0

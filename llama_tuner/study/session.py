@@ -211,7 +211,7 @@ def open_tuner(request: StudyRequest, *, launcher: Launcher | None = None, probe
     checked = check_request(request)
     probe = probe or detect_probe()
     if gpu_index is None and probe.gpus():
-        gpu_index = visible_gpu_index()
+        gpu_index = visible_gpu_index(probe)
     env = env or build_environment(probe, gpu_index)
     budget = _budget(checked, request, env)
     launcher = launcher or SubprocessLauncher(probe, timeout_s=checked.trial_timeout_s, gpu_index=gpu_index)

@@ -3,7 +3,7 @@
 A study created by ``tune`` records how it was requested; a worker rebuilds the
 identical Tuner from that record, refuses to measure on different hardware or a
 different model file (the fingerprint check), points its children at one GPU
-with ``CUDA_VISIBLE_DEVICES``, and runs trials until the study has its count.
+with ``CUDA_VISIBLE_DEVICES`` (see :func:`gpu_choice`), and runs trials until the study has its count.
 """
 
 from __future__ import annotations
@@ -25,14 +25,36 @@ from llama_tuner.study.tuner import Tuner
 from llama_tuner.units import parse_duration
 
 
-def join_study(study_name: str, storage_url: str, *, gpu: int | None = None, model: str | None = None,
-               tracker: Tracker | None = None, launcher: Launcher | None = None, probe: GpuProbe | None = None,
-               env: Environment | None = None, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S) -> Tuner:
-    """A Tuner for an existing study, checked against this machine.
+def gpu_choice(gpu: str | int | None, probe: GpuProbe) -> tuple[int | None, dict[str, str]]:
+    """The NVML index of the GPU ``--gpu`` names, and what the worker's children add to their environment.
+
+    ``gpu`` is an index as NVML (and nvidia-smi) number GPUs, by PCI bus, or a UUID (``GPU-...``). The
+    children get ``CUDA_VISIBLE_DEVICES`` set to it as given and ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, so that
+    CUDA, which by default puts the fastest GPU first, numbers the GPUs as NVML does, and the GPU the
+    children measure on is the one whose memory NVML reads. None: no GPU named (index None), nothing added.
 
     Raises:
-        UserError: no such study, one not made by ``tune``, its model file missing here, or hardware
-            other than the study's.
+        UserError: no GPU of that index or UUID on this machine.
+    """
+    if gpu is None:
+        return None, {}
+    name = str(gpu).strip()
+    found = probe.find(name)
+    if found is None:
+        seen = ", ".join(f"{g.index} ({g.uuid})" if g.uuid else str(g.index) for g in probe.gpus()) or "none"
+        raise UserError(f"--gpu {name}: no such GPU on this machine (NVML sees {seen})",
+                        "give an index or a UUID as nvidia-smi -L lists them, or leave out --gpu")
+    return found.index, {"CUDA_VISIBLE_DEVICES": name, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+def join_study(study_name: str, storage_url: str, *, gpu: str | int | None = None, model: str | None = None,
+               tracker: Tracker | None = None, launcher: Launcher | None = None, probe: GpuProbe | None = None,
+               env: Environment | None = None, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S) -> Tuner:
+    """A Tuner for an existing study, checked against this machine; ``gpu`` as :func:`gpu_choice` takes it.
+
+    Raises:
+        UserError: no such study, one not made by ``tune``, its model file missing here, no GPU ``gpu``
+            here, or hardware other than the study's.
     """
     storage = make_storage(storage_url, heartbeat_s, grace_s)
     try:
@@ -50,9 +72,9 @@ def join_study(study_name: str, storage_url: str, *, gpu: int | None = None, mod
         raise UserError(f"the study's model {request.model} is not on this machine",
                         "copy it there, or pass --model PATH to the same file")
     probe = probe or detect_probe()
-    extra_env = {"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {}
+    index, extra_env = gpu_choice(gpu, probe)
     if env is None:
-        env = build_environment(probe, gpu if gpu is not None else (0 if probe.gpus() else None))
+        env = build_environment(probe, index if index is not None else (0 if probe.gpus() else None))
     want = attrs.get(FINGERPRINT_ATTR, {}).get("hardware")
     if want and env.hardware_key() != want:
         raise UserError(f"this machine ({env.hardware_key()}) differs from the study's hardware ({want}), so its "
@@ -60,7 +82,7 @@ def join_study(study_name: str, storage_url: str, *, gpu: int | None = None, mod
                         f"start its own study: llama-tuner tune {request.model} --study {study_name}-"
                         f"{env.host} --storage {storage_url}")
     if launcher is None:
-        launcher = SubprocessLauncher(probe, timeout_s=parse_duration(request.trial_timeout), gpu_index=gpu,
+        launcher = SubprocessLauncher(probe, timeout_s=parse_duration(request.trial_timeout), gpu_index=index,
                                       extra_env=extra_env)
-    return open_tuner(request, launcher=launcher, probe=probe, env=env, tracker=tracker, gpu_index=gpu,
+    return open_tuner(request, launcher=launcher, probe=probe, env=env, tracker=tracker, gpu_index=index,
                       storage=storage, record_request=False)
