@@ -125,7 +125,11 @@ def test_ui_serves_the_study_over_the_rest_api(long_context_model, tmp_path):
         done = [tr for tr in t.study.trials if tr.state.name == "COMPLETE"]
         assert len(runs) == len(done) + 1  # the trials and their parent
     finally:
-        os.killpg(proc.pid, 9)
+        proc.terminate()  # ui stops its server's whole process tree (tests/test_ui.py)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
 
 
 @pytest.mark.slow

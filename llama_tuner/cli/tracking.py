@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import click
+import psutil
 
 from llama_tuner.measure.workloads import WORKLOADS
 
@@ -15,6 +18,12 @@ from llama_tuner.errors import UserError
 from llama_tuner.study.presets import PRESET_NAMES
 from llama_tuner.study.storage import DEFAULT_STORAGE
 from llama_tuner.tracking.mlflow_tracker import DEFAULT_TRACKING_URI, default_tracking_uri
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_GRACE_S = 10.0  # how long a server may take to stop on SIGTERM before it is killed
+# MLflow 3 starts a job runner and its huey consumers beside the server (~250 MB each) unless told not to:
+# the UI of llama-tuner's studies runs no jobs.
+NO_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def warn(message: str) -> None:
@@ -63,13 +72,19 @@ def sync(study: str, storage: str, tracking_uri: str | None) -> None:
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True, help="Study storage (for --dashboard).")
 @click.option("--tracking-uri", help="MLflow backend store to browse.")
 def ui(port: int, dashboard: bool, storage: str, tracking_uri: str | None) -> None:
-    """Start the MLflow UI (or optuna-dashboard) on 127.0.0.1 over this project's stores."""
+    """Start the MLflow UI (or optuna-dashboard) on 127.0.0.1 over this project's stores; a SIGTERM, SIGINT or
+    SIGHUP stops the server with every process it started."""
+    env = dict(os.environ)
     if dashboard:
+        from llama_tuner.study.storage import make_storage
+
         exe = shutil.which("optuna-dashboard", path=os.path.dirname(sys.executable))
         if exe is None:
             raise UserError("optuna-dashboard is not installed", "pip install optuna-dashboard")
+        make_storage(storage)  # a bad URL is one line, and a new store gets its tables (the dashboard fails without)
         cmd = [exe, storage, "--host", "127.0.0.1", "--port", str(port)]
     else:
+        env = {**NO_JOBS, **env}  # unless the user's environment asks for MLflow's jobs
         uri = tracking_uri or default_tracking_uri()
         if uri.startswith("http"):
             raise UserError(f"{uri} is already an MLflow server", "open it in a browser")
@@ -81,10 +96,92 @@ def ui(port: int, dashboard: bool, storage: str, tracking_uri: str | None) -> No
     # MLflow 3 opens experiments in its GenAI workspace unless the URL asks for the model-training one.
     runs = "" if dashboard else f"; studies: {where}/#/experiments?workflowType=machine_learning"
     click.echo(f"serving on {where}{runs} (Ctrl-C to stop)", err=True)
+    sys.exit(run_server(cmd, env=env))
+
+
+class _Stop(Exception):
+    """A stop signal reached ``run_server`` while it waited for its server."""
+
+
+def run_server(cmd: list[str], *, env: dict[str, str], grace_s: float = STOP_GRACE_S) -> int:
+    """Run the server ``cmd`` in a session of its own until it exits, or until this process gets SIGTERM, SIGINT
+    or SIGHUP (or fails); then stop the server's whole process tree: SIGTERM, and SIGKILL to what is left after
+    ``grace_s`` (or at a second signal). Returns the exit code to leave with: the server's, 128 + the signal
+    that killed it, or 0 when Ctrl-C stopped it.
+
+    Raises:
+        OSError: ``cmd`` cannot be started.
+    """
+    received: list[int] = []
+    started: list[subprocess.Popen] = []
+    waiting = False
+
+    def on_signal(signum, _frame) -> None:
+        received.append(signum)
+        if waiting and len(received) == 1:  # break out of wait(); later signals only hurry the stop
+            raise _Stop
+
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
     try:
-        sys.exit(subprocess.call(cmd))
-    except KeyboardInterrupt:
-        sys.exit(0)
+        # Its own session and process group: a signal to this process does not reach the server by itself
+        # (nor does the terminal's Ctrl-C), so this process stops it, and all of it, always.
+        started.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+        waiting = True
+        if received:  # a signal came while the server was being started
+            raise _Stop
+        code = started[0].wait()
+    except _Stop:
+        code = None
+    finally:
+        waiting = False
+        if started:
+            stopped = stop_tree(started[0], grace_s=grace_s, hurry=lambda: len(received) > 1)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if code is None:
+        code = 0 if received[0] == signal.SIGINT else stopped
+    return 128 - code if code < 0 else code
+
+
+def stop_tree(proc: subprocess.Popen, *, grace_s: float, hurry=lambda: False) -> int:
+    """Stop ``proc`` (the leader of its own process group) and every process it started: SIGTERM to its group
+    and to each descendant (one that left the group too), then SIGKILL to those alive after ``grace_s``, or as
+    soon as ``hurry()`` is true. Returns ``proc``'s return code (negative: the signal that ended it)."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+
+    def send(sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for p in family:
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+
+    def running() -> bool:
+        if proc.poll() is None:
+            return True
+        for p in family:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    return True
+            except psutil.NoSuchProcess:
+                pass
+        return False
+
+    if running():
+        send(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while running() and time.monotonic() < deadline and not hurry():
+            time.sleep(0.1)
+        if running():
+            send(signal.SIGKILL)
+    return proc.wait()
 
 
 @click.command()
