@@ -136,7 +136,7 @@ def replay(request: StudyRequest, env, grid: dict[str, TrialResult], sampler: st
         tuner = open_tuner(req, launcher=GridLauncher(grid, confirmed), env=env)
         tuner.run()
         confirm_leaders(tuner)
-        view = StudyView(llama_tuner.study)
+        view = StudyView(tuner.study)
         preset = view.presets["fastest"]
         fastest = preset.candidate.figures
         best_so_far, reached = 0.0, None

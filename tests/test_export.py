@@ -23,7 +23,7 @@ def _candidate(**changes) -> Candidate:
                       **changes)
     env = Environment(host="rig", cpu="Ryzen 7", physical_cores=8, gpu_name="NVIDIA GeForce RTX 4070",
                       gpu_driver="560.35.03", vram_total_bytes=12 << 30, llama_cpp_python="0.3.36",
-                      llama_cpp_build="ggml 0.25.3 (0c1e570)")
+                      llama_cpp_build="ggml 0.25.3 (0c1e570)", gpu_offload=True)
     r = TrialResult(Status.OK, cfg, MODEL, pp=Rates(512, [200_000_000, 210_000_000, 190_000_000, 200_000_000]),
                     tg=Rates(128, [2_000_000_000, 2_100_000_000, 1_900_000_000, 2_000_000_000]),
                     peak_vram_bytes=10_737_418_240, vram_free_before_bytes=11_811_160_064, env=env)
@@ -34,7 +34,9 @@ def _candidate(**changes) -> Candidate:
 def test_export_matches_golden_file(fmt):
     env = {"gpu_name": "NVIDIA GeForce RTX 4070", "llama_cpp_python": "0.3.36"}
     text = render(fmt, "fastest", _candidate(), MODEL, "qwen3@gpu-rtx-4070", env,
-                  {"llama-server defaults (fit)": {"tg": 0.25, "pp": 0.1}})
+                  {"llama-server defaults (fit)": {
+                      "tg": {"share": 0.25, "half_width": 0.041, "verdict": "better", "paired_rounds": 5},
+                      "pp": {"share": 0.01, "half_width": 0.03, "verdict": "tie", "paired_rounds": 5}}})
     golden = GOLDEN / f"fastest.{fmt}.txt"
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(text)

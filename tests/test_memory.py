@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import zlib
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import pytest
+from gguf import GGUFReader
 
 from conftest import REPACK_WORKS, assert_one_line_error
 from llama_tuner.measure.config import BenchConfig
 from llama_tuner.testing.fakes import FakeGpuProbe, FakeLauncher
 from llama_tuner.measure.launcher import SubprocessLauncher
 from llama_tuner.model.facts import ModelFacts
+from llama_tuner.study.confirmation import confirm_leaders
 from llama_tuner.study.memory_model import MemoryModel
 from llama_tuner.model.info import load_model_info
 from llama_tuner.measure.probe import NoGpuProbe
 from llama_tuner.study.objectives import RESULT_ATTR, measured_trials
-from llama_tuner.measure.result import Environment
+from llama_tuner.measure.result import Environment, Status, TrialResult
 from llama_tuner.study.session import StudyRequest, open_tuner
 from llama_tuner.study.tuner import START_ATTR
 from llama_tuner.study.view import StudyView
-from llama_tuner.model.twins import SHAPES, Shape, describe_shape
+from llama_tuner.model.twins import SHAPES, Shape, describe_shape, plan_tensors
 from llama_tuner.report.memory_plan import _cfg, max_context
 from test_study import ENV
 
@@ -79,16 +82,181 @@ def test_plan_cli_on_a_twin(cli, long_context_model):
     assert_one_line_error(cli("inspect", long_context_model, "--plan", "--ctx", "999999"), "--ctx")
 
 
+# -- the truth: llama.cpp's own rules and figures, worked out here by hand, never the memory model's --------
+
+MiB = 2**20
+BLOCKS = {"f16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18)}  # ggml: (elements, bytes) of a block of each type
+
+
+def cells(n: int) -> int:
+    """llama.cpp pads the KV cache to a multiple of 256 cells."""
+    return -(-n // 256) * 256
+
+
+def kv_bytes(n_cells: int, n_layers: int, n_embd_k_gqa: int, n_embd_v_gqa: int, type_k: str, type_v: str) -> int:
+    """llama.cpp's KV cache: n_cells x n_layers x (one K row of n_embd_k_gqa + one V row of n_embd_v_gqa), a row
+    being whole ggml blocks of its type."""
+    (ek, bk), (ev, bv) = BLOCKS[type_k], BLOCKS[type_v]
+    return n_cells * n_layers * (n_embd_k_gqa // ek * bk + n_embd_v_gqa // ev * bv)
+
+
+@dataclass(frozen=True)
+class Header:
+    """What llama.cpp sizes its buffers from, read from the GGUF header with gguf's own reader (not ModelInfo)."""
+
+    n_layer: int
+    n_head: int
+    n_vocab: int
+    n_embd_k_gqa: int  # head_count_kv x key_length
+    n_embd_v_gqa: int
+    layer_bytes: tuple[int, ...]  # the blk.{i}.* tensors of each repeating layer
+    output_bytes: int
+
+    @classmethod
+    def read(cls, path) -> "Header":
+        """The header of a GGUF file on disk."""
+        r = GGUFReader(str(path))
+        arch = r.fields["general.architecture"].contents()
+        f = {k[len(arch) + 1:]: v.contents() for k, v in r.fields.items() if k.startswith(arch + ".")}
+        return cls._of(f["block_count"], f["attention.head_count"], f["attention.head_count_kv"],
+                       f["attention.key_length"], f["attention.value_length"],
+                       len(r.fields["tokenizer.ggml.tokens"].contents()), {t.name: int(t.n_bytes) for t in r.tensors})
+
+    @classmethod
+    def of_twin(cls, shape: Shape, quant: str) -> "Header":
+        """The header write_synthetic_gguf writes for ``shape`` (config.json's values), without the 9 GB of data."""
+        return cls._of(shape.n_layer, shape.n_head, shape.n_head_kv, shape.head_dim, shape.head_dim, shape.n_vocab,
+                       {t.name: t.n_bytes for t in plan_tensors(shape, quant)})
+
+    @classmethod
+    def _of(cls, n_layer, n_head, n_head_kv, key_length, value_length, n_vocab, tensors) -> "Header":
+        layers = tuple(sum(b for name, b in tensors.items() if name.startswith(f"blk.{il}.")) for il in range(n_layer))
+        # A tied output (Gemma) is the token embedding, which llama.cpp loads a second time for the output layer.
+        return cls(n_layer, n_head, n_vocab, n_head_kv * key_length, n_head_kv * value_length, layers,
+                   tensors.get("output.weight", tensors["token_embd.weight"]))
+
+
+@dataclass(frozen=True)
+class GpuTruth:
+    """What llama.cpp allocates for a configuration on a CUDA machine, by llama.cpp's own rules: -ngl N puts the
+    output layer and the last N-1 repeating layers on the GPU (llama-model.cpp: i_gpu_start = n_layer + 1 - N), each
+    with its KV cache, and the compute buffer there once any layer is; the process holds ``overhead`` more (the CUDA
+    context). ``compute`` is llama.cpp's compute buffer of a configuration."""
+
+    header: Header
+    compute: Callable[[BenchConfig], int]
+    overhead: int
+
+    def buffers(self, c: BenchConfig) -> dict[str, dict[str, int]]:
+        """llama.cpp's buffer report, as the child collects it from the log."""
+        h = self.header
+        first = max(0, h.n_layer + 1 - c.n_gpu_layers)
+        on_gpu = h.n_layer - first
+        kv = [kv_bytes(cells(c.n_ctx), n, h.n_embd_k_gqa, h.n_embd_v_gqa, c.type_k, c.type_v) for n in (on_gpu, first)]
+        weights = sum(h.layer_bytes[first:]) + (h.output_bytes if c.n_gpu_layers > 0 else 0)
+        return {"model": {"CUDA0": weights}, "kv": {"CUDA0": kv[0], "CPU": kv[1]},
+                "compute": {"CUDA0" if c.n_gpu_layers > 0 else "CPU": self.compute(c)}}
+
+    def peak(self, c: BenchConfig) -> int:
+        """The process's peak on the GPU: llama.cpp's GPU buffers and the overhead."""
+        return self.overhead + sum(b.get("CUDA0", 0) for b in self.buffers(c).values())
+
+
+# The long-context test model's compute buffer as llama.cpp's dry runs report it (llama-cpp-python 0.3.36, CPU
+# build, 2026-12-02; SubprocessLauncher.dry_run over n_ctx 4096-131072, n_ubatch 128-2048): per token of the
+# ubatch, 2 bytes per KV cell (the f16 mask) and 24 KiB with flash attention, 36 bytes per cell (with the f32
+# scores of 8 heads) and 28 KiB without. Some of those reports, in MiB:
+LONG_MODEL_COMPUTE_LOG = {(4096, 128, False): 21.5, (131072, 128, False): 579.5, (65536, 512, False): 1166.01,
+                          (131072, 2048, False): 9272.04, (4096, 128, True): 4.0, (16384, 512, True): 28.01,
+                          (131072, 512, True): 140.01, (65536, 2048, True): 304.05}
+# What the H200 process held beyond the Mistral twin's weights, KV and logits (../shared/device/README.md: 11,617
+# MiB at 16k and 9,377 at 2k, all layers: 524 and 538 MiB more), for a CUDA context.
+CUDA_OVERHEAD = 524 * MiB
+
+
+def long_model_compute(c: BenchConfig) -> int:
+    """The long-context model's compute buffer by the rule its dry runs follow (LONG_MODEL_COMPUTE_LOG)."""
+    n_kv = cells(c.n_ctx)
+    return c.n_ubatch * ((2 * n_kv + 24 * 1024) if c.flash_attn else (36 * n_kv + 28 * 1024))
+
+
+def test_the_truth_reproduces_llama_cpps_reports_of_the_long_context_model():
+    for (n_ctx, n_ubatch, fa), logged in LONG_MODEL_COMPUTE_LOG.items():
+        c = BenchConfig(n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, flash_attn=fa)
+        assert long_model_compute(c) / MiB == pytest.approx(logged, abs=0.05)
+    # and its dry runs' KV: 2048 MiB at 131072 cells with f16, 1088 MiB with q8_0, on 4 layers of 8 x 128
+    assert kv_bytes(131072, 4, 1024, 1024, "f16", "f16") == 2048 * MiB
+    assert kv_bytes(131072, 4, 1024, 1024, "q8_0", "q8_0") == 1088 * MiB
+
+
+# llama.cpp's `llama_kv_cache: size = ...` lines for the demo model (Gemma 3 270M Q4_K_M, llama-cpp-python 0.3.36,
+# CPU build, this VM, 2026-12-02): the cache of the 3 global layers, then that of the 15 sliding-window ones, MiB.
+DEMO_KV_LOG = [  # n_ctx, n_ubatch, cache type, swa_full, (global MiB, sliding-window MiB)
+    (4096, 512, "f16", False, (12.00, 15.00)),
+    (8192, 512, "q8_0", False, (12.75, 7.97)),
+    (2048, 512, "f16", True, (6.00, 30.00)),
+    (16384, 512, "q4_0", False, (13.50, 4.22)),
+    (32768, 128, "f16", False, (96.00, 11.25)),
+    (40000, 256, "q8_0", False, (62.55, 5.98)),  # 40192 cells
+]
+
+
+@pytest.mark.parametrize("n_ctx,n_ubatch,kv,swa_full,logged", DEMO_KV_LOG)
+def test_the_kv_cache_is_what_llama_cpp_logs_for_the_demo_model(demo_model_path, n_ctx, n_ubatch, kv, swa_full,
+                                                                logged):
+    h = Header.read(demo_model_path)
+    n_swa = GGUFReader(str(demo_model_path)).fields["gemma3.attention.sliding_window"].contents()
+    n_global = len(range(5, h.n_layer, 6))  # llama.cpp's Gemma 3: every 6th layer attends to the whole context
+    swa_cells = cells(n_ctx) if swa_full else cells(min(n_ctx, n_swa + n_ubatch))
+    by_hand = [kv_bytes(cells(n_ctx), n_global, h.n_embd_k_gqa, h.n_embd_v_gqa, kv, kv),
+               kv_bytes(swa_cells, h.n_layer - n_global, h.n_embd_k_gqa, h.n_embd_v_gqa, kv, kv)]
+    assert [b / MiB for b in by_hand] == pytest.approx(logged, abs=0.005)  # the log's 2 decimals
+    cfg = BenchConfig(n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, flash_attn=kv != "f16" or swa_full,
+                      type_k=kv, type_v=kv, swa_full=swa_full)
+    assert MemoryModel(ModelFacts.of(load_model_info(demo_model_path)), on_gpu=False).allocations(cfg).host_kv \
+        == sum(by_hand)
+
+
+@pytest.mark.parametrize("n_gpu_layers", range(6))
+def test_weights_and_kv_go_to_the_gpu_by_llama_cpps_offload_order(long_context_model, n_gpu_layers):
+    h = Header.read(long_context_model)
+    cfg = BenchConfig(n_gpu_layers=n_gpu_layers, n_ctx=65536, n_batch=512, n_ubatch=512, flash_attn=True,
+                      type_k="q8_0", type_v="q8_0")
+    truth = GpuTruth(h, long_model_compute, 0).buffers(cfg)
+    a = MemoryModel(ModelFacts.of(load_model_info(long_context_model)), on_gpu=True).allocations(cfg)
+    assert (a.gpu_weights, a.gpu_kv, a.host_kv) == (truth["model"]["CUDA0"], truth["kv"]["CUDA0"], truth["kv"]["CPU"])
+    assert a.gpu_kv + a.host_kv == 544 * MiB  # its dry run: 1088 MiB of q8_0 at 131072 cells, half at 65536
+
+
 FAKE_GPU = Environment(**{**ENV.__dict__, "gpu_name": "Fake GPU", "vram_total_bytes": 12 << 30, "gpu_offload": True})
 POINT = BenchConfig(n_gpu_layers=5, n_ctx=8192, n_batch=2048, n_ubatch=512, flash_attn=True, n_threads=4,
                     n_threads_batch=4)
 
 
+@dataclass(kw_only=True)
+class TruthLauncher(FakeLauncher):
+    """A fake GPU machine whose peaks and buffer reports (measured and dry runs) are ``truth``'s."""
+
+    truth: GpuTruth
+
+    def __post_init__(self):
+        self.peak_fn = self.truth.peak
+
+    def measure(self, model_path, configs):
+        for r in super().measure(model_path, configs):
+            if r.ok:
+                r.buffers = self.truth.buffers(r.config)
+            yield r
+
+    def dry_run(self, model_path, configs):
+        return [TrialResult(Status.OK, c, model_path, buffers=self.truth.buffers(c)) for c in configs]
+
+
 def fake_gpu_study(model, tmp_path, free_bytes, points=(), **request):
-    """A study on a fake 12 GiB GPU with a 1.5 GiB budget, whose measured peaks are 2% above what
-    the memory model predicts, with ``points`` (configs) enqueued first."""
-    truth = MemoryModel(ModelFacts.of(load_model_info(model)), on_gpu=True)
-    launcher = FakeLauncher(env=FAKE_GPU, peak_fn=lambda c: int(truth.predict(c) * 1.02), free_bytes=free_bytes)
+    """A study on a fake 12 GiB GPU with a 1.5 GiB budget, whose peaks are llama.cpp's (GpuTruth) for the long-context
+    model, with ``points`` (configs) enqueued first."""
+    truth = GpuTruth(Header.read(model), long_model_compute, CUDA_OVERHEAD)
+    launcher = TruthLauncher(env=FAKE_GPU, truth=truth, free_bytes=free_bytes)
     req = StudyRequest(model=str(model), storage=f"sqlite:///{tmp_path}/s.db", vram_budget="1536MiB",
                        min_headroom="64MiB", min_ctx=4096, **request)
     t = open_tuner(req, launcher=launcher, env=FAKE_GPU, probe=FakeGpuProbe())
@@ -181,6 +349,7 @@ def test_the_mistral_twin_under_12_gib_gets_every_layer_at_16k(tiny_model, tmp_p
                            "--batch-size 512 --n-gpu-layers 49 --threads 8 --parallel 1")
     t = open_tuner(request, launcher=launcher, env=env, probe=FakeGpuProbe())
     t.run()
+    confirm_leaders(t)
     fastest = StudyView(t.study).presets["fastest"].candidate.figures
     assert fastest.config.n_gpu_layers == 41 and fastest.config.n_ctx >= 16384
     assert fastest.peak_memory_bytes <= (12 << 30) - (512 << 20)

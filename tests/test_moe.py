@@ -14,6 +14,7 @@ from llama_tuner.model.info import load_model_info
 from llama_tuner.model.twins import SHAPES, describe_shape
 from llama_tuner.report.export import llama_cpp_python_snippet, llama_server_args, ollama_modelfile
 from llama_tuner.study.baselines import parse_server_flags
+from llama_tuner.study.confirmation import confirm_leaders
 from llama_tuner.study.memory_model import FIT_MARGIN, MemoryModel
 
 GIB = 2**30
@@ -146,6 +147,7 @@ def test_a_moe_study_on_a_12_gib_gpu_fits_experts_per_trial_and_fits_the_default
             c = r.config
             assert c.n_gpu_layers == 49 and c.n_cpu_moe > 0
             assert r.peak_memory_bytes <= 12 * GIB - 512 * 2**20
+    confirm_leaders(t)
     fastest = StudyView(t.study).presets["fastest"].candidate.figures.config
     assert fastest.n_cpu_moe > 0
 

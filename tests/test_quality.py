@@ -76,11 +76,13 @@ def test_no_preset_uses_a_cache_over_max_kld_and_exports_say_its_quality(long_co
     from test_study import ENV, tuner_for
     from llama_tuner.report.export import study_preset_json
     from llama_tuner.report.study_report import full_report
+    from llama_tuner.study.confirmation import confirm_leaders
     from llama_tuner.study.keys import KV_QUALITY_ATTR
     from llama_tuner.study.view import StudyView
 
     t = tuner_for(long_context_model, tmp_path, QuantizedIsFastest(env=ENV, noise=0.0), trials=16, seed=3)
     t.run()
+    confirm_leaders(t)
     ungated = StudyView(t.study).presets
     assert "q4_0" in {p.candidate.figures.config.type_v for p in ungated.values()}  # without the gate, q4_0 wins
     t.study.set_user_attr(KV_QUALITY_ATTR, RECORD)

@@ -268,11 +268,19 @@ def test_the_reason_one_model_is_faster_follows_from_bytes_and_bandwidth(fast, s
     assert fast.tg / slow.tg == pytest.approx(ratio)
 
 
+class TwiceAsFast(FakeLauncher):
+    """A model that reads fewer bytes per token: twice the fake's speeds."""
+
+    def speeds(self, c):
+        tg, pp = super().speeds(c)
+        return 2 * tg, 2 * pp
+
+
 def test_compare_of_two_recorded_studies_ranks_by_speed_and_explains_by_bytes(tiny_model, long_context_model,
                                                                               tmp_path):
     a = study(long_context_model, tmp_path, Tracker(), study_name="long", trials=6)
     b = study(tiny_model, tmp_path, Tracker(), study_name="tiny", trials=6, min_ctx=512,
-              launcher=FakeLauncher(env=ENV, weights_bytes=1 << 30, n_layer=2))
+              launcher=TwiceAsFast(env=ENV, weights_bytes=1 << 30, n_layer=2))
     rows = [row_for(StudyView(a.study)), row_for(StudyView(b.study))]
     fast, slow = sorted(rows, key=lambda r: -r.tg)
     text = compare_text(rows)
@@ -282,7 +290,9 @@ def test_compare_of_two_recorded_studies_ranks_by_speed_and_explains_by_bytes(ti
         assert r.cost.total == sum(StudyView(a.study if r.study == "long" else b.study).facts.layer_bytes) + \
             StudyView(a.study if r.study == "long" else b.study).facts.output_bytes + r.cost.kv
     claim = text.strip().splitlines()[-1]
-    assert claim.startswith(f"- {fast.model} generates {fast.tg / slow.tg:.2f}x as fast as {slow.model}")
+    assert claim.startswith(f"- {fast.model} generates {fast.tg / slow.tg:.2f}x as fast as {slow.model} (+")
+    same = compare_text([row_for(StudyView(a.study)), row_for(StudyView(a.study))]).strip().splitlines()[-1]
+    assert "the same speed within the noise (tie (+0.0% ±" in same  # a gap inside the noise is no claim
     if fast.cost.total < slow.cost.total:
         assert "fewer bytes per token" in claim
     else:  # the faster one reads more: only a higher achieved bandwidth can explain it

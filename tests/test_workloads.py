@@ -9,7 +9,7 @@ from llama_tuner.measure.result import DepthCurve, Rates, Status, TrialResult, w
 from llama_tuner.measure.workloads import PROBE_TOKENS, answer_ns, curve_depths
 from llama_tuner.report.export import llama_server_args, ollama_modelfile
 from llama_tuner.study.objectives import Limits, constraints
-from llama_tuner.study.presets import speed
+from llama_tuner.study.comparison import speed
 
 
 def test_the_curve_probes_doubling_depths_and_the_prompts_and_answers_ends():

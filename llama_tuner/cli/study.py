@@ -59,7 +59,8 @@ def _ranges(items: tuple[str, ...]) -> dict[str, tuple[int, int]]:
 @click.option("--seed", type=int, help="Sampler seed.")
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True, help="Optuna storage URL.")
 @click.option("--trial-timeout", default="15m", show_default=True, help="Kill one measurement after this long.")
-@click.option("--no-confirm", is_flag=True, help="Skip re-measuring the top 3 before choosing presets.")
+@click.option("--no-confirm", is_flag=True,
+              help="Skip the confirmation race (presets are then the baselines only: nothing else is confirmed).")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db).")
 @click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
 @click.option("--download", is_flag=True, help="Fetch an hf:ORG/REPO[:QUANT] model missing from the cache.")
@@ -125,18 +126,21 @@ def run_and_print(tuner, confirm: bool, max_kld: float | None = None) -> None:
             if max_kld is not None:
                 record_for_study(tuner, max_kld, on_phase=progress.phase)
             tuner.run()
-            view = StudyView(llama_tuner.study)
-            # A resumed study that measured nothing new keeps its confirmations: nothing is measured twice.
-            if confirm and view.candidates and (llama_tuner.measured_count() > already or not view.confirmations):
+            view = StudyView(tuner.study)
+            # A resumed study that measured nothing new keeps its finished race: nothing is measured twice;
+            # a race that Ctrl-C cut goes on where it stopped.
+            race = view.race
+            if confirm and view.candidates and (tuner.measured_count() > already or race is None
+                                                or not race.get("complete")):
                 confirm_leaders(tuner, on_pass=lambda top: progress.phase(_confirm_line(tuner, top)),
                                 on_round=lambda *a: progress.phase(_round_line(view, *a)))
             if tuner.tracker.enabled:
                 progress.phase("writing the study's summary to MLflow")
-            tuner.tracker.study_finished(StudyView(llama_tuner.study))
+            tuner.tracker.study_finished(StudyView(tuner.study))
     except KeyboardInterrupt:
         raise UserError(f"interrupted after {tuner.measured_count()} measured configurations (all saved)",
                         "run the same command again to resume") from None
-    view = StudyView(llama_tuner.study)
+    view = StudyView(tuner.study)
     click.echo(header(view))
     click.echo("\npresets:\n" + presets_table(view))
     click.echo(why_lines(view))

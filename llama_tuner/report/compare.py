@@ -12,7 +12,9 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+from llama_tuner.measure.result import TrialResult
 from llama_tuner.measure.workloads import PRESETS, is_curve
+from llama_tuner.study.comparison import compare
 from llama_tuner.model.facts import TokenCost
 from llama_tuner.study.quality_gate import kld_text
 from llama_tuner.report.tables import markdown_table
@@ -40,6 +42,7 @@ class ModelRow:
     answer_how: str = ""  # "measured" (the study measured this workload's depth curve) or "estimated"
     sizes: tuple[int, int, int] = (0, 0, 0)  # the answered test: depth, prompt and generated tokens
     label: str = ""  # how sentences name it: the model, or the study where two rows share a model
+    figures: TrialResult | None = None  # the preset's measurement, for the gap's interval
 
     @property
     def name(self) -> str:
@@ -96,7 +99,7 @@ def row_for(view, preset: str = "fastest", workload: str | None = None, sizes: S
                     peak=f.peak_memory_bytes, headroom=f.headroom_bytes, cost=cost,
                     peak_bandwidth_gbs=view.environment.gpu_peak_bandwidth_gbs,
                     kv_quality=kld_text(c, view.kv_quality), workload=workload, answer_s=answer, prompt_s=prompt,
-                    answer_how=how, sizes=sizes or workload_sizes([view], preset, workload))
+                    answer_how=how, sizes=sizes or workload_sizes([view], preset, workload), figures=f)
 
 
 def _gbs(x: float) -> str:
@@ -121,6 +124,10 @@ def versus(a: ModelRow, b: ModelRow) -> str:
     fewer = b.cost.total / a.cost.total  # > 1: a reads fewer bytes per token
     bw = a.bandwidth_gbs / b.bandwidth_gbs
     sizes = f"{format_size(a.cost.total)} vs {format_size(b.cost.total)}"
+    gap = compare(a.figures, b.figures, "tg") if a.figures is not None and b.figures is not None else None
+    if gap is not None and gap.verdict == "tie":
+        return (f"{a.name} and {b.name} generate at the same speed within the noise ({gap.text()}), though "
+                f"{a.name} reads {format_size(a.cost.total)} per token and {b.name} {format_size(b.cost.total)}.")
     if fewer >= 1 and bw >= 1:
         why = f"it reads {fewer:.2f}x fewer bytes per token ({sizes}) and achieves {bw:.2f}x the bandwidth"
     elif fewer >= 1:
@@ -129,7 +136,8 @@ def versus(a: ModelRow, b: ModelRow) -> str:
     else:
         why = (f"it achieves {bw:.2f}x the bandwidth, which outweighs the {1 / fewer:.2f}x more bytes it reads "
                f"per token ({sizes})")
-    return f"{a.name} generates {speed:.2f}x as fast as {b.name}: {why}."
+    interval = f" ({gap.text()})" if gap is not None else ""
+    return f"{a.name} generates {speed:.2f}x as fast as {b.name}{interval}: {why}."
 
 
 def sooner(a: ModelRow, b: ModelRow) -> str:
@@ -138,8 +146,14 @@ def sooner(a: ModelRow, b: ModelRow) -> str:
         return f"{r.prompt_s:.1f} s prompt + {r.answer_s - r.prompt_s:.1f} s generating"
     depth, prompt, gen = a.sizes
     test = f"{prompt} prompt tokens" + (f" after {depth}" if depth else "") + f", {gen} generated"
-    return (f"{a.name} answers a {a.workload} request ({test}) in {a.answer_s:.1f} s ({parts(a)}), {b.name} in "
-            f"{b.answer_s:.1f} s ({parts(b)}): {b.answer_s / a.answer_s:.2f}x sooner.")
+    both = (f"{a.name} answers a {a.workload} request ({test}) in {a.answer_s:.1f} s ({parts(a)}), {b.name} in "
+            f"{b.answer_s:.1f} s ({parts(b)})")
+    measured = a.answer_how == b.answer_how == "measured" and a.figures is not None and b.figures is not None
+    gap = compare(a.figures, b.figures, "answer") if measured else None
+    if gap is not None and gap.verdict == "tie":
+        return f"{both}: the same within the noise ({gap.text()} answers per second)."
+    interval = f" ({gap.text()} answers per second)" if gap is not None else ""
+    return f"{both}: {b.answer_s / a.answer_s:.2f}x sooner{interval}."
 
 
 def compare_text(rows: list[ModelRow]) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from llama_tuner.measure.config import BenchConfig
+from llama_tuner.study.comparison import Gap
 from llama_tuner.study.presets import Candidate, gain
 from llama_tuner.study.quality_gate import cache_kld, kld_text
 from llama_tuner.study.view import StudyView
@@ -86,11 +87,11 @@ def llama_cpp_python_kwargs(model_path: str, c: BenchConfig) -> dict[str, Any]:
             "offload_kqv": c.offload_kqv, "swa_full": c.swa_full}
 
 
-def llama_cpp_python_snippet(model_path: str, c: BenchConfig) -> str:
+def llama_cpp_python_snippet(model_path: str, c: BenchConfig, header: str = "") -> str:
     """Python code that builds the preset's ``Llama`` (llama-cpp-python ignores unknown kwargs, so every
-    name here is one it reads)."""
+    name here is one it reads), after ``header`` as comment lines."""
     kw = llama_cpp_python_kwargs(model_path, c)
-    lines = ["import llama_cpp", "from llama_cpp import Llama", ""]
+    lines = [f"# {line}" for line in header.splitlines()] + ["import llama_cpp", "from llama_cpp import Llama", ""]
     if not c.repack:
         lines += ["# measured with weight repacking off (llama-server --no-repack); Llama(...) has no setting "
                   "for it", ""]
@@ -139,7 +140,7 @@ def ollama_modelfile(model_path: str, c: BenchConfig, header: str = "") -> str:
 
 
 def preset_json(name: str, candidate: Candidate, model_path: str, study: str, env: dict[str, Any],
-                gains: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+                gains: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The preset with its measured figures, as a JSON-ready dict."""
     f = candidate.figures
     c = f.config
@@ -170,10 +171,26 @@ def workload_figures(f) -> dict[str, Any]:
     return out
 
 
-def gains_over_baselines(view: StudyView, candidate: Candidate) -> dict[str, dict[str, float]]:
-    """The candidate's relative tg and pp gain over each baseline that ran."""
-    return {name: {"tg": gain(candidate, b, "tg"), "pp": gain(candidate, b, "pp")}
-            for name, b in view.baselines.items() if b.figures.ok}
+def gap_json(g: Gap) -> dict[str, Any]:
+    """A gain as JSON: the share, its 95% half-width (None when unknown), the verdict and how it was paired."""
+    return {"share": g.share, "half_width": None if g.half == float("inf") else g.half, "verdict": g.verdict,
+            "paired_rounds": g.rounds if g.paired else 0}
+
+
+def gains_over_baselines(view: StudyView, candidate: Candidate) -> dict[str, dict[str, Any]]:
+    """The candidate's tg and pp gain over each baseline that ran (another baseline than itself), with its
+    interval and verdict (a gain inside the interval is a tie)."""
+    return {name: {fig: gap_json(gain(candidate, b, fig)) for fig in ("tg", "pp")}
+            for name, b in view.baselines.items() if b.figures.ok and b.trial != candidate.trial}
+
+
+def preset_header(view: StudyView, name: str) -> str:
+    """Comment lines for an exported preset: where it comes from, its figures and why it was chosen."""
+    p = view.preset(name)
+    f = p.candidate.figures
+    return (f"llama-tuner preset {name!r} from study {view.name!r} ({p.candidate.label})\n"
+            f"measured: tg {f.tg_mean:.2f} t/s, pp {f.pp_mean:.2f} t/s, peak {format_size(f.peak_memory_bytes)}\n"
+            f"why: {p.why}")
 
 
 def exported_environment(view: StudyView) -> dict[str, Any]:
@@ -200,20 +217,23 @@ def render_study_preset(view: StudyView, fmt: str, name: str) -> str:
     if fmt == "json":  # with the reason it won and its KV cache's quality
         return json.dumps(study_preset_json(view, name), indent=2) + "\n"
     return render(fmt, name, cand, view.model_path, view.name, exported_environment(view),
-                  gains_over_baselines(view, cand))
+                  gains_over_baselines(view, cand), header=preset_header(view, name))
 
 
 def render(fmt: str, name: str, candidate: Candidate, model_path: str, study: str, env: dict[str, Any],
-           gains: dict[str, dict[str, float]] | None = None) -> str:
-    """The preset in format ``fmt`` (one of FORMATS)."""
+           gains: dict[str, dict[str, Any]] | None = None, *, header: str = "") -> str:
+    """The preset in format ``fmt`` (one of FORMATS); ``header`` becomes comment lines where the format has
+    comments (the llama-server command line has none: it is meant for the shell as it is)."""
     c = candidate.figures.config
     if fmt == "llama-server":
         return llama_server_command(model_path, c) + "\n"
     if fmt == "llama-cpp-python":
-        return llama_cpp_python_snippet(model_path, c)
+        return llama_cpp_python_snippet(model_path, c, header)
     if fmt == "ollama":
-        f = candidate.figures
-        header = (f"llama-tuner preset {name!r} from study {study!r} (trial {candidate.trial})\n"
-                  f"measured: tg {f.tg_mean:.2f} t/s, pp {f.pp_mean:.2f} t/s, peak {format_size(f.peak_memory_bytes)}")
+        if not header:
+            f = candidate.figures
+            header = (f"llama-tuner preset {name!r} from study {study!r} (trial {candidate.trial})\n"
+                      f"measured: tg {f.tg_mean:.2f} t/s, pp {f.pp_mean:.2f} t/s, "
+                      f"peak {format_size(f.peak_memory_bytes)}")
         return ollama_modelfile(model_path, c, header)
     return json.dumps(preset_json(name, candidate, model_path, study, env, gains), indent=2) + "\n"

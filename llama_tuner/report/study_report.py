@@ -79,7 +79,8 @@ def _workload_cells(f, workload: str) -> list[str]:
 
 
 def preset_rows(view: StudyView) -> tuple[list[str], list[list[str]]]:
-    """Columns and rows of the presets table, with the gain over each baseline in % (of the objective)."""
+    """Columns and rows of the presets table, with the gain over each baseline in % and its 95% interval
+    ("tie" inside it); a baseline that may not be a preset says why."""
     bases = {n: c for n, c in view.baselines.items() if c.figures.ok}
     w, obj = view.workload, view.objective
     gains = ["tg", "pp"] if obj in ("tg", "pp", "balanced") else [obj]
@@ -91,10 +92,13 @@ def preset_rows(view: StudyView) -> tuple[list[str], list[list[str]]]:
         rows.append([name, str(p.candidate.trial), *_settings(f.config), _rate(f.tg), _rate(f.pp),
                      format_size(f.peak_memory_bytes), format_size(f.headroom_bytes),
                      kld_text(f.config, view.kv_quality), *_workload_cells(f, w)]
-                    + [f"{100 * gain(p.candidate, b, g):+.1f}%" for g in gains for b in bases.values()])
+                    + ["itself" if b is p.candidate or b.trial == p.candidate.trial
+                       else gain(p.candidate, b, g).text() for g in gains for b in bases.values()])
     for name, b in view.baselines.items():
         f = b.figures
-        rows.append([f"(baseline) {name}", str(b.trial), *_settings(f.config), _rate(f.tg) if f.ok else f.status.value,
+        why_not = view.why_not_kept(b)
+        label = f"(baseline) {name}" + (f" [reference: {why_not}]" if why_not else "")
+        rows.append([label, str(b.trial), *_settings(f.config), _rate(f.tg) if f.ok else f.status.value,
                      _rate(f.pp) if f.ok else "-", format_size(f.peak_memory_bytes), format_size(f.headroom_bytes),
                      kld_text(f.config, view.kv_quality), *_workload_cells(f, w)]
                     + [""] * (len(gains) * len(bases)))
@@ -132,6 +136,12 @@ def presets_table(view: StudyView) -> str:
 def why_lines(view: StudyView) -> str:
     """Why each preset was chosen, and which KV cache types none may use."""
     lines = [f"- {name}: {p.why}" for name, p in view.presets.items()]
+    race = view.race
+    if race is None:
+        lines.append("- no confirmation race has run: presets are baselines only (run `tune` again to race)")
+    elif not race.get("complete"):
+        lines.append(f"- the confirmation race was cut after {race.get('rounds')} rounds: run `tune` again to "
+                     "finish it")
     excluded = excluded_note(view.kv_quality)
     return "\n".join(lines + ([f"- {excluded}"] if excluded else []))
 

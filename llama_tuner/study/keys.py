@@ -21,6 +21,7 @@ ENVIRONMENT_ATTR = "environment"  # tuner.measure.result.Environment as a dict
 REQUEST_ATTR = "request"  # the options of `tune` (llama_tuner.study.session.StudyRequest), for workers
 KV_QUALITY_ATTR = "kv_quality"  # tuner.study.quality_gate's record: each cache type's KLD, and --max-kld
 CONFIRM_PREFIX = "confirm:"  # + trial number: its interleaved re-measurement (a TrialResult dict)
+RACE_ATTR = "race"  # the latest confirmation race: {batch, trials, rounds, complete}, written every round
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 TRACKING_URI_ATTR = "mlflow_tracking_uri"
 STUDY_RUN_PREFIX = "mlflow_run:"  # + trial number: the MLflow run that `sync` wrote for it

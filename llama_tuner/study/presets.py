@@ -1,39 +1,41 @@
-"""Choosing presets from measured candidates: fastest, max-context, balanced.
+"""Choosing presets: fastest, max-context and balanced, from the race's configurations and the baselines.
 
-"Speed" follows the study's ``--objective``: generation rate (tg), prompt rate
-(pp) or their geometric mean (balanced). Two candidates whose mean speeds differ
-by less than two standard deviations of that difference (from each one's
-repetitions: sqrt(sd1^2/n1 + sd2^2/n2)) are a tie, and a tie goes to the one
-using less memory: on a shared GPU, headroom is worth more than noise. Memory
-has a resolution too: a saving smaller than MEMORY_STEP of the budget (say 40 MB
-of a 24 GB RAM budget, from a q4_0 KV cache) is no reason to take a candidate
-whose mean is lower, so among the tied candidates within that step of the
-leanest, the fastest wins, unless one of them is a baseline: today's settings
-are not changed for a gain inside the noise. One noisy measurement widens only
-its own ties, not those of every other candidate.
-Candidates confirmed together, taking turns (``TrialResult.interleaved``), are
-compared round by round instead: the standard error is that of the per-round
-differences, so drift of the machine, which hits both alike, cancels out.
+The rules (docs/benchmarks.md §4), every comparison made by
+:func:`llama_tuner.study.comparison.compare` (paired rounds where two were raced together):
+
+- A preset is a configuration confirmed in the confirmation race, or a baseline the
+  user could keep: one that ran, is feasible, keeps to --max-kld and honours the pins.
+  A baseline that breaks them is a reference in the tables, never a preset.
+- ``fastest``: the raced configurations that *beat every such baseline* (faster beyond the
+  95% interval on the objective, not slower beyond it on the other figure -- pp for a tg
+  objective, tg for a pp one -- and no smaller context). If none does, the preset is the
+  baseline: a tie is not a gain. Among those that do, the leader and every one not slower
+  than it beyond the noise are tied, and the tie is broken by the other figure (those not
+  worse than its best beyond the noise stay), then by context, and by memory last: the leanest
+  where it saves at least MEMORY_STEP of the budget, else the fastest.
+- ``max-context``: the largest context at >= MAX_CONTEXT_SHARE of the fastest's speed; a
+  baseline that has that context is kept unless a raced configuration with it beats it.
+- ``balanced``: the best geometric mean of tg, pp and context relative to the best of each; a
+  baseline is kept unless the winner's score beats the baseline's beyond the noise.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass, field
 
-from llama_tuner.measure.result import Rates, TrialResult
+from llama_tuner.measure.result import TrialResult
+from llama_tuner.study.comparison import CONFIDENCE, FIGURES, Gap, compare, speed
 
-OBJECTIVES = ("tg", "pp", "balanced", "answer")  # answer: seconds to answer (chat, reasoning, long, custom)
+OBJECTIVES = FIGURES  # tg, pp, balanced, answer: what "fastest" means
 PRESET_NAMES = ("fastest", "max-context", "balanced")
 MAX_CONTEXT_SHARE = 0.90
-TIE_SIGMAS = 2.0
-MEMORY_STEP = 0.01  # share of the memory budget below which a saving does not count
+MEMORY_STEP = 0.01  # share of the memory budget below which a saving does not break a tie
 
 
 @dataclass
 class Candidate:
-    """A feasible measured configuration; ``confirm`` is its re-measurement with more repetitions."""
+    """A measured configuration; ``confirm`` is its measurement in the confirmation race, if it ran in one."""
 
     trial: int
     result: TrialResult
@@ -42,78 +44,28 @@ class Candidate:
 
     @property
     def figures(self) -> TrialResult:
-        """The measurement to trust: the confirmation where there is one."""
-        return self.confirm if self.confirm is not None and self.confirm.ok else self.result
+        """The measurement to trust: the race's where it raced (even a failed one), else its own."""
+        return self.confirm if self.confirm is not None else self.result
 
     @property
     def memory(self) -> int:
         """Peak memory (VRAM on a GPU, else RSS), for tie-breaking."""
         return self.figures.peak_memory_bytes or 0
 
+    @property
+    def n_ctx(self) -> int:
+        """The context it runs with."""
+        return self.figures.config.n_ctx
 
-def speed(result: TrialResult, objective: str) -> tuple[float, float]:
-    """(mean, standard deviation) of the speed that ``objective`` means, in t/s."""
-    tg, pp = result.tg or Rates(1, []), result.pp or Rates(1, [])
-    if objective == "answer":  # answers per second: the inverse of the seconds to answer
-        answer = result.answer or Rates(1, [])
-        return answer.mean, answer.stddev
-    if objective == "tg":
-        return tg.mean, tg.stddev
-    if objective == "pp":
-        return pp.mean, pp.stddev
-    mean = math.sqrt(tg.mean * pp.mean)
-    rel = math.sqrt((tg.stddev / tg.mean) ** 2 + (pp.stddev / pp.mean) ** 2) / 2
-    return mean, mean * rel
-
-
-def _tests(result: TrialResult, objective: str) -> list[Rates | None]:
-    """The tests whose rates make up ``objective``'s speed."""
-    return {"tg": [result.tg], "pp": [result.pp], "balanced": [result.tg, result.pp],
-            "answer": [result.answer]}[objective]
-
-
-def standard_error(result: TrialResult, objective: str) -> float:
-    """Standard error of the mean speed: its standard deviation over the square root of the repetitions."""
-    tests = _tests(result, objective)
-    n = min((len(r.samples_ns) if r else 0) for r in tests)
-    return speed(result, objective)[1] / math.sqrt(n) if n > 1 else 0.0
-
-
-def round_speeds(result: TrialResult, objective: str) -> list[float]:
-    """The speed of each round of an interleaved confirmation (empty for other results)."""
-    step = result.interleaved.per_round if result.interleaved else 0
-    tests = _tests(result, objective)
-    if not step or any(r is None for r in tests):
-        return []
-    per_test = [[statistics.fmean(r.rates[i:i + step]) for i in range(0, len(r.rates), step)] for r in tests]
-    return [math.prod(values) ** (1 / len(values)) for values in zip(*per_test)]
-
-
-# Student's t at 97.5% by degrees of freedom: with 3 paired rounds, 2 sigmas would call one race in 6 a win.
-_T975 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23)
-
-
-def t_sigmas(n: int) -> float:
-    """How many standard errors of a mean of ``n`` paired differences make a two-sided 95% interval."""
-    return _T975[n - 2] if 2 <= n < len(_T975) + 2 else TIE_SIGMAS
-
-
-def tied(a: TrialResult, b: TrialResult, objective: str) -> bool:
-    """True when the two speeds differ by no more than their noise: for candidates confirmed in the same
-    interleaved batch, the mean per-round gap (as a share) within a Student's t 95% interval of the rounds both
-    ran; otherwise the mean speeds within TIE_SIGMAS standard errors of their difference."""
-    ra, rb = round_speeds(a, objective), round_speeds(b, objective)
-    if a.interleaved is not None and a.interleaved == b.interleaved and min(len(ra), len(rb)) >= 3:
-        # A candidate that left the race early has fewer rounds: the rounds both ran are the first ones.
-        diffs = [(x - y) / x for x, y in zip(ra, rb)]  # drift scales both of a round alike
-        return abs(statistics.fmean(diffs)) <= t_sigmas(len(diffs)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    gap = abs(speed(a, objective)[0] - speed(b, objective)[0])
-    return gap <= TIE_SIGMAS * math.hypot(standard_error(a, objective), standard_error(b, objective))
+    @property
+    def label(self) -> str:
+        """"trial 7", or the baseline's name."""
+        return f"the baseline {self.baseline!r}" if self.baseline else f"trial {self.trial}"
 
 
 @dataclass
 class Preset:
-    """A chosen configuration with the reason it was chosen."""
+    """A chosen configuration with the reason it was chosen, and the trials tied with it."""
 
     name: str
     candidate: Candidate
@@ -121,76 +73,143 @@ class Preset:
     ties: list[int] = field(default_factory=list)
 
 
-def _break_ties(ranked: list[Candidate], objective: str, budget_bytes: int | None) -> tuple[Candidate, list[int]]:
-    """The choice among the candidates tied with the fastest of ``ranked``: those within MEMORY_STEP of
-    the budget of the leanest (any saving counts when the budget is unknown) stay; of these, a baseline
-    (today's settings are not changed for a gain inside the noise), else the fastest."""
-    ties = [c for c in ranked if c is ranked[0] or tied(ranked[0].figures, c.figures, objective)]
-    # Never trade below a baseline in the tie: a preset is not slower than what the user runs today.
-    floor = max((speed(c.figures, objective)[0] for c in ties if c.baseline), default=None)
-    if floor is not None:
-        ties = [c for c in ties if speed(c.figures, objective)[0] >= floor]
-    step = MEMORY_STEP * budget_bytes if budget_bytes else 0
-    leanest = min(c.memory for c in ties)
-    lean = [c for c in ties if c.memory - leanest <= step]
-    choice = max(lean, key=lambda c: (c.baseline is not None, speed(c.figures, objective)[0], -c.memory))
-    return choice, [c.trial for c in ties if c is not choice]
+def other_figure(objective: str) -> str | None:
+    """The figure a preset must not lose beyond the noise while it wins the objective."""
+    return {"tg": "pp", "pp": "tg"}.get(objective)
 
 
-def _tie_note(preset: Candidate, ties: list[int], ranked: list[Candidate]) -> str:
-    """Why a tied preset won: its memory, being today's settings, or its speed."""
-    if not ties:
-        return ""
-    if preset.baseline is not None:
-        why = (f"kept the baseline {preset.baseline!r}: nothing is faster beyond the noise "
-               f"or saves {MEMORY_STEP:.0%} of the budget")
-    elif preset is not ranked[0]:
-        why = "least memory"
-    else:
-        why = f"the others save under {MEMORY_STEP:.0%} of the budget"
-    return f" (tied, within the noise, with trials {ties}; {why})"
+def gain(preset: Candidate, baseline: Candidate, figure: str) -> Gap:
+    """The preset against a baseline on ``figure`` (tg, pp, balanced or answer), with its interval."""
+    return compare(preset.figures, baseline.figures, figure)
+
+
+def _mean(c: Candidate, figure: str) -> float:
+    value = speed(c.figures, figure)[0]
+    return -math.inf if math.isnan(value) else value
+
+
+def beats(c: Candidate, b: Candidate, objective: str, contenders: int = 1) -> bool:
+    """True when ``c`` is a gain over ``b`` for a user: faster beyond the noise on the objective, not slower
+    beyond it on the other figure, and no smaller context. With several ``contenders`` tried against the same
+    baseline, the objective's interval is widened (Bonferroni) so that the chance that any of them wins by
+    noise alone stays 5%."""
+    confidence = 1 - (1 - CONFIDENCE) / max(1, contenders)
+    if compare(c.figures, b.figures, objective, confidence=confidence).verdict != "better" or c.n_ctx < b.n_ctx:
+        return False
+    other = other_figure(objective)
+    return other is None or gain(c, b, other).verdict != "worse"
 
 
 def rank(candidates: list[Candidate], objective: str) -> list[Candidate]:
-    """Candidates sorted fastest first."""
-    return sorted(candidates, key=lambda c: -speed(c.figures, objective)[0])
+    """Candidates sorted fastest first (by the mean of the objective)."""
+    return sorted(candidates, key=lambda c: -_mean(c, objective))
 
 
-def choose_presets(candidates: list[Candidate], objective: str,
+def _break_ties(pool: list[Candidate], objective: str, budget_bytes: int | None) -> tuple[Candidate, list[int], str]:
+    """The choice among ``pool``'s leader and those tied with it (see the module doc): (choice, the other tied
+    trials, why it won the tie)."""
+    leader = rank(pool, objective)[0]
+    tied = tied_all = [c for c in pool if c is leader or gain(c, leader, objective).verdict != "worse"]
+    if len(tied) == 1:
+        return leader, [], ""
+    why = "faster"
+    other = other_figure(objective)
+    if other is not None:
+        best = rank(tied, other)[0]
+        kept = [c for c in tied if c is best or gain(c, best, other).verdict != "worse"]
+        why = f"{other} not worse beyond the noise" if len(kept) < len(tied) else why
+        tied = kept
+    top_ctx = max(c.n_ctx for c in tied)
+    if any(c.n_ctx < top_ctx for c in tied):
+        why = "the largest context"
+    tied_ctx = [c for c in tied if c.n_ctx == top_ctx]
+    fastest = rank(tied_ctx, objective)[0]
+    leanest = min(tied_ctx, key=lambda c: (c.memory, -_mean(c, objective)))
+    step = MEMORY_STEP * budget_bytes if budget_bytes else 0
+    saving = fastest.memory - leanest.memory
+    choice = leanest if saving > 0 and saving >= step else fastest
+    if choice is leanest and leanest is not fastest:
+        why = f"least memory ({saving / 2**20:.0f} MiB less)"
+    elif len(tied_ctx) > 1:
+        why = (f"{why}; no tied one saves {MEMORY_STEP:.0%} of the budget" if why != "faster"
+               else f"the faster mean; no tied one saves {MEMORY_STEP:.0%} of the budget")
+    return choice, [c.trial for c in tied_all if c is not choice], why
+
+
+def _keep(baselines: list[Candidate], objective: str) -> Candidate:
+    """The baseline to keep: the fastest, or the user's own ("yours") where it is not slower beyond the noise."""
+    leader = rank(baselines, objective)[0]
+    yours = next((b for b in baselines if b.baseline == "yours"), None)
+    if yours is not None and yours is not leader and gain(yours, leader, objective).verdict != "worse":
+        return yours
+    return leader
+
+
+def _gains_text(c: Candidate, baselines: list[Candidate], objective: str) -> str:
+    return ", ".join(f"{gain(c, b, objective).text()} vs {b.baseline}" for b in baselines)
+
+
+def _score(c: Candidate, best: dict[str, float]) -> float:
+    f = c.figures
+    return (f.tg_mean / best["tg"] * f.pp_mean / best["pp"] * c.n_ctx / best["ctx"]) ** (1 / 3)
+
+
+def _score_beats(c: Candidate, b: Candidate) -> bool:
+    """True when ``c``'s balanced score beats ``b``'s beyond the noise: the lower end of the interval of their
+    tg-pp geometric mean ratio, with the context ratio, above 1."""
+    g = gain(c, b, "balanced")
+    low = 1 + g.share - g.half
+    return low > 0 and low ** (2 / 3) * (c.n_ctx / b.n_ctx) ** (1 / 3) > 1
+
+
+def choose_presets(entrants: list[Candidate], baselines: list[Candidate], objective: str,
                    budget_bytes: int | None = None) -> dict[str, Preset]:
-    """The three presets from feasible candidates (empty when there is none); ``budget_bytes`` is the
-    memory budget that sets how large a saving must be to win a tie."""
-    if not candidates:
+    """The three presets (see the module doc) from ``entrants`` (configurations confirmed in the race, each
+    with an ok ``confirm``) and ``baselines`` (those a user could keep); empty when both are empty.
+    ``budget_bytes`` sets how large a memory saving must be to break a tie."""
+    pool = [*entrants, *baselines]
+    if not pool:
         return {}
-    ranked = rank(candidates, objective)
-    fastest, ties = _break_ties(ranked, objective, budget_bytes)
     what = "fewest seconds to answer" if objective == "answer" else f"highest {objective} speed"
-    out = {"fastest": Preset("fastest", fastest, what + _tie_note(fastest, ties, ranked),
-                             ties)}
-    floor = MAX_CONTEXT_SHARE * speed(fastest.figures, objective)[0]
-    fast_enough = [c for c in ranked if speed(c.figures, objective)[0] >= floor]
-    top_ctx = max(c.figures.config.n_ctx for c in fast_enough)
-    longest, lties = _break_ties([c for c in fast_enough if c.figures.config.n_ctx == top_ctx], objective,
-                                 budget_bytes)
-    out["max-context"] = Preset("max-context", longest,
-                                f"largest context ({top_ctx}) at >= {MAX_CONTEXT_SHARE:.0%} of the fastest's speed",
+    winners = [c for c in entrants if all(beats(c, b, objective, len(entrants)) for b in baselines)]
+    if winners:
+        fastest, ties, tie_why = _break_ties(winners, objective, budget_bytes)
+        why = what + (f": {_gains_text(fastest, baselines, objective)}" if baselines else "")
+        if ties:
+            why += f" (tied, within the noise, with trials {ties}; {tie_why})"
+    else:
+        fastest, ties = _keep(baselines, objective), []
+        other = other_figure(objective)
+        why = (f"kept {fastest.label}: no configuration confirmed in the race is faster beyond the noise"
+               + (f" without being slower on {other} beyond it" if other else "") + " or with no smaller context"
+               if entrants else f"kept {fastest.label}: no configuration was confirmed in a race")
+    out = {"fastest": Preset("fastest", fastest, why, ties)}
+
+    floor = [c for c in pool if c is fastest or gain(c, fastest, objective).share >= MAX_CONTEXT_SHARE - 1]
+    top_ctx = max(c.n_ctx for c in floor)
+    at_top = [c for c in floor if c.n_ctx == top_ctx]
+    kept = [c for c in at_top if c.baseline]
+    raced = [c for c in at_top if not c.baseline and all(beats(c, b, objective, len(entrants)) for b in kept)]
+    if raced:
+        longest, lties, _ = _break_ties(raced, objective, budget_bytes)
+    else:
+        longest, lties = _keep(kept, objective), []
+    out["max-context"] = Preset("max-context", longest, f"largest context ({top_ctx}) at >= "
+                                f"{MAX_CONTEXT_SHARE:.0%} of the fastest's {objective} speed"
+                                + (f"; kept {longest.label}: it has that context" if longest.baseline else ""),
                                 lties)
-    tg_max = max(c.figures.tg_mean for c in candidates)
-    pp_max = max(c.figures.pp_mean for c in candidates)
-    ctx_max = max(c.figures.config.n_ctx for c in candidates)
 
-    def score(c: Candidate) -> float:
-        f = c.figures
-        return (f.tg_mean / tg_max * f.pp_mean / pp_max * f.config.n_ctx / ctx_max) ** (1 / 3)
-
-    balanced = max(candidates, key=lambda c: (round(score(c), 3), -c.memory))
-    out["balanced"] = Preset("balanced", balanced,
-                             f"best geometric mean of tg, pp and context relative to the best of each "
-                             f"({score(balanced):.2f})")
+    scored = [c for c in pool if c.figures.tg_mean and c.figures.pp_mean]
+    if scored:
+        best = {"tg": max(c.figures.tg_mean for c in scored), "pp": max(c.figures.pp_mean for c in scored),
+                "ctx": max(c.n_ctx for c in scored)}
+        balanced = max(scored, key=lambda c: (round(_score(c, best), 3), -c.memory))
+        scored_bases = [b for b in baselines if b in scored]
+        why = (f"best geometric mean of tg, pp and context relative to the best of each "
+               f"({_score(balanced, best):.2f})")
+        if not balanced.baseline and not all(_score_beats(balanced, b) for b in scored_bases):
+            balanced = max(scored_bases, key=lambda c: _score(c, best))
+            why = (f"kept {balanced.label} ({_score(balanced, best):.2f}): no configuration's geometric mean of "
+                   "tg, pp and context beats it beyond the noise")
+        out["balanced"] = Preset("balanced", balanced, why)
     return out
-
-
-def gain(preset: Candidate, baseline: Candidate, what: str) -> float:
-    """Relative gain of a preset over a baseline in an objective's speed: tg, pp, balanced, or answers per
-    second (0.25 = 25% faster)."""
-    return speed(preset.figures, what)[0] / speed(baseline.figures, what)[0] - 1
