@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 
 import pytest
 
@@ -72,14 +73,18 @@ def test_rates_are_llama_bench_statistics():
 
 
 def test_trial_result_round_trips_and_computes_headroom():
-    env = Environment(host="h", cpu="c", gpu_name="Fake GPU", vram_total_bytes=12 << 30)
+    env = Environment(host="h", cpu="c", gpu_name="Fake GPU", vram_total_bytes=12 << 30, gpu_offload=True)
     r = TrialResult(Status.OK, BenchConfig(n_threads=2, n_threads_batch=2), "/m.gguf",
                     pp=Rates(512, [10**8] * 3), tg=Rates(128, [2 * 10**9] * 3), peak_vram_bytes=9 << 30,
-                    vram_free_before_bytes=11 << 30, peak_rss_bytes=1 << 30, env=env)
+                    vram_free_before_bytes=11 << 30, peak_rss_bytes=1 << 30, ram_available_before_bytes=20 << 30,
+                    env=env)
     again = TrialResult.from_dict(r.to_dict())
     assert again == r
     assert again.tg_mean == pytest.approx(64.0) and again.pp_mean == pytest.approx(5120.0)
     assert again.headroom_bytes == 2 << 30 and again.peak_memory_bytes == 9 << 30
+    # The same GPU beside a CPU build of llama.cpp holds nothing of the model: what limits it is RAM.
+    cpu_build = replace(r, env=replace(env, gpu_offload=False), peak_vram_bytes=0, vram_free_before_bytes=11 << 30)
+    assert cpu_build.peak_memory_bytes == 1 << 30 and cpu_build.headroom_bytes == 19 << 30
     cpu = TrialResult(Status.OOM, BenchConfig(), "/m.gguf", peak_rss_bytes=3 << 30,
                       ram_available_before_bytes=20 << 30)
     assert cpu.headroom_bytes == 17 << 30 and cpu.tg_mean is None

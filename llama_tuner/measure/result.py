@@ -114,6 +114,12 @@ class Environment:
     gpu_offload: bool = False
     system_info: str = ""
 
+    @property
+    def uses_gpu(self) -> bool:
+        """True when trials run on the GPU: there is one and this llama.cpp build offloads to it. A GPU beside
+        a CPU build is not used: memory is then RAM, budget and headroom included."""
+        return bool(self.gpu_name and self.gpu_offload)
+
     def hardware_key(self) -> str:
         """What makes two machines measure alike: GPU model and memory, else the CPU (not the
         measured bandwidth, which varies from run to run)."""
@@ -225,7 +231,7 @@ class TrialResult:
 
         RAM is the larger of the measured peak RSS and the committed RSS (see above).
         """
-        if self.peak_vram_bytes is not None and self.env.gpu_name:
+        if self.peak_vram_bytes is not None and self.env.uses_gpu:
             return self.peak_vram_bytes
         values = [v for v in (self.peak_rss_bytes, self.committed_rss_bytes) if v is not None]
         return max(values) if values else None
@@ -233,7 +239,7 @@ class TrialResult:
     @property
     def headroom_bytes(self) -> int | None:
         """Memory left free at the peak: free-before minus peak (VRAM on GPU, RAM otherwise)."""
-        if self.env.gpu_name and self.peak_vram_bytes is not None and self.vram_free_before_bytes is not None:
+        if self.env.uses_gpu and self.peak_vram_bytes is not None and self.vram_free_before_bytes is not None:
             return self.vram_free_before_bytes - self.peak_vram_bytes
         if self.peak_rss_bytes is not None and self.ram_available_before_bytes is not None:
             return self.ram_available_before_bytes - self.peak_rss_bytes

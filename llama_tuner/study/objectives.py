@@ -55,7 +55,7 @@ def constraints(result: TrialResult, limits: Limits) -> dict[str, float]:
         out["memory_budget"] = out["headroom"] = 0.0
         return out
     out["memory_budget"] = (peak - budget) / budget
-    free = result.vram_free_before_bytes if result.env.gpu_name else result.ram_available_before_bytes
+    free = result.vram_free_before_bytes if result.env.uses_gpu else result.ram_available_before_bytes
     available = min(budget, free) if free is not None else budget
     out["headroom"] = (limits.min_headroom_bytes - (available - peak)) / budget
     return out

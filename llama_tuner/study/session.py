@@ -7,6 +7,7 @@ would be refused anyway.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 
@@ -19,13 +20,13 @@ from llama_tuner.measure.launcher import Launcher, SubprocessLauncher
 from llama_tuner.measure.probe import GpuProbe, detect_probe, visible_gpu_index
 from llama_tuner.measure.result import Environment
 from llama_tuner.model.info import ModelInfo, load_model_info
-from llama_tuner.study.baselines import SERVER_AUTO_SLOTS, parse_server_flags, server_defaults
+from llama_tuner.study.baselines import SERVER_AUTO_SLOTS, parse_server_flags, server_baseline, server_defaults
 from llama_tuner.model.facts import ModelFacts
 from llama_tuner.study.keys import DEFAULTS_BASELINE, REQUEST_ATTR
 from llama_tuner.study.memory_model import FIT_MARGIN, MemoryModel
 from llama_tuner.study.objectives import Limits
 from llama_tuner.measure.workloads import WORKLOADS, is_curve
-from llama_tuner.study.space import Machine, SearchSpace, SpaceOptions, study_test
+from llama_tuner.study.space import Machine, SearchSpace, SpaceOptions, check_ranges, study_test
 from llama_tuner.study.presets import OBJECTIVES
 from llama_tuner.study.quality_gate import DEFAULT_MAX_KLD
 from llama_tuner.study.storage import DEFAULT_STORAGE, SAMPLERS, make_storage
@@ -128,7 +129,7 @@ def check_request(request: StudyRequest) -> CheckedRequest:
         raise UserError(f"--max-kld {request.max_kld} is below 0", "give a KL divergence like 0.02")
     if request.sampler not in SAMPLERS:
         raise UserError(f"--sampler {request.sampler!r} is unknown", f"use one of {', '.join(SAMPLERS)}")
-    model = load_model_info(request.model)
+    model = load_model_info(_absolute(request.model))
     pins = _pins(request.pins)
     test = study_test(request.workload, depth=request.depth, prompt_tokens=request.prompt_tokens,
                       gen_tokens=request.gen_tokens)
@@ -139,6 +140,9 @@ def check_request(request: StudyRequest) -> CheckedRequest:
         min_ctx = max(min_ctx, min(-(-need // 1024) * 1024, model.n_ctx_train or need))
     timeout_s = parse_duration(request.timeout, "--timeout") if request.timeout else None
     trial_timeout_s = parse_duration(request.trial_timeout, "--trial-timeout")
+    if trial_timeout_s <= 0:
+        raise UserError(f"--trial-timeout {request.trial_timeout} kills every measurement before it starts",
+                        "give a time above 0, e.g. 15m")
     min_headroom = parse_size(request.min_headroom, "--min-headroom")
     budget = parse_size(request.vram_budget, "--vram-budget") if request.vram_budget is not None else None
     if budget is not None and budget <= 0:
@@ -150,12 +154,19 @@ def check_request(request: StudyRequest) -> CheckedRequest:
                                                prompt_tokens=request.prompt_tokens, gen_tokens=request.gen_tokens),
                     model, pins, physical_cores())
     # The space checks pins, ranges and --min-ctx; here on a provisional machine (the real one needs a child).
+    if "n_gpu_layers" in request.ranges:  # the provisional machine below offloads nothing: check it here
+        check_ranges({"n_gpu_layers": request.ranges["n_gpu_layers"]}, model)
     machine = Machine(physical_cores(), gpu_offload=False)
     SearchSpace(model, machine, SpaceOptions(min_ctx=min_ctx, depth=request.depth, pins=pins, test=test,
                                              ranges={k: v for k, v in request.ranges.items()
                                                      if k != "n_gpu_layers"}))
     return CheckedRequest(model=model, pins=pins, timeout_s=timeout_s, trial_timeout_s=trial_timeout_s,
                           min_headroom=min_headroom, budget=budget, yours=yours, test=test, min_ctx=min_ctx)
+
+
+def _absolute(path: str) -> str:
+    """The model's absolute path, so that exported commands and ``serve`` work from any directory."""
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def _measurable(name: str, cfg: BenchConfig, test: dict[str, object], model: ModelInfo, pins: dict[str, object],
@@ -169,8 +180,8 @@ def _measurable(name: str, cfg: BenchConfig, test: dict[str, object], model: Mod
 
 
 def _budget(checked: CheckedRequest, request: StudyRequest, env: Environment) -> int:
-    device = env.vram_total_bytes if env.gpu_name else env.ram_total_bytes
-    what = f"the GPU's {device / 2**30:.1f} GiB" if env.gpu_name else f"this machine's {device / 2**30:.1f} GiB of RAM"
+    device = env.vram_total_bytes if env.uses_gpu else env.ram_total_bytes
+    what = f"the GPU's {device / 2**30:.1f} GiB" if env.uses_gpu else f"this machine's {device / 2**30:.1f} GiB of RAM"
     if checked.budget is None:
         return device
     if checked.budget > device:
@@ -190,9 +201,10 @@ def baselines_for(request: StudyRequest, checked: CheckedRequest, env: Environme
         defaults = memory.fit_like_llama_server(defaults, gpu_limit)
     out = {DEFAULTS_BASELINE: _measurable(DEFAULTS_BASELINE, defaults, checked.test, checked.model, checked.pins,
                                           env.physical_cores)}
-    if checked.yours is not None:
-        out["yours"] = _measurable("yours", checked.yours, checked.test, checked.model, checked.pins,
-                                   env.physical_cores)
+    if checked.yours is not None:  # what llama-server runs for that command line here, --fit included
+        yours = server_baseline(request.baseline_flags, checked.model, workload=request.workload,
+                                gpu_offload=env.gpu_offload, gpu_limit=gpu_limit)
+        out["yours"] = _measurable("yours", yours, checked.test, checked.model, checked.pins, env.physical_cores)
     return out
 
 
@@ -233,12 +245,19 @@ def open_tuner(request: StudyRequest, *, launcher: Launcher | None = None, probe
                              seed=request.seed, timeout_s=checked.timeout_s, trial_timeout_s=checked.trial_timeout_s)
     name = request.study_name or default_study_name(checked.model.file_name, env.gpu_name, request.depth,
                                                     request.workload)
+    if env.gpu_name and not env.gpu_offload:
+        notes = [f"this machine has a GPU ({env.gpu_name}) but this llama-cpp-python is a CPU build: every trial "
+                 "runs on the CPU, and the budget applies to RAM (`make tune CUDA=1` builds with CUDA)"]
+    else:
+        notes = []
     tuner = Tuner(storage=storage or make_storage(request.storage), study_name=name, model=checked.model,
                   space=space, launcher=launcher, env=env, fingerprint=fingerprint,
                   limits=Limits(budget, checked.min_headroom, checked.min_ctx, request.min_stream_tps),
                   settings=settings,
                   baselines=baselines, tracker=tracker, gpu_index=gpu_index)
+    tuner.notes[:0] = notes
     saved = {k: v for k, v in asdict(request).items() if k not in ("storage", "study_name")}
+    saved["model"] = checked.model.path
     stored = tuner.study.user_attrs.get(REQUEST_ATTR)
     if stored is None or (record_request and stored != saved):
         if stored is not None and stored.get("trials") != request.trials:

@@ -15,6 +15,7 @@ trials of dead workers elsewhere are failed by Optuna's RDB heartbeat and retrie
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -115,6 +116,12 @@ class Tuner:
             if old.get(key) != fp[key]:
                 raise UserError(f"study {self.study.study_name!r} was measured with another {what} "
                                 f"({old.get(key)} vs {fp[key]})", "choose a new name with --study")
+        limits = asdict(self.limits)
+        if attrs.get(LIMITS_ATTR) != limits:  # the new limits judge every trial, old ones included
+            old_limits = attrs.get(LIMITS_ATTR) or {}
+            changed = ", ".join(f"{k} {old_limits.get(k)} -> {v}" for k, v in limits.items() if old_limits.get(k) != v)
+            self.study.set_user_attr(LIMITS_ATTR, limits)
+            self.notes.append(f"limits changed ({changed}): presets and the report now use the new ones")
         stored = attrs.get(OBJECTIVE_ATTR, "tg")
         if stored != self.settings.objective:  # every trial has tg and pp: only the presets' ranking changes
             self.study.set_user_attr(OBJECTIVE_ATTR, self.settings.objective)
@@ -143,9 +150,11 @@ class Tuner:
     def enqueue_baselines(self) -> None:
         """Queue each baseline once in the study's lifetime, ahead of sampled trials."""
         trials = self.study.get_trials(deepcopy=False)
-        done = {t.user_attrs.get(BASELINE_ATTR) for t in trials}
+        # A baseline is queued again when its command line changed (a --baseline edited on resume).
+        done = {(t.user_attrs.get(BASELINE_ATTR), json.dumps(t.user_attrs.get(CONFIG_ATTR), sort_keys=True))
+                for t in trials}
         for name, cfg in self.baselines.items():
-            if name not in done:
+            if (name, json.dumps(cfg.to_dict(), sort_keys=True)) not in done:
                 self.study.enqueue_trial(self.space.params_of(cfg),
                                          user_attrs={BASELINE_ATTR: name, CONFIG_ATTR: cfg.to_dict()})
         start = (None if any(t.user_attrs.get(START_ATTR) for t in trials)
@@ -178,7 +187,8 @@ class Tuner:
                 self._with_storage(lambda: self.study.set_user_attr(MEMORY_PRIOR_ATTR, pairs))
         self.tracker.study_started(self.study.study_name, self.study.user_attrs, self.study.set_user_attr)
         start = self.clock()
-        while self._with_storage(self.measured_count) < self._with_storage(self.target):
+        while (self._with_storage(self.measured_count) < self._with_storage(self.target)
+               or self._with_storage(self._baselines_waiting)):
             if self.settings.timeout_s is not None and self.clock() - start >= self.settings.timeout_s:
                 break
             if self._repeats >= MAX_CONSECUTIVE_REPEATS:
@@ -187,6 +197,12 @@ class Tuner:
             self._with_storage(self._run_one)
             if self._surplus_seen:  # others hold the last trials: wait for them (or for them to go stale)
                 time.sleep(1.0)
+
+    def _baselines_waiting(self) -> bool:
+        """True while a queued baseline is unmeasured: baselines are measured even when the study has its
+        count (one added on resume)."""
+        return any(BASELINE_ATTR in t.user_attrs
+                   for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
     def _with_storage(self, fn: Callable[[], Any]) -> Any:
         """Call ``fn``, riding out a storage outage (a database restart) for up to ``reconnect_s``."""

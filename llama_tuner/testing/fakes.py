@@ -78,7 +78,7 @@ class FakeLauncher(Launcher):
             if self.on_measure:
                 self.on_measure(cfg)
             status = self.fail(cfg)
-            gpu = self.env.gpu_name is not None
+            gpu = self.env.uses_gpu  # a GPU beside a CPU build holds nothing
             common = dict(env=self.env, vram_free_before_bytes=self.free_bytes if gpu else None,
                           ram_available_before_bytes=self.free_bytes,
                           load_time_s=0.5, wall_time_s=1.0, started_at="2026-01-01T00:00:00+00:00")
