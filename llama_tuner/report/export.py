@@ -145,7 +145,8 @@ def preset_json(name: str, candidate: Candidate, model_path: str, study: str, en
     f = candidate.figures
     c = f.config
     return {
-        "preset": name, "study": study, "trial": candidate.trial, "model_path": model_path,
+        "preset": name, "study": study, "trial": candidate.trial, "baseline": candidate.baseline,
+        "model_path": model_path,
         "settings": {k: v for k, v in c.to_dict().items() if k not in ("seed",)},
         "measured": {"tg_tps": f.tg_mean, "tg_stddev": f.tg.stddev if f.tg else None,
                      "pp_tps": f.pp_mean, "pp_stddev": f.pp.stddev if f.pp else None,
