@@ -244,3 +244,13 @@ def test_bench_speaks_llama_bench_in_jsonl_and_sql(run_cli, tiny_model, tmp_path
 ])
 def test_bench_cli_bad_input_is_one_line(cli, tiny_model, args, needle):
     assert_one_line_error(cli("bench", tiny_model, *args), needle)
+
+
+def test_children_number_gpus_by_pci_bus_as_nvml_does():
+    from llama_tuner.measure.launcher import child_environment
+
+    env = child_environment({"CUDA_VISIBLE_DEVICES": "1", "PATH": "/bin"}, {})
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and env["CUDA_VISIBLE_DEVICES"] == "1"  # CUDA's default: fastest
+    assert child_environment({"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "FASTEST_FIRST"}, {})[
+        "CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"  # the user's own order is theirs
+    assert "CUDA_DEVICE_ORDER" not in child_environment({"PATH": "/bin"}, {"X": "1"})

@@ -34,7 +34,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import replace
 from itertools import groupby
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import psutil
 
@@ -166,7 +166,7 @@ class SubprocessLauncher(Launcher):
         started, t_spawn = _now(), time.monotonic()
         proc = subprocess.Popen([sys.executable, "-m", "llama_tuner.measure.child", "--events-fd", str(write_fd)],
                                 stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(write_fd,),
-                                env={**os.environ, **self.extra_env}, start_new_session=True, text=True,
+                                env=child_environment(os.environ, self.extra_env), start_new_session=True, text=True,
                                 preexec_fn=self._prepare_child)
         os.close(write_fd)
         events: queue.Queue = queue.Queue()
@@ -273,6 +273,16 @@ def _read_events(fd: int, out: queue.Queue) -> None:
             except json.JSONDecodeError:
                 continue
     out.put(None)
+
+
+def child_environment(parent: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a measuring child: the parent's, ``extra`` on top, and ``CUDA_DEVICE_ORDER=PCI_BUS_ID``
+    wherever CUDA_VISIBLE_DEVICES names GPUs and no order is set, so that CUDA numbers GPUs by PCI bus as NVML
+    does, and the GPU whose memory NVML reads is the one the child measures on."""
+    env = {**parent, **extra}
+    if env.get("CUDA_VISIBLE_DEVICES") and "CUDA_DEVICE_ORDER" not in env:
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    return env
 
 
 def _wait_or_kill(proc: subprocess.Popen, grace_s: float) -> int:
