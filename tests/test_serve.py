@@ -21,6 +21,7 @@ from conftest import REPACK_WORKS, ROOT, assert_one_line_error
 from test_study import ENV
 from llama_tuner.measure.config import BenchConfig
 from llama_tuner.measure.llama_cpp_server import model_settings
+from llama_tuner.measure.llama_server import ENV_VAR as LLAMA_SERVER_ENV
 from llama_tuner.model.info import load_model_info
 from llama_tuner.model.twins import SHAPES, write_synthetic_gguf
 from llama_tuner.study.session import StudyRequest, open_tuner
@@ -82,7 +83,7 @@ def test_llama_swap_export_holds_one_llama_server_cmd_per_study(cli, tiny_model,
 
 @pytest.mark.slow
 def test_serve_answers_completions_and_chat_then_stops_on_ctrl_c(demo_model_path, tmp_path):
-    """llama-cpp-python's server (no llama-server on PATH) with a 32,768-token preset of the demo model: it starts
+    """llama-cpp-python's server (no llama-server to be found) with a 32,768-token preset of the demo model: it starts
     (logits_all would ask for n_ctx x n_vocab float32 scores, 32 GiB, which a 24 GB machine without swap refuses)
     and a 700-token prompt leaves no per-token logits behind (logits_all keeps n_vocab floats, 1 MiB, per prompt
     token in Python's scores and as many in llama.cpp's outputs: about 1.9 GiB more peak RSS, against 30 MiB)."""
@@ -93,7 +94,8 @@ def test_serve_answers_completions_and_chat_then_stops_on_ctrl_c(demo_model_path
     view = fake_study(demo_model_path, storage, "demo", pins={"n_ctx": str(n_ctx)})
     assert view.presets["fastest"].candidate.figures.config.n_ctx == n_ctx
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin",
+           LLAMA_SERVER_ENV: "none"}  # not make llama-server's build either
     proc = subprocess.Popen([sys.executable, "-m", "llama_tuner", "serve", "demo", "--storage", storage,
                              "--port", str(port), "--tracking-uri", tracking],
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -176,7 +178,8 @@ def test_serve_without_llama_server_refuses_a_preset_its_fallback_cannot_carry(c
     t.run()
     cfg = StudyView(t.study).presets["fastest"].candidate.figures.config
     assert cfg.n_cpu_moe > 0 or cfg.n_parallel > 1, cfg  # the preset holds what the fallback lacks
-    monkeypatch.setenv("PATH", str(tmp_path))  # no llama-server to be found
+    monkeypatch.setenv("PATH", str(tmp_path))  # no llama-server to be found: none on PATH, and not the cache's
+    monkeypatch.setenv(LLAMA_SERVER_ENV, "none")
 
     def execv(path, argv):
         raise AssertionError(f"started {shlex.join(argv)}")

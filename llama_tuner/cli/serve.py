@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import socket
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import click
 
 from llama_tuner.errors import UserError
+from llama_tuner.measure.llama_server import find_llama_server, probe
 from llama_tuner.study.presets import PRESET_NAMES
 from llama_tuner.study.storage import DEFAULT_STORAGE
 
@@ -32,12 +32,13 @@ def _check_port(host: str, port: int) -> None:
 def server_argv(view, preset: str, host: str, port: int, llama_server: str | None) -> tuple[list[str], str]:
     """The command that serves ``preset`` of the study, and which server it runs.
 
-    llama-server (``llama_server``, else the one on PATH) with the exported flags; without one,
-    llama-cpp-python's server with the same settings, where it can carry them.
+    llama-server (the program ``llama_server``) with the exported flags, spelled as its ``--help`` says; without
+    one, llama-cpp-python's server with the same settings, where it can carry them.
 
     Raises:
-        UserError: no such preset, the model file is missing here, ``llama_server`` is not a program, or
-            there is no llama-server and the preset needs one (experts in host memory, several streams).
+        UserError: no such preset, the model file is missing here, ``llama_server`` is no llama-server or lacks a
+            flag the preset needs, or there is no llama-server and the preset needs one (experts in host memory,
+            several streams).
     """
     from llama_tuner.measure.llama_cpp_server import check_servable
     from llama_tuner.report.export import llama_server_args
@@ -45,12 +46,12 @@ def server_argv(view, preset: str, host: str, port: int, llama_server: str | Non
     cfg = view.preset(preset).candidate.figures.config
     if not Path(view.model_path).is_file():
         raise UserError(f"the study's model {view.model_path} is not on this machine", "copy it back to that path")
-    exe = shutil.which(llama_server) if llama_server else shutil.which("llama-server")
-    if llama_server and exe is None:
-        raise UserError(f"--llama-server {llama_server} is not a program here", "give the path to llama-server")
-    if exe:
-        return llama_server_args(view.model_path, cfg, program=exe) + ["--host", host, "--port", str(port)], \
-            "llama-server"
+    if llama_server:
+        server = probe(llama_server)
+        for flag in ("--host", "--port"):
+            server.require(flag)
+        return llama_server_args(view.model_path, cfg, program=server.path, server=server) + \
+            ["--host", host, "--port", str(port)], f"llama-server {server.version} ({server.path})"
     check_servable(cfg)
     settings = {**cfg.to_dict(), "model_path": view.model_path, "alias": Path(view.model_file).stem,
                 "host": host, "port": port, "chat_format": _chat_format(view.model_path)}
@@ -75,7 +76,8 @@ def _chat_format(model_path: str) -> str | None:
 @click.option("--port", type=int, default=8080, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (loopback unless told).")
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True)
-@click.option("--llama-server", "llama_server", help="llama-server to run (default: on PATH; without one, "
+@click.option("--llama-server", "llama_server", help="llama-server to run (default: $LLAMA_TUNER_LLAMA_SERVER, "
+                                                     "else on PATH, else `make llama-server`'s build; without one, "
                                                      "llama-cpp-python's OpenAI-compatible server, which cannot "
                                                      "serve --n-cpu-moe or --parallel presets, nor logprobs).")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: the study's).")
@@ -89,8 +91,9 @@ def serve(study: str, preset: str, port: int, host: str, storage: str, llama_ser
     from llama_tuner.study.view import StudyView
 
     view = StudyView.load(make_storage(storage), study)
-    argv, kind = server_argv(view, preset, host, port, llama_server)
+    exe = find_llama_server(llama_server)
     _check_port(host, port)
+    argv, kind = server_argv(view, preset, host, port, exe)
     tracker = make_tracker(tracking_uri or view.attrs.get(TRACKING_URI_ATTR), no_mlflow)
     tracker.preset_served(view, preset, shlex.join(argv))
     trial = view.presets[preset].candidate.trial

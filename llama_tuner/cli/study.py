@@ -212,9 +212,13 @@ def _study_attr(storage: str, study_name: str, key: str):
 @click.option("--format", "fmt", type=click.Choice(FORMATS + MULTI_FORMATS), default="llama-server",
               show_default=True, help="llama-swap: one model per study, several studies at once.")
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True)
-def export(studies: tuple[str, ...], preset: str, fmt: str, storage: str) -> None:
+@click.option("--llama-server", "llama_server", metavar="PATH",
+              help="The llama-server the command is for: it runs it, spelled as its --help says (default: "
+                   "llama-server, spelled as llama.cpp at llama-cpp-python's commit).")
+def export(studies: tuple[str, ...], preset: str, fmt: str, storage: str, llama_server: str | None) -> None:
     """Print a preset of STUDY as a llama-server command, Python kwargs, an Ollama Modelfile or JSON,
     or the presets of several STUDIES as one llama-swap configuration."""
+    from llama_tuner.measure.llama_server import find_llama_server, probe
     from llama_tuner.report.export import llama_swap_config, render_study_preset
     from llama_tuner.study.storage import make_storage
     from llama_tuner.study.view import StudyView
@@ -222,12 +226,17 @@ def export(studies: tuple[str, ...], preset: str, fmt: str, storage: str) -> Non
     if fmt not in MULTI_FORMATS and len(studies) != 1:
         raise UserError(f"--format {fmt} exports one study, not {len(studies)}",
                         "name one study, or use --format llama-swap for several")
+    if llama_server and fmt not in ("llama-server", "json", "llama-swap"):
+        raise UserError(f"--llama-server is for a llama-server command; --format {fmt} has none",
+                        "use --format llama-server, json or llama-swap, or leave --llama-server out")
+    exe = find_llama_server(llama_server) if llama_server else None
     store = make_storage(storage)
     views = [StudyView.load(store, name) for name in studies]
+    server = probe(exe) if exe else None
     if fmt == "llama-swap":
-        click.echo(llama_swap_config(views, preset), nl=False)
+        click.echo(llama_swap_config(views, preset, server=server), nl=False)
     else:
-        click.echo(render_study_preset(views[0], fmt, preset), nl=False)
+        click.echo(render_study_preset(views[0], fmt, preset, server=server), nl=False)
 
 
 @click.command()

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from llama_tuner.measure.config import BenchConfig
+from llama_tuner.measure.llama_server import LlamaServer
 from llama_tuner.study.comparison import Gap
 from llama_tuner.study.presets import Candidate, gain
 from llama_tuner.study.quality_gate import cache_kld, kld_text
@@ -23,12 +24,20 @@ _GGML_TYPE_NAMES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", 
                     "q5_0": "Q5_0", "q5_1": "Q5_1", "iq4_nl": "IQ4_NL"}
 
 
-def llama_server_args(model_path: str, c: BenchConfig, program: str = "llama-server") -> list[str]:
-    """The llama-server argument list for ``c`` (the program first).
+_SWITCHES = {"--kv-unified", "--no-repack", "--swa-full", "--no-kv-offload"}  # llama_server_args's flags without value
+
+
+def llama_server_args(model_path: str, c: BenchConfig, program: str = "llama-server", *,
+                      server: LlamaServer | None = None) -> list[str]:
+    """The llama-server argument list for ``c`` (the program first), spelled as llama.cpp at the commit
+    llama-cpp-python vendors spells it, or, given ``server``, as that binary's ``--help`` does.
 
     ``--parallel`` is explicit: the figures are for one sequence (or, for the server
     workload, for its N streams), and a server with several slots divides the
     context among them unless its cache is unified, as it was measured (``--kv-unified``).
+
+    Raises:
+        UserError: ``server`` lacks a flag the preset needs (named, with the binary and its version).
     """
     args = [program, "-m", model_path, "--ctx-size", str(c.n_ctx), "--batch-size", str(c.n_batch),
             "--ubatch-size", str(c.n_ubatch), "--n-gpu-layers", str(c.n_gpu_layers), "--threads", str(c.n_threads),
@@ -39,35 +48,71 @@ def llama_server_args(model_path: str, c: BenchConfig, program: str = "llama-ser
     if c.n_cpu_moe:
         args += ["--n-cpu-moe", str(c.n_cpu_moe)]
     if not c.use_mmap:
-        args += ["--load-mode", "none"]  # llama-server's --no-mmap before --load-mode replaced it
+        args += ["--load-mode", "none"]
     if not c.repack:
         args.append("--no-repack")
     if c.swa_full:
         args.append("--swa-full")
     if not c.offload_kqv:
         args.append("--no-kv-offload")
-    return args
+    return args if server is None else respell(args, server)
 
 
-def llama_server_command(model_path: str, c: BenchConfig) -> str:
-    """A llama-server command line for ``c``, quoted for the shell."""
-    return shlex.join(llama_server_args(model_path, c))
-
-
-def llama_swap_config(views: list[StudyView], preset: str) -> str:
-    """A llama-swap configuration (YAML) with one model per study, started with its ``preset``: several
-    tuned models behind one OpenAI-compatible endpoint. The model's name is its file's stem (the study's
-    name where two studies share a file name); llama-swap fills in ``${PORT}``.
+def respell(args: list[str], server: LlamaServer) -> list[str]:
+    """``args`` (llama_server_args's spelling) as ``server`` accepts them: ``--no-mmap`` for ``--load-mode none``
+    where it has no ``--load-mode`` (llama.cpp before the load modes); a bare ``--flash-attn`` for on and nothing
+    for off where the flag is a switch (before it took on|off|auto, when off was the default).
 
     Raises:
-        UserError: a study has no feasible configuration, so no preset.
+        UserError: ``server`` lacks a flag that ``args`` needs.
+    """
+    out = args[:1]
+    i = 1
+    while i < len(args):
+        flag = args[i]
+        value = None if flag in _SWITCHES else args[i + 1]
+        i += 1 if value is None else 2
+        if flag == "--load-mode" and "--load-mode" not in server.flags and "--no-mmap" in server.flags:
+            out.append("--no-mmap")
+            continue
+        server.require(flag)
+        if flag == "--flash-attn" and not server.takes_value(flag):
+            out += ["--flash-attn"] if value == "on" else []
+            continue
+        out += [flag] if value is None else [flag, value]
+    return out
+
+
+def llama_server_command(model_path: str, c: BenchConfig, *, server: LlamaServer | None = None) -> str:
+    """A llama-server command line for ``c``, quoted for the shell (see :func:`llama_server_args`: ``server``
+    runs it and spells it).
+
+    Raises:
+        UserError: ``server`` lacks a flag the preset needs.
+    """
+    if server is None:
+        return shlex.join(llama_server_args(model_path, c))
+    return shlex.join(llama_server_args(model_path, c, program=server.path, server=server))
+
+
+def llama_swap_config(views: list[StudyView], preset: str, *, server: LlamaServer | None = None) -> str:
+    """A llama-swap configuration (YAML) with one model per study, started with its ``preset``: several
+    tuned models behind one OpenAI-compatible endpoint. The model's name is its file's stem (the study's
+    name where two studies share a file name); llama-swap fills in ``${PORT}``. Given ``server``, the commands
+    run it and are spelled as it accepts them.
+
+    Raises:
+        UserError: a study has no feasible configuration, so no preset; ``server`` lacks a flag a preset needs.
     """
     stems = [Path(v.model_file).stem for v in views]
     models = {}
     for view, stem in zip(views, stems):
         cand = view.preset(preset).candidate
         f = cand.figures
-        args = llama_server_args(view.model_path, f.config)
+        args = llama_server_args(view.model_path, f.config, **({} if server is None else
+                                                                {"program": server.path, "server": server}))
+        if server is not None:
+            server.require("--port")
         models[stem if stems.count(stem) == 1 else view.name] = {
             "name": f"{stem} ({preset})",
             "description": (f"llama-tuner study {view.name}, trial {cand.trial}: tg {f.tg_mean:.2f} t/s, "
@@ -140,8 +185,12 @@ def ollama_modelfile(model_path: str, c: BenchConfig, header: str = "") -> str:
 
 
 def preset_json(name: str, candidate: Candidate, model_path: str, study: str, env: dict[str, Any],
-                gains: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The preset with its measured figures, as a JSON-ready dict."""
+                gains: dict[str, dict[str, Any]] | None = None, *, server: LlamaServer | None = None) -> dict[str, Any]:
+    """The preset with its measured figures, as a JSON-ready dict (its llama-server command for ``server``).
+
+    Raises:
+        UserError: ``server`` lacks a flag the preset needs.
+    """
     f = candidate.figures
     c = f.config
     return {
@@ -155,7 +204,7 @@ def preset_json(name: str, candidate: Candidate, model_path: str, study: str, en
                      **workload_figures(f)},
         "gain_over_baselines": gains or {},
         "environment": env,
-        "llama_server": llama_server_command(model_path, c),
+        "llama_server": llama_server_command(model_path, c, server=server),
         "llama_cpp_python": llama_cpp_python_kwargs(model_path, c),
     }
 
@@ -199,35 +248,46 @@ def exported_environment(view: StudyView) -> dict[str, Any]:
     return {k: v for k, v in asdict(view.environment).items() if k != "system_info"}
 
 
-def study_preset_json(view: StudyView, name: str) -> dict[str, Any]:
-    """Preset ``name`` of the study as JSON, with its gains and the reason it was chosen."""
+def study_preset_json(view: StudyView, name: str, *, server: LlamaServer | None = None) -> dict[str, Any]:
+    """Preset ``name`` of the study as JSON, with its gains and the reason it was chosen (its llama-server
+    command for ``server``).
+
+    Raises:
+        UserError: ``server`` lacks a flag the preset needs.
+    """
     p = view.presets[name]
     cfg = p.candidate.figures.config
     return {**preset_json(name, p.candidate, view.model_path, view.name, exported_environment(view),
-                          gains_over_baselines(view, p.candidate)), "why": p.why,
+                          gains_over_baselines(view, p.candidate), server=server), "why": p.why,
             "kv_cache_kld": cache_kld(cfg, view.kv_quality), "kv_cache_quality": kld_text(cfg, view.kv_quality)}
 
 
-def render_study_preset(view: StudyView, fmt: str, name: str) -> str:
-    """Preset ``name`` of the study in format ``fmt``.
+def render_study_preset(view: StudyView, fmt: str, name: str, *, server: LlamaServer | None = None) -> str:
+    """Preset ``name`` of the study in format ``fmt`` (its llama-server command for ``server``).
 
     Raises:
-        UserError: the study has no feasible configuration, so no preset.
+        UserError: the study has no feasible configuration, so no preset; ``server`` lacks a flag it needs.
     """
     cand = view.preset(name).candidate
     if fmt == "json":  # with the reason it won and its KV cache's quality
-        return json.dumps(study_preset_json(view, name), indent=2) + "\n"
+        return json.dumps(study_preset_json(view, name, server=server), indent=2) + "\n"
     return render(fmt, name, cand, view.model_path, view.name, exported_environment(view),
-                  gains_over_baselines(view, cand), header=preset_header(view, name))
+                  gains_over_baselines(view, cand), header=preset_header(view, name), server=server)
 
 
 def render(fmt: str, name: str, candidate: Candidate, model_path: str, study: str, env: dict[str, Any],
-           gains: dict[str, dict[str, Any]] | None = None, *, header: str = "") -> str:
+           gains: dict[str, dict[str, Any]] | None = None, *, header: str = "",
+           server: LlamaServer | None = None) -> str:
     """The preset in format ``fmt`` (one of FORMATS); ``header`` becomes comment lines where the format has
-    comments (the llama-server command line has none: it is meant for the shell as it is)."""
+    comments (the llama-server command line has none: it is meant for the shell as it is); the llama-server
+    command runs ``server`` and is spelled as it accepts it, where given.
+
+    Raises:
+        UserError: ``server`` lacks a flag the preset needs.
+    """
     c = candidate.figures.config
     if fmt == "llama-server":
-        return llama_server_command(model_path, c) + "\n"
+        return llama_server_command(model_path, c, server=server) + "\n"
     if fmt == "llama-cpp-python":
         return llama_cpp_python_snippet(model_path, c, header)
     if fmt == "ollama":
@@ -237,4 +297,4 @@ def render(fmt: str, name: str, candidate: Candidate, model_path: str, study: st
                       f"measured: tg {f.tg_mean:.2f} t/s, pp {f.pp_mean:.2f} t/s, "
                       f"peak {format_size(f.peak_memory_bytes)}")
         return ollama_modelfile(model_path, c, header)
-    return json.dumps(preset_json(name, candidate, model_path, study, env, gains), indent=2) + "\n"
+    return json.dumps(preset_json(name, candidate, model_path, study, env, gains, server=server), indent=2) + "\n"
