@@ -60,10 +60,12 @@ def _register() -> None:
     from llama_tuner.cli.serve import serve
     from llama_tuner.cli.study import export, report, tune, worker
     from llama_tuner.cli.tracking import compare, sync, ui
+    from llama_tuner.cli.verify import verify
 
     for command in (tune, worker, report, export, serve, compare, bench, inspect, models, quality, synth, demo, sync,
                     ui):
         cli.add_command(command)
+    cli.add_command(verify)
 
 
 _register()

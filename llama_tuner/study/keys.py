@@ -25,6 +25,7 @@ RACE_ATTR = "race"  # the latest confirmation race: {batch, trials, rounds, comp
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 TRACKING_URI_ATTR = "mlflow_tracking_uri"
 STUDY_RUN_PREFIX = "mlflow_run:"  # + trial number: the MLflow run that `sync` wrote for it
+VERIFY_PREFIX = "verify:"  # + preset name: its latest `verify` in llama-server (cli/verify.py's record)
 
 # -- on a trial ---------------------------------------------------------------
 RESULT_ATTR = "result"  # tuner.measure.result.TrialResult as a dict

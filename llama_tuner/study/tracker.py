@@ -29,3 +29,7 @@ class Tracker:
 
     def preset_served(self, view, preset: str, command: str) -> None:
         """``llama-tuner serve`` started ``preset`` of the study with ``command``."""
+
+    def preset_verified(self, view, preset: str, record: dict[str, Any], metrics: dict[str, float]) -> None:
+        """``llama-tuner verify`` measured ``preset`` of the study in llama-server (``record``, summed up in
+        ``metrics``)."""

@@ -219,6 +219,21 @@ class MlflowTracker(Tracker):
 
         self._guard("recording the served preset", tag)
 
+    def preset_verified(self, view, preset: str, record: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Log what ``llama-tuner verify`` measured of ``preset`` on the study's parent run: ``metrics``, the tag
+        ``verified_preset`` and the whole record as the artifact ``verify/<preset>.json``."""
+        def log() -> None:
+            from mlflow.entities import Metric
+
+            self.study_name, self.attrs, self.remember = view.name, view.attrs, view.study.set_user_attr
+            self._open()
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+            self.client.set_tag(self.parent_id, "verified_preset", preset)
+            self.client.log_dict(self.parent_id, record, f"verify/{preset}.json")
+
+        self._guard("recording the verified preset", log)
+
     def log_study_artifacts(self, view) -> None:
         """The plots, and the files of ``write_files`` (trials, presets, commands), on the parent run."""
         if self.parent_id is None:

@@ -1,0 +1,546 @@
+"""A study's workload replayed over HTTP in a real llama-server: what the server itself reports.
+
+:func:`serve_and_measure` starts llama-server with the given arguments on a free loopback port, waits for
+``/health``, sends the workload to ``/completion`` as lists of token ids and reads each answer's ``timings``
+(llama.cpp's ``tools/server``: ``prompt_n`` and ``prompt_ms`` from the first prompt token to the first sampled
+token; ``predicted_n`` and ``predicted_ms`` from there to the last one, over ``predicted_n - 1`` decode steps,
+since the first token comes from the prompt's logits), samples its memory, then stops it: SIGINT, then SIGKILL.
+
+The tests are the study's, as its measuring child runs them (:mod:`llama_tuner.measure.timer`):
+
+- ``pp-tg``: pp is a prompt of ``n_prompt`` token ids and one token (``prompt_per_second``); tg a prompt of one
+  token and ``n_gen + 1`` predicted with ``ignore_eos``, so ``n_gen`` decode steps (``predicted_per_second``).
+  With ``n_depth``, the prompt follows ``n_depth`` ids sent first with ``cache_prompt`` (the server processes
+  only the rest, which ``prompt_n`` shows), and tg's prompt is ``n_depth`` ids; without it ``cache_prompt`` is
+  off.
+- curve workloads (chat, reasoning, long, custom): one request per repetition, the prompt after the depth, then
+  ``n_gen + 1`` tokens: the answer timed directly, not as a depth curve.
+- ``server``: ``n_parallel`` such requests at once; the aggregate pp is every stream's prompt tokens over the
+  longest prompt time, the aggregate tg the sum of the streams' rates (they decode together in the server's
+  batch).
+
+Token ids are seeded random normal tokens of the model's vocabulary (its GGUF header's token types; never a
+control, unused or byte token), BOS first where the model adds one, as llama-bench draws them; sampling is greedy
+(``top_k`` 1). A server that does not start, crashes or stops answering is a result with the decisive line of
+its log, not an exception. This module imports nothing of llama_cpp and speaks HTTP with the standard library.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import mmap
+import os
+import random
+import re
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
+
+from llama_tuner.measure.config import BenchConfig
+from llama_tuner.measure.peak_memory import MemorySampler
+from llama_tuner.measure.probe import GpuProbe, NoGpuProbe
+from llama_tuner.measure.result import Interleaved, Rates, Status, TrialResult
+from llama_tuner.measure.workloads import is_curve
+from llama_tuner.model.gguf_header import read_gguf_header
+
+HOST = "127.0.0.1"
+START_TIMEOUT_S = 600.0  # loading a large model from a cold disk
+REQUEST_TIMEOUT_S = 1800.0  # a reasoning workload's 4,096 tokens on a slow CPU
+STOP_GRACE_S = 10.0  # after SIGINT, before SIGKILL
+WARMUP_TOKENS = 16
+NORMAL_TOKEN = 1  # llama.cpp's LLAMA_TOKEN_TYPE_NORMAL in tokenizer.ggml.token_type
+OK, START_FAILED, CRASH, TIMEOUT, ERROR = "ok", "start_failed", "crash", "timeout", "error"
+# The log lines that say why llama-server stopped, strongest first (asserts and C++ aborts, then llama.cpp's
+# errors, then the rest); within one kind the first line wins: later ones are its consequences.
+_DECISIVE = [re.compile(p, re.IGNORECASE) for p in (
+    r"GGML_ASSERT|GGML_ABORT|terminate called|what\(\)|Segmentation fault|out of memory|bad_alloc",
+    r"\berror\b",
+    r"failed|cannot|invalid|unknown|exception|Aborted")]
+_HARMLESS = re.compile(r"load_backend: failed to find|failed to open .*\.so", re.IGNORECASE)  # backend probing
+_BIND = re.compile(r"couldn't bind|address already in use", re.IGNORECASE)
+
+
+class ServerStopped(Exception):
+    """llama-server stopped answering: it died, timed out or sent no timings (the message says which)."""
+
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass(frozen=True, kw_only=True)
+class Replay:
+    """The workload to replay: the study's test sizes and how many repetitions of each test per server start."""
+
+    workload: str = "pp-tg"
+    n_prompt: int = 512
+    n_gen: int = 128
+    n_depth: int = 0
+    n_parallel: int = 1
+    repetitions: int = 5
+    seed: int = 42
+
+    @classmethod
+    def of(cls, config: BenchConfig, *, repetitions: int | None = None) -> "Replay":
+        """The workload ``config`` measured (its repetitions unless given)."""
+        return cls(workload=config.workload, n_prompt=config.n_prompt, n_gen=config.n_gen, n_depth=config.n_depth,
+                   n_parallel=config.n_parallel if config.workload == "server" else 1,
+                   repetitions=repetitions or config.repetitions, seed=config.seed)
+
+    def describe(self) -> str:
+        """"pp 512 and tg 128 apart, 5 repetitions each" and the like."""
+        depth = f" at depth {self.n_depth}" if self.n_depth else ""
+        if self.workload == "server":
+            what = f"{self.n_parallel} streams of {self.n_prompt} prompt + {self.n_gen} generated tokens"
+        elif is_curve(self.workload):
+            what = f"a {self.n_prompt}-token prompt{depth}, then {self.n_gen} generated ({self.workload})"
+        else:
+            what = f"pp {self.n_prompt} and tg {self.n_gen} apart{depth}"
+        return f"{what}, {self.repetitions} repetitions"
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Which token ids a prompt may hold: ``n_vocab``, the BOS to start with (None: the model adds none) and the
+    normal tokens to draw from."""
+
+    n_vocab: int
+    bos: int | None
+    normal: tuple[int, ...]
+
+    def prompt(self, rng: random.Random, n: int, *, first: bool = True) -> list[int]:
+        """``n`` random normal token ids, BOS first where ``first`` and the model adds one."""
+        ids = [self.normal[rng.randrange(len(self.normal))] for _ in range(n)]
+        if first and ids and self.bos is not None:
+            ids[0] = self.bos
+        return ids
+
+
+def vocabulary(model_path: str) -> Vocabulary:
+    """The model's vocabulary as prompts need it, from its GGUF header: ``n_vocab``, BOS where
+    ``tokenizer.ggml.add_bos_token`` is on (llama.cpp's default where the key is absent) and the token ids whose
+    ``tokenizer.ggml.token_type`` is normal (every id but the special ones named in the header where it has no
+    token types).
+
+    Raises:
+        UserError: the file is missing or its header is damaged (:func:`read_gguf_header`).
+    """
+    from llama_tuner.model.info import model_info_from_header
+
+    header = read_gguf_header(model_path)
+    info = model_info_from_header(model_path, header)
+    md = header.metadata
+    bos = md.get("tokenizer.ggml.bos_token_id")
+    add_bos = md.get("tokenizer.ggml.add_bos_token", True)
+    types = _token_types(header.files[0] if header.files else model_path)
+    if types is not None and len(types) == info.n_vocab:
+        normal = tuple(i for i, t in enumerate(types) if t == NORMAL_TOKEN)
+    else:
+        special = {v for k, v in md.items() if k.startswith("tokenizer.ggml.") and k.endswith("_token_id")
+                   and isinstance(v, int)}
+        normal = tuple(i for i in range(info.n_vocab) if i not in special)
+    return Vocabulary(info.n_vocab, int(bos) if add_bos and isinstance(bos, int) else None,
+                      normal or tuple(range(info.n_vocab)))
+
+
+_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF scalar types' bytes
+_STRING, _ARRAY = 8, 9
+
+
+def _token_types(path: str) -> list[int] | None:
+    """``tokenizer.ggml.token_type`` of a GGUF file (an int32 per token), None where it has none or cannot be
+    read. The header reader keeps only the length of so long an array; this walk reads just that key."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            pos = 4 + 4 + 8
+            (n_kv,) = struct.unpack_from("<Q", buf, pos)
+            pos += 8
+
+            def skip(vtype: int, at: int) -> int:
+                if vtype == _STRING:
+                    return at + 8 + struct.unpack_from("<Q", buf, at)[0]
+                if vtype == _ARRAY:
+                    item, n = struct.unpack_from("<IQ", buf, at)
+                    at += 12
+                    if item in _SIZES:
+                        return at + _SIZES[item] * n
+                    for _ in range(n):
+                        at = skip(item, at)
+                    return at
+                return at + _SIZES[vtype]
+
+            for _ in range(n_kv):
+                (klen,) = struct.unpack_from("<Q", buf, pos)
+                key = bytes(buf[pos + 8:pos + 8 + klen])
+                pos += 8 + klen
+                (vtype,) = struct.unpack_from("<I", buf, pos)
+                pos += 4
+                if key == b"tokenizer.ggml.token_type" and vtype == _ARRAY:
+                    item, n = struct.unpack_from("<IQ", buf, pos)
+                    if item not in (4, 5):  # uint32, int32
+                        return None
+                    return list(struct.unpack_from(f"<{n}i", buf, pos + 12))
+                pos = skip(vtype, pos)
+    except (OSError, ValueError, struct.error, KeyError):
+        return None
+    return None
+
+
+@dataclass(kw_only=True)
+class ServedRun:
+    """One start of llama-server and what it reported: per repetition, the prompt's tokens and milliseconds and
+    the generation's decode steps and milliseconds (the server's own ``timings``), its peak memory, and how it
+    ended (``status`` ok, start_failed, crash, timeout or error, with the decisive log line as ``reason``)."""
+
+    label: str
+    argv: list[str]
+    status: str = OK
+    reason: str = ""
+    exit_code: int | None = None
+    signal: str | None = None
+    version: str = ""
+    load_time_s: float | None = None
+    wall_time_s: float | None = None
+    pp_n: list[int] = field(default_factory=list)
+    pp_ms: list[float] = field(default_factory=list)
+    tg_n: list[int] = field(default_factory=list)
+    tg_ms: list[float] = field(default_factory=list)
+    peak_rss_bytes: int | None = None
+    peak_vram_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+    log_tail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True when it started and answered every request."""
+        return self.status == OK
+
+    @property
+    def pp_rates(self) -> list[float]:
+        """Prompt t/s of each repetition, as the server computed them (``prompt_per_second``)."""
+        return [1e3 * n / ms for n, ms in zip(self.pp_n, self.pp_ms) if ms > 0]
+
+    @property
+    def tg_rates(self) -> list[float]:
+        """Generation t/s of each repetition (``predicted_per_second``: decode steps over their time)."""
+        return [1e3 * n / ms for n, ms in zip(self.tg_n, self.tg_ms) if ms > 0]
+
+    def outcome(self) -> str:
+        """"ok", or what went wrong in one line: "did not start: <log line> (exit code 1)"."""
+        if self.ok:
+            return "ok"
+        how = f"exit code {self.exit_code}" if self.exit_code is not None else self.signal or ""
+        what = {START_FAILED: "did not start", CRASH: "crashed", TIMEOUT: "stopped answering"}.get(self.status,
+                                                                                                "failed")
+        return f"{what}: {self.reason}" + (f" ({how})" if how else "")
+
+    def to_result(self, config: BenchConfig, model_path: str, *, interleaved: Interleaved | None = None,
+                  n_prompt: int | None = None, n_gen: int | None = None) -> TrialResult:
+        """This run as a TrialResult of ``config`` (rates over ``n_prompt`` and ``n_gen`` tokens, each
+        repetition's time scaled to them), so that :mod:`llama_tuner.study.comparison` can pair it."""
+        n_prompt = n_prompt or max(self.pp_n, default=1)
+        n_gen = n_gen or max(self.tg_n, default=1)
+        pp = Rates(n_prompt, [int(1e9 * n_prompt / r) for r in self.pp_rates]) if self.pp_rates else None
+        tg = Rates(n_gen, [int(1e9 * n_gen / r) for r in self.tg_rates]) if self.tg_rates else None
+        status = Status.OK if self.ok else Status.TIMEOUT if self.status == TIMEOUT else Status.CRASH
+        return TrialResult(status, replace(config, repetitions=max(1, len(self.tg_rates or self.pp_rates))),
+                           model_path, reason=self.reason, exit_code=self.exit_code, signal=self.signal,
+                           log_tail=self.log_tail, pp=pp, tg=tg, load_time_s=self.load_time_s,
+                           wall_time_s=self.wall_time_s, peak_rss_bytes=self.peak_rss_bytes,
+                           peak_vram_bytes=self.peak_vram_bytes, interleaved=interleaved)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; :meth:`from_dict` reverses it."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ServedRun":
+        """Rebuild from :meth:`to_dict` output."""
+        return cls(**d)
+
+
+def free_port(host: str = HOST) -> int:
+    """A TCP port nothing listens on at ``host`` now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def decisive_line(log: str) -> str:
+    """The log line that says why llama-server stopped: the first line of the strongest kind of error
+    (:data:`_DECISIVE`), else the last line."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip() and not _HARMLESS.search(ln)]
+    for pattern in _DECISIVE:
+        line = next((ln for ln in lines if pattern.search(ln)), None)
+        if line:
+            return line[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+class _Server:
+    """A started llama-server: its process, log, port, and a JSON client for it."""
+
+    def __init__(self, argv: list[str], host: str, port: int, env: dict[str, str] | None):
+        self.host, self.port = host, port
+        self.log = tempfile.TemporaryFile(mode="w+", prefix="llama-tuner-server-")
+        self.proc = subprocess.Popen([*argv, "--host", host, "--port", str(port)], stdin=subprocess.DEVNULL,
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, **(env or {})})
+
+    def text(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def died(self) -> bool:
+        return self.proc.poll() is not None
+
+    def request(self, method: str, path: str, body: dict | None, timeout: float) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            raw = resp.read()
+        finally:
+            conn.close()
+        try:
+            return resp.status, json.loads(raw or b"null")
+        except ValueError:
+            return resp.status, raw.decode(errors="replace")
+
+    def stop(self) -> None:
+        if self.died():
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            self.proc.wait(timeout=STOP_GRACE_S)
+        except (subprocess.TimeoutExpired, ProcessLookupError, PermissionError):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.proc.wait()
+
+    def exit_status(self) -> tuple[int | None, str | None]:
+        rc = self.proc.poll()
+        if rc is None:
+            return None, None
+        if rc < 0:
+            try:
+                return None, signal.Signals(-rc).name
+            except ValueError:
+                return None, f"signal {-rc}"
+        return rc, None
+
+
+def _vm_hwm(pid: int) -> int | None:
+    """The peak resident set of a running process (VmHWM), None where /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:")), None)
+    except OSError:
+        return None
+
+
+def _completion(server: _Server, prompt: list[int], n_predict: int, *, cache: bool, timeout: float) -> dict:
+    """POST /completion and return its ``timings``.
+
+    Raises:
+        ServerStopped: the server died, answered with an error, sent no timings, or took longer than ``timeout``.
+    """
+    body = {"prompt": prompt, "n_predict": n_predict, "cache_prompt": cache, "ignore_eos": True,
+            "temperature": 0.0, "top_k": 1, "samplers": ["top_k"], "stream": False}
+    try:
+        status, answer = server.request("POST", "/completion", body, timeout)
+    except socket.timeout:
+        raise ServerStopped(TIMEOUT, f"no answer to a {len(prompt)}-token request in {timeout:.0f} s") from None
+    except (OSError, http.client.HTTPException) as exc:
+        if server.died() or _wait_dead(server):
+            raise ServerStopped(CRASH, decisive_line(server.text())) from None
+        raise ServerStopped(ERROR, f"the request failed: {exc}") from None
+    if status != 200 or not isinstance(answer, dict) or "timings" not in answer:
+        message = answer.get("error", {}).get("message", answer) if isinstance(answer, dict) else answer
+        raise ServerStopped(ERROR, f"/completion answered HTTP {status}: {str(message)[:200]}")
+    return answer["timings"]
+
+
+def _wait_dead(server: _Server, seconds: float = 2.0) -> bool:
+    try:
+        server.proc.wait(timeout=seconds)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def _wait_healthy(server: _Server, timeout: float) -> None:
+    """Wait until /health answers 200 (503 while the model loads).
+
+    Raises:
+        ServerStopped: the server exited first (START_FAILED), or did not get ready in ``timeout`` s (TIMEOUT).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.died():
+            raise ServerStopped(START_FAILED, decisive_line(server.text()))
+        try:
+            status, _ = server.request("GET", "/health", None, 5)
+            if status == 200:
+                return
+        except (OSError, http.client.HTTPException):
+            pass
+        if time.monotonic() > deadline:
+            raise ServerStopped(TIMEOUT, f"not ready {timeout:.0f} s after starting ({decisive_line(server.text())})")
+        time.sleep(0.1)
+
+
+def _measure(server: _Server, replay: Replay, vocab: Vocabulary, rng: random.Random, run: ServedRun,
+             timeout: float) -> None:
+    """Run the replay's tests against ``server``, filling ``run``'s figures."""
+    def ask(prompt: list[int], n_predict: int, cache: bool) -> dict:
+        return _completion(server, prompt, n_predict, cache=cache, timeout=timeout)
+
+    def with_depth(n: int) -> tuple[list[int], bool]:
+        """A prompt of ``n`` ids after ``n_depth`` ids already processed by the server (sent first, cached)."""
+        if not replay.n_depth:
+            return vocab.prompt(rng, n), False
+        prefix = vocab.prompt(rng, replay.n_depth)
+        ask(prefix, 0, True)
+        return prefix + vocab.prompt(rng, n, first=False), True
+
+    def note_depth(t: dict) -> None:
+        if replay.n_depth and t["prompt_n"] != replay.n_prompt:
+            note = (f"the server processed {t['prompt_n']} prompt tokens, not the {replay.n_prompt} after the "
+                    f"depth: it did not reuse the cached {replay.n_depth} (pp is then over all of them)")
+            if note not in run.notes:
+                run.notes.append(note)
+
+    ask(vocab.prompt(rng, WARMUP_TOKENS), 2, False)  # warmup, as the child runs one
+    for _ in range(replay.repetitions):
+        if replay.workload == "server":
+            _streams(server, replay, vocab, rng, run, timeout)
+        elif is_curve(replay.workload):
+            prompt, cache = with_depth(replay.n_prompt)
+            t = ask(prompt, replay.n_gen + 1, cache)
+            note_depth(t)
+            run.pp_n.append(t["prompt_n"])
+            run.pp_ms.append(t["prompt_ms"])
+            run.tg_n.append(t["predicted_n"] - 1)
+            run.tg_ms.append(t["predicted_ms"])
+        else:
+            if replay.n_prompt:
+                prompt, cache = with_depth(replay.n_prompt)
+                t = ask(prompt, 1, cache)
+                note_depth(t)
+                run.pp_n.append(t["prompt_n"])
+                run.pp_ms.append(t["prompt_ms"])
+            if replay.n_gen:
+                t = ask(vocab.prompt(rng, max(1, replay.n_depth)), replay.n_gen + 1, False)
+                run.tg_n.append(t["predicted_n"] - 1)
+                run.tg_ms.append(t["predicted_ms"])
+
+
+def _streams(server: _Server, replay: Replay, vocab: Vocabulary, rng: random.Random, run: ServedRun,
+             timeout: float) -> None:
+    """``n_parallel`` requests at once: aggregate pp over the longest prompt time, aggregate tg as the sum of
+    the streams' rates."""
+    prompts = [vocab.prompt(rng, replay.n_prompt) for _ in range(replay.n_parallel)]
+    answers: list[dict | ServerStopped] = [ServerStopped(ERROR, "no answer")] * len(prompts)
+
+    def one(i: int) -> None:
+        try:
+            answers[i] = _completion(server, prompts[i], replay.n_gen + 1, cache=False, timeout=timeout)
+        except ServerStopped as exc:
+            answers[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failed = next((a for a in answers if isinstance(a, ServerStopped)), None)
+    if failed is not None:
+        raise failed
+    run.pp_n.append(sum(a["prompt_n"] for a in answers))
+    run.pp_ms.append(max(a["prompt_ms"] for a in answers))
+    steps = sum(a["predicted_n"] - 1 for a in answers)
+    rate = sum(1e3 * (a["predicted_n"] - 1) / a["predicted_ms"] for a in answers if a["predicted_ms"] > 0)
+    run.tg_n.append(steps)
+    run.tg_ms.append(1e3 * steps / rate if rate else 0.0)
+
+
+def serve_and_measure(argv: list[str], replay: Replay, vocab: Vocabulary, *, label: str, seed: int | None = None,
+                      version: str = "", host: str = HOST, start_timeout_s: float = START_TIMEOUT_S,
+                      request_timeout_s: float = REQUEST_TIMEOUT_S, probe: GpuProbe | None = None,
+                      gpu_index: int | None = None, env: dict[str, str] | None = None) -> ServedRun:
+    """Start llama-server (``argv``, without host and port: a free loopback port is added), replay ``replay``
+    with token ids drawn from ``vocab`` (seeded by ``seed``, else the replay's), sample its memory (RSS, and
+    VRAM on ``probe``'s GPU ``gpu_index``), stop it, and return what it reported. Never raises for what the
+    server does: a start failure, a crash or a timeout is the run's ``status`` with the decisive log line."""
+    probe = probe or NoGpuProbe()
+    run = ServedRun(label=label, argv=list(argv), version=version)
+    rng = random.Random(replay.seed if seed is None else seed)
+    t0 = time.monotonic()
+    server = None
+    for _ in range(3):  # another process may take the free port before llama-server binds it
+        vram_before = probe.memory(gpu_index).used if gpu_index is not None else None
+        try:
+            server = _Server(argv, host, free_port(host), env)
+        except OSError as exc:
+            run.status, run.reason = START_FAILED, f"cannot run {argv[0]}: {exc.strerror or exc}"
+            return run
+        sampler = MemorySampler(server.proc.pid, probe=probe, gpu_index=gpu_index, vram_used_before=vram_before,
+                                interval=0.05).start()
+        try:
+            _wait_healthy(server, start_timeout_s)
+            run.load_time_s = time.monotonic() - t0
+            _measure(server, replay, vocab, rng, run, request_timeout_s)
+        except ServerStopped as exc:
+            run.status, run.reason = exc.status, str(exc)
+        finally:
+            hwm = _vm_hwm(server.proc.pid)
+            peaks = sampler.window()
+            sampler.stop()
+            server.stop()
+        run.peak_rss_bytes = max(peaks.rss, hwm or 0) or None
+        run.peak_vram_bytes = peaks.vram
+        run.wall_time_s = time.monotonic() - t0
+        log = server.text()
+        if run.status == START_FAILED and _BIND.search(log):
+            run.status, run.reason = OK, ""
+            continue
+        break
+    if not run.ok:
+        run.exit_code, run.signal = server.exit_status() if run.status != TIMEOUT else (None, None)
+        run.log_tail = "\n".join(log.splitlines()[-40:])
+    return run
+
+
+def run_rounds(preset_argv: list[str], defaults_argv: list[str], replay: Replay, vocab: Vocabulary, *,
+               rounds: int, measure: Callable[..., ServedRun] = serve_and_measure,
+               on_run: Callable[[int, ServedRun], None] | None = None, **options: Any) -> list[dict[str, ServedRun]]:
+    """``rounds`` paired rounds of the preset's server beside the defaults' (``measure`` each, ``options`` passed
+    on), taking turns at going first: the preset in odd rounds (1, 3, ...), the defaults in even ones, so that a
+    machine warming up or slowing down hits both alike. Both get the same token ids in a round (seeded by it).
+    Stops after the first round where a server failed; ``on_run`` hears of each run (round from 1)."""
+    out: list[dict[str, ServedRun]] = []
+    for r in range(1, rounds + 1):
+        order = [("preset", preset_argv), ("defaults", defaults_argv)]
+        if r % 2 == 0:
+            order.reverse()
+        runs = {}
+        for label, argv in order:
+            runs[label] = measure(argv, replay, vocab, label=label, seed=replay.seed * 1000 + r, **options)
+            if on_run:
+                on_run(r, runs[label])
+        out.append(runs)
+        if not all(run.ok for run in runs.values()):
+            break
+    return out
