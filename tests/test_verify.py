@@ -70,6 +70,7 @@ if me.get("die"):
     sys.exit(1)
 factor = 1 + spec.get("drift", 0) * (start // 2)
 requests = [0]
+cached = []
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -95,7 +96,14 @@ class Handler(BaseHTTPRequestHandler):
             os.kill(os.getpid(), signal.SIGABRT)
         with open(spec["log"], "a") as f:
             f.write(json.dumps(["request", role, body]) + "\n")
-        n_prompt, n_predict = len(body["prompt"]), body["n_predict"]
+        prompt, n_predict = body["prompt"], body["n_predict"]
+        reuse = 0  # what a slot keeps of its last prompt with cache_prompt (the last token is processed again)
+        if body["cache_prompt"] and not me.get("no_reuse"):
+            while reuse < min(len(prompt), len(cached)) and prompt[reuse] == cached[reuse]:
+                reuse += 1
+            reuse = min(reuse, len(prompt) - 1)
+        cached[:] = prompt if body["cache_prompt"] else []
+        n_prompt = len(prompt) - reuse
         self.reply(200, {"content": "x", "timings": {
             "prompt_n": n_prompt, "prompt_ms": 1e3 * n_prompt / (me["pp"] * factor),
             "predicted_n": n_predict,
@@ -226,6 +234,30 @@ def test_a_server_that_crashes_while_measured_is_an_outcome_with_the_assert(fake
     assert run.status == "crash", run
     assert run.reason == "GGML_ASSERT(n_tokens_all <= cparams.n_batch) failed" and run.signal == "SIGABRT"
     assert len(run.pp_n) == 1 and not run.tg_n  # the warmup and one pp answered; the tg request killed it
+
+
+def test_curve_streams_and_depth_replays_read_the_servers_timings(fake_server, tiny_model):
+    """A chat replay is one request per repetition (the prompt, then n_gen + 1 tokens); a depth is sent first
+    with cache_prompt and the server's prompt_n shows what it processed after it (a note where it reused
+    nothing); three streams at once add up (pp: every prompt token over the longest prompt time)."""
+    exe, configure, events = fake_server
+    argv = [exe, "-m", str(tiny_model), "--ctx-size", "512"]
+    vocab = vocabulary(str(tiny_model))
+    configure({"pp": 500.0, "tg": 40.0}, {"pp": 1.0, "tg": 1.0})
+    chat = serve_and_measure(argv, Replay(workload="chat", n_prompt=16, n_gen=8, n_depth=32, repetitions=2), vocab,
+                             label="preset")
+    assert chat.ok and chat.pp_n == [16, 16] and chat.tg_n == [8, 8] and not chat.notes, chat
+    assert chat.pp_rates == pytest.approx([500.0] * 2) and chat.tg_rates == pytest.approx([40.0] * 2)
+    bodies = [e[2] for e in events() if e[0] == "request"][1:]  # after the warmup
+    assert [(len(b["prompt"]), b["n_predict"], b["cache_prompt"]) for b in bodies] == [(32, 0, True), (48, 9, True)] * 2
+    assert bodies[1]["prompt"][:32] == bodies[0]["prompt"]
+    configure({"pp": 500.0, "tg": 40.0, "no_reuse": True}, {"pp": 1.0, "tg": 1.0})
+    deep = serve_and_measure(argv, Replay(n_prompt=16, n_gen=8, n_depth=32, repetitions=1), vocab, label="preset")
+    assert deep.pp_n == [48] and deep.tg_n == [8] and "did not reuse the cached 32" in deep.notes[0], deep
+    streams = serve_and_measure(argv, Replay(workload="server", n_parallel=3, n_prompt=16, n_gen=8, repetitions=1),
+                                vocab, label="preset")
+    assert streams.pp_n == [48] and streams.tg_n == [24], streams
+    assert streams.pp_rates == pytest.approx([1500.0]) and streams.tg_rates == pytest.approx([120.0])
 
 
 def test_the_decisive_line_is_the_strongest_error_not_its_consequences():
