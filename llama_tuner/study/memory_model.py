@@ -10,7 +10,8 @@ The prediction adds what llama.cpp allocates on the limiting device:
   padded to 256 unless ``swa_full``; on the GPU for offloaded layers with offload_kqv;
 - compute buffers: llama.cpp reserves a graph for ``n_ubatch`` tokens with every
   one an output, so the logits (n_ubatch x n_vocab x 4 bytes) dominate for large
-  vocabularies, plus attention scores (without flash attention) and FFN activations.
+  vocabularies, plus attention scores (without flash attention), the attention mask of every
+  cell (f16 with flash attention, else f32) and FFN activations.
   Its coefficients are refitted from the compute buffers llama.cpp reports;
 - a correction for what llama.cpp does not report (the CUDA context, the
   interpreter), refitted from every measured peak of the study as the median of
@@ -57,13 +58,14 @@ class Allocations:
 
 
 def compute_features(facts: ModelFacts, cfg: BenchConfig) -> np.ndarray:
-    """The terms the compute buffer grows with: logits, attention scores, FFN, a constant."""
-    ub = cfg.n_ubatch
-    attn = 0 if cfg.flash_attn else ub * _pad(cfg.n_ctx) * facts.n_head * 4
-    return np.array([ub * facts.n_vocab * 4, attn, ub * facts.n_ff * 4, 1.0], dtype=float)
+    """The terms the compute buffer grows with: logits, attention scores, the attention mask, FFN, a constant."""
+    ub, n_kv = cfg.n_ubatch, _pad(cfg.n_ctx)
+    attn = 0 if cfg.flash_attn else ub * n_kv * facts.n_head * 4
+    mask = ub * n_kv * (2 if cfg.flash_attn else 4)  # the KQ mask of every cell: f16 for flash attention, else f32
+    return np.array([ub * facts.n_vocab * 4, attn, mask, ub * facts.n_ff * 4, 1.0], dtype=float)
 
 
-PRIOR_COEFFS = np.array([1.0, 1.0, 3.0, 2 * 2**20])
+PRIOR_COEFFS = np.array([1.0, 1.0, 1.0, 3.0, 2 * 2**20])
 
 
 @dataclass
