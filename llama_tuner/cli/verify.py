@@ -38,6 +38,14 @@ def _mean(xs: list[float]) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
+def _slots(props: dict) -> str:
+    """", 4 slots of 32,768 tokens" from a server's /props."""
+    if not props.get("total_slots") or not props.get("slot_n_ctx"):
+        return ""
+    n = props["total_slots"]
+    return f", {n} slot{'s' * (n != 1)} of {props['slot_n_ctx']:,} tokens"
+
+
 def _share(a: float | None, b: float | None) -> float | None:
     return a / b - 1 if a is not None and b else None
 
@@ -229,7 +237,7 @@ def verify(study: str, preset: str, rounds: int, repetitions: int | None, storag
         if run.ok:
             click.echo(f"round {r}/{rounds} {run.label}: tg {_fmt(_mean(run.tg_rates))}, "
                        f"pp {_fmt(_mean(run.pp_rates))} t/s, peak RSS {format_size(run.peak_rss_bytes)}, "
-                       f"ready in {run.load_time_s:.1f} s", err=True)
+                       f"ready in {run.load_time_s:.1f} s{_slots(run.props)}", err=True)
         else:
             click.echo(f"round {r}/{rounds} {run.label} {run.outcome()}", err=True)
 

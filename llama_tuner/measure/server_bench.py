@@ -216,6 +216,7 @@ class ServedRun:
     peak_vram_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
     log_tail: str = ""
+    props: dict[str, Any] = field(default_factory=dict)  # /props: slots, each slot's context, build
 
     @property
     def ok(self) -> bool:
@@ -401,6 +402,18 @@ def _wait_healthy(server: _Server, timeout: float) -> None:
         time.sleep(0.1)
 
 
+def _props(server: _Server) -> dict[str, Any]:
+    """What /props says of the server's slots and build ({} where it does not answer)."""
+    try:
+        status, props = server.request("GET", "/props", None, 10)
+    except (OSError, http.client.HTTPException):
+        return {}
+    if status != 200 or not isinstance(props, dict):
+        return {}
+    return {"total_slots": props.get("total_slots"), "build_info": props.get("build_info"),
+            "slot_n_ctx": (props.get("default_generation_settings") or {}).get("n_ctx")}
+
+
 def _measure(server: _Server, replay: Replay, vocab: Vocabulary, rng: random.Random, run: ServedRun,
              timeout: float) -> None:
     """Run the replay's tests against ``server``, filling ``run``'s figures."""
@@ -501,6 +514,7 @@ def serve_and_measure(argv: list[str], replay: Replay, vocab: Vocabulary, *, lab
         try:
             _wait_healthy(server, start_timeout_s)
             run.load_time_s = time.monotonic() - t0
+            run.props = _props(server)
             _measure(server, replay, vocab, rng, run, request_timeout_s)
         except ServerStopped as exc:
             run.status, run.reason = exc.status, str(exc)
