@@ -1,6 +1,8 @@
 # llama-tuner: `make tune` installs and tunes the demo model; `make test` installs and runs the tests.
 # llama-cpp-python is built with CUDA (CMAKE_ARGS=-DGGML_CUDA=on) where `nvidia-smi -L` lists a GPU and nvcc is
 # on PATH to compile the kernels, else for the CPU; CUDA=1 or CUDA=0 overrides the detection.
+# `make llama-server` builds llama-server and llama-bench, the same way, from the llama.cpp that llama-cpp-python
+# vendors (its sdist), into .cache/llama.cpp/<commit>/; `make test` builds them first.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -29,7 +31,22 @@ $(error CUDA=$(CUDA): use CUDA=1 (a CUDA build) or CUDA=0 (a CPU build), or leav
 endif
 STAMP  := $(VENV)/.installed-cuda$(CUDA)
 
-.PHONY: install test test-fast tune bench-fidelity clean
+# llama-server from the sdist of the pinned llama-cpp-python: its vendor/llama.cpp is llama.cpp's source at the
+# commit the bindings are built from, and the sdist carries that submodule's git HEAD (the cache's key; without one,
+# the llama-cpp-python version is). .cache/llama.cpp/llama-server points to the last build.
+CACHE         := .cache
+SDIST_DIR     := $(CACHE)/llama-cpp-python-$(LLAMA_CPP_VERSION)
+SDIST_SRC     := $(SDIST_DIR)/llama_cpp_python-$(LLAMA_CPP_VERSION)
+SDIST_STAMP   := $(SDIST_DIR)/.unpacked
+LLAMA_CPP_SRC := $(SDIST_SRC)/vendor/llama.cpp
+LLAMA_CPP_HEAD = $(SDIST_SRC)/.git/modules/vendor/llama.cpp/HEAD
+BACKEND       := $(if $(filter 1,$(CUDA)),cuda,cpu)
+# No web UI (it would be downloaded from Hugging Face at build time), no libcurl, static: one self-contained binary.
+LLAMA_CMAKE_FLAGS := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+                     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF \
+                     -DLLAMA_BUILD_UI=OFF $(if $(filter 1,$(CUDA)),-DGGML_CUDA=on)
+
+.PHONY: install llama-server llama-server-build test test-fast tune bench-fidelity clean clean-cache
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,8 +61,37 @@ endif
 install: $(STAMP)
 	@echo "llama-cpp-python $(LLAMA_CPP_VERSION): $(BUILD)"
 
+$(SDIST_STAMP): | $(STAMP)
+	rm -rf $(SDIST_DIR) && mkdir -p $(SDIST_DIR)
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: '$(LLAMA_CPP_PYTHON)' -d $(SDIST_DIR)
+	tar -xzf $(SDIST_DIR)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(SDIST_DIR)
+	rm $(SDIST_DIR)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+	test -f $(LLAMA_CPP_SRC)/tools/server/CMakeLists.txt
+	touch $@
+
+# The build directory's name needs the commit, known once the sdist is unpacked: a second make reads it.
+llama-server: $(SDIST_STAMP)
+	@$(MAKE) --no-print-directory llama-server-build \
+	    LLAMA_CPP_KEY="$$(cut -c1-7 $(LLAMA_CPP_HEAD) 2>/dev/null || echo llama-cpp-python-$(LLAMA_CPP_VERSION))"
+
+ifdef LLAMA_CPP_KEY
+LLAMA_BUILD := $(CACHE)/llama.cpp/$(LLAMA_CPP_KEY)/$(BACKEND)
+llama-server-build: $(LLAMA_BUILD)/.built
+	ln -sfn $(LLAMA_CPP_KEY)/$(BACKEND)/bin/llama-server $(CACHE)/llama.cpp/llama-server
+	@echo "llama-server: $(LLAMA_BUILD)/bin/llama-server ($(BUILD), llama.cpp $(LLAMA_CPP_KEY))"
+
+$(LLAMA_BUILD)/.built: $(SDIST_STAMP)
+	@echo "building llama-server and llama-bench ($(BUILD), llama.cpp $(LLAMA_CPP_KEY)): minutes"
+	@mkdir -p $(LLAMA_BUILD) && start=$$(date +%s); \
+	cmake -S $(LLAMA_CPP_SRC) -B $(LLAMA_BUILD) $(LLAMA_CMAKE_FLAGS) >$(LLAMA_BUILD)/build.log 2>&1 && \
+	cmake --build $(LLAMA_BUILD) -j2 --target llama-server llama-bench >>$(LLAMA_BUILD)/build.log 2>&1 \
+	    || { tail -n 40 $(LLAMA_BUILD)/build.log; exit 1; }; \
+	echo "built in $$(( $$(date +%s) - start )) s (log: $(LLAMA_BUILD)/build.log)"
+	touch $@
+endif
+
 # The layer contracts (import-linter) and ruff first: seconds, and they fail before the slow tests.
-test: install
+test: install llama-server
 	$(BIN)/lint-imports
 	$(BIN)/ruff check llama_tuner tests bench
 	$(BIN)/python -m pytest -q
@@ -63,3 +109,7 @@ bench-fidelity: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The llama-cpp-python sdist and llama.cpp builds (a rebuild takes minutes).
+clean-cache:
+	rm -rf $(CACHE)

@@ -21,8 +21,11 @@ from conftest import REPACK_WORKS, ROOT, assert_one_line_error
 from test_study import ENV
 from llama_tuner.measure.config import BenchConfig
 from llama_tuner.measure.llama_cpp_server import model_settings
+from llama_tuner.errors import UserError
 from llama_tuner.measure.llama_server import ENV_VAR as LLAMA_SERVER_ENV
+from llama_tuner.measure.llama_server import find_llama_server, probe
 from llama_tuner.model.info import load_model_info
+from llama_tuner.report.export import llama_server_args
 from llama_tuner.model.twins import SHAPES, write_synthetic_gguf
 from llama_tuner.study.session import StudyRequest, open_tuner
 from llama_tuner.study.view import StudyView
@@ -136,6 +139,64 @@ def test_serve_answers_completions_and_chat_then_stops_on_ctrl_c(demo_model_path
         [mlflow.MlflowClient(tracking).get_experiment_by_name(demo_model_path.stem).experiment_id],
         filter_string="tags.`llama_tuner.kind` = 'study'")[0]
     assert parent.data.tags["served_preset"] == "fastest" and "llama_cpp_server" in parent.data.tags["served_command"]
+
+
+def _found_llama_server() -> str | None:
+    try:
+        return find_llama_server()
+    except UserError:
+        return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_found_llama_server() is None,
+                    reason="no llama-server found: `make llama-server` builds one (`make test` does)")
+def test_serve_runs_llama_server_with_the_exported_flags_answers_and_stops_on_ctrl_c(demo_model_path, tmp_path):
+    """`serve` finds llama-server (make llama-server's build where PATH has none) and becomes it (execv: the same
+    process) with the preset's export, spelled for that binary, plus --host and --port; it answers completions
+    and chat on loopback, and SIGINT (Ctrl-C) ends it and frees the port."""
+    exe = _found_llama_server()
+    storage = f"sqlite:///{tmp_path}/s.db"
+    view = fake_study(demo_model_path, storage, "demo")
+    cfg = view.presets["fastest"].candidate.figures.config
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w+")  # llama-server logs much: a pipe could fill and stall it
+    proc = subprocess.Popen([sys.executable, "-m", "llama_tuner", "serve", "demo", "--storage", storage,
+                             "--port", str(port), "--no-mlflow"], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:  # 503 while the model loads, 200 once it serves
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                time.sleep(0.5)
+        assert os.path.realpath(f"/proc/{proc.pid}/exe") == os.path.realpath(exe)
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            argv = f.read().decode().split("\0")[:-1]
+        assert argv == llama_server_args(view.model_path, cfg, program=exe, server=probe(exe)) + \
+            ["--host", "127.0.0.1", "--port", str(port)]
+        text = post(f"{base}/v1/completions", {"prompt": "The capital of France is", "max_tokens": 8,
+                                               "temperature": 0})
+        assert text["choices"][0]["text"].strip() and text["usage"]["completion_tokens"] > 0
+        chat = post(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "Name a colour."}],
+                                                     "max_tokens": 8, "temperature": 0})
+        assert chat["choices"][0]["message"]["content"].strip() and chat["usage"]["completion_tokens"] > 0
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert not os.path.exists(f"/proc/{proc.pid}")  # gone, not a zombie
+    with pytest.raises(ConnectionRefusedError):  # nothing listens there any more
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    first = (tmp_path / "serve.log").read_text().splitlines()[0]
+    assert first.startswith("serving gemma-3-270m") and f"with llama-server {probe(exe).version} ({exe})" in first
 
 
 @pytest.mark.slow
