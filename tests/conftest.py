@@ -143,3 +143,15 @@ def assert_one_line_error(result: CliResult, *needles: str) -> None:
     assert "Traceback" not in result.err
     for needle in needles:
         assert needle.lower() in lines[0].lower(), (needle, lines[0])
+
+
+@pytest.fixture
+def no_work_before_checks(monkeypatch):
+    """Fail the test if a tune starts real work (the machine's environment, the GPU probe, the repack check)
+    before its input is checked: bad input is refused before anything costly runs."""
+    def work(*_, **__):
+        raise AssertionError("work started before the input was checked")
+
+    for target in ("llama_tuner.study.session.build_environment", "llama_tuner.study.session.detect_probe",
+                   "llama_tuner.measure.launcher.SubprocessLauncher.repack_crash"):
+        monkeypatch.setattr(target, work)

@@ -102,11 +102,6 @@ def test_fit_flags_llama_tuner_cannot_model_are_refused_by_name(dense, flags, ne
     ("-c 2048 --fit sometimes", "unknown --fit value 'sometimes'"),
     ("-c 2048 --fit-print on", "unsupported llama-server flag --fit-print"),
 ])
-def test_bad_fit_flags_are_one_line_before_any_work(cli, tiny_model, tmp_path, monkeypatch, flags, needle):
-    def work(*_, **__):
-        raise AssertionError("work started before the input was checked")
-
-    monkeypatch.setattr("llama_tuner.study.session.build_environment", work)
-    monkeypatch.setattr("llama_tuner.study.session.detect_probe", work)
+def test_bad_fit_flags_are_one_line_before_any_work(cli, tiny_model, tmp_path, no_work_before_checks, flags, needle):
     r = cli("tune", tiny_model, "--storage", f"sqlite:///{tmp_path}/s.db", "--no-mlflow", "--baseline", flags)
     assert_one_line_error(r, needle)

@@ -34,14 +34,8 @@ BASES = {"yours", "llama-server defaults (fit)"} if REPACK_WORKS else {"yours"}
     (("--min-stream-tps", "5"), "--min-stream-tps 5.0 applies to --workload server only"),
     (("--workload", "custom", "--prompt-tokens", "99999999"), "more than the model's training context"),
 ])
-def test_tune_bad_input_is_one_line_before_any_work(cli, tiny_model, tmp_path, monkeypatch, args, needle):
+def test_tune_bad_input_is_one_line_before_any_work(cli, tiny_model, tmp_path, no_work_before_checks, args, needle):
     """Refused before a llama_cpp child, the bandwidth probe or the repack check runs, and before a study exists."""
-    def work(*_, **__):
-        raise AssertionError("work started before the input was checked")
-
-    monkeypatch.setattr("llama_tuner.study.session.build_environment", work)
-    monkeypatch.setattr("llama_tuner.study.session.detect_probe", work)
-    monkeypatch.setattr("llama_tuner.measure.launcher.SubprocessLauncher.repack_crash", work)
     r = cli("tune", tiny_model, "--storage", f"sqlite:///{tmp_path}/s.db", "--no-mlflow", *args)
     assert_one_line_error(r, needle)
     assert not (tmp_path / "s.db").exists()

@@ -32,12 +32,8 @@ def test_the_ladder_always_ends():
     ("n_ctx=4096:999999", "at most the model's training context"),
     ("n_batch=512:256", "is empty"),
 ])
-def test_a_range_outside_its_domain_is_one_line_and_quick(cli, tiny_model, tmp_path, monkeypatch, span, needle):
-    def work(*_, **__):
-        raise AssertionError("work started before the input was checked")
-
-    monkeypatch.setattr("llama_tuner.study.session.build_environment", work)
-    monkeypatch.setattr("llama_tuner.study.session.detect_probe", work)
+def test_a_range_outside_its_domain_is_one_line_and_quick(cli, tiny_model, tmp_path, no_work_before_checks, span,
+                                                          needle):
     r = cli("tune", tiny_model, "--storage", f"sqlite:///{tmp_path}/s.db", "--no-mlflow", "--range", span)
     assert_one_line_error(r, needle)
 
