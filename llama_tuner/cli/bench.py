@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import click
 
 from llama_tuner.errors import UserError
+from llama_tuner.measure.config import ENGINES
 from llama_tuner.measure.workloads import WORKLOADS
 from llama_tuner.report.llama_bench_output import FORMATS as OUTPUTS, AsGiven
 
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from llama_tuner.model.info import ModelInfo
 
 
+TG_PROMPT_CTX = 4096  # the context of a --tg-prompt bench without -c: the request and the answer in one
 # (short flag, long flag, BenchConfig field, help)
 BENCH_FLAGS = [
     ("-ngl", "--n-gpu-layers", "n_gpu_layers", "Layers to offload; -1 = all (default -1, as llama-bench)."),
@@ -37,6 +39,11 @@ BENCH_FLAGS = [
     ("-d", "--n-depth", "n_depth", "Tokens already in the cache before each test (default 0)."),
     ("-r", "--repetitions", "repetitions", "Timed repetitions (default 5)."),
     ("-np", "--parallel", "n_parallel", "Concurrent streams, as llama-server --parallel (implies --workload server)."),
+    (None, "--spec-type", "spec_type", "Speculative decoding, as llama-server --spec-type: none, ngram-mod, "
+                                       "ngram-simple, ngram-map-k, ngram-map-k4v, draft-simple (with -md); needs "
+                                       "--engine llama-server (default none)."),
+    ("-md", "--spec-draft-model", "draft_model", "Draft model for --spec-type draft-simple (llama-server -md)."),
+    (None, "--spec-draft-n-max", "spec_draft_n_max", "Tokens the draft model drafts (default: llama.cpp's, 3)."),
 ]
 
 
@@ -59,8 +66,17 @@ def _bench_options(f):
 @click.option("--workload", type=click.Choice(WORKLOADS), default=None,
               help="What to measure (default pp-tg, llama-bench's tests); -p/-n/-d change its sizes. "
                    "See `llama-tuner bench --help` and the README's workloads.")
+@click.option("--engine", type=click.Choice(ENGINES), default="child", show_default=True,
+              help="What measures: a child process through llama-cpp-python (as llama-bench), or llama-server "
+                   "itself over HTTP (its own timings; speculative decoding).")
+@click.option("--llama-server", "llama_server", metavar="PATH",
+              help="The llama-server for --engine llama-server (default: $LLAMA_TUNER_LLAMA_SERVER, PATH, then "
+                   "`make llama-server`'s build).")
+@click.option("--tg-prompt", "tg_prompt", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="With --engine llama-server: tg answers this request (a text file, sent as one chat message), "
+                   "real text where speculative decoding is judged; default: random token ids, as llama-bench.")
 def bench(model: str, timeout_s: float, output: str, as_json: bool, download: bool, workload: str | None,
-          **values) -> None:
+          engine: str, llama_server: str | None, tg_prompt: str | None, **values) -> None:
     """Measure MODEL like llama-bench. Comma-separated values sweep every combination.
 
     Each configuration runs in a child process that is killed after --timeout;
@@ -74,6 +90,7 @@ def bench(model: str, timeout_s: float, output: str, as_json: bool, download: bo
     """
     from llama_tuner.measure.bandwidth import bandwidth_of
     from llama_tuner.measure.launcher import SubprocessLauncher
+    from llama_tuner.measure.server_engine import ServerLauncher
     from llama_tuner.model.facts import ModelFacts
     from llama_tuner.model.info import load_model_info
     from llama_tuner.model.stores import resolve_model
@@ -84,6 +101,8 @@ def bench(model: str, timeout_s: float, output: str, as_json: bool, download: bo
 
     model = resolve_model(model, download=download)
     info = load_model_info(model)
+    if engine == "llama-server" and tg_prompt and values.get("n_ctx") is None:
+        values = {**values, "n_ctx": str(TG_PROMPT_CTX)}  # the request's tokens are known only to the server
     swept = sweep_as_given(workload_values(values, workload), info)
     requested = [cfg for cfg, _ in swept]
     # Each measured configuration, with the one the user asked for (llama-bench reports its batch sizes) and the
@@ -93,7 +112,21 @@ def bench(model: str, timeout_s: float, output: str, as_json: bool, download: bo
     if any(cfg.workload != "pp-tg" for cfg in requested) and output not in ("md",) and not as_json:
         raise UserError(f"-o {output} speaks llama-bench, which has no {requested[0].workload} workload",
                         "use the default table or --json")
-    launcher = SubprocessLauncher(detect_probe(), timeout_s=timeout_s)
+    server = None
+    if engine == "llama-server":
+        server = llama_server_for_engine(llama_server)
+        text = _read_prompt(tg_prompt) if tg_prompt else ""
+        if text and any(cfg.workload != "pp-tg" for cfg in requested):
+            raise UserError("--tg-prompt is for the pp-tg test", "leave --workload out, or drop --tg-prompt")
+        launcher = ServerLauncher(server, detect_probe(), timeout_s=timeout_s, tg_prompt=text)
+    else:
+        if llama_server or tg_prompt:
+            raise UserError(f"{'--llama-server' if llama_server else '--tg-prompt'} is for --engine llama-server",
+                            "add --engine llama-server")
+        if any(cfg.speculative for cfg in requested):
+            raise UserError("--spec-type measures llama-server's speculative decoding, which the child has not",
+                            "add --engine llama-server")
+        launcher = SubprocessLauncher(detect_probe(), timeout_s=timeout_s)
     facts = ModelFacts.of(info)
     results, rows, bench_rows = [], [], []
     for r, (_, asked, given) in zip(launcher.measure(model, [t for t, _, _ in tests]), tests):
@@ -112,9 +145,34 @@ def bench(model: str, timeout_s: float, output: str, as_json: bool, download: bo
         if notes:
             click.echo("\n" + "\n".join(notes))
         env = results[0].env if results else None
-        if env:
+        if env and env.engine == "llama-server":
+            click.echo(f"\nmeasured by llama-server {env.llama_server} ({server.path}) over HTTP: its own timings"
+                       f"{'; tg answers ' + tg_prompt if tg_prompt else ''}; {env.gpu_name or env.cpu}")
+        elif env:
             click.echo(f"\nbuild: llama-cpp-python {env.llama_cpp_python}, {env.llama_cpp_build}; "
                        f"{env.gpu_name or env.cpu}")
+
+
+def llama_server_for_engine(explicit: str | None):
+    """The llama-server ``--engine llama-server`` measures with, probed (version, flags).
+
+    Raises:
+        UserError: none is found, or the one given does not run.
+    """
+    from llama_tuner.measure.llama_server import BUILD_HINT, find_llama_server, probe
+
+    path = find_llama_server(explicit)
+    if path is None:
+        raise UserError("--engine llama-server: no llama-server here", f"give --llama-server PATH, or {BUILD_HINT}")
+    return probe(path)
+
+
+def _read_prompt(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read().strip()
+    if not text:
+        raise UserError(f"--tg-prompt {path} is empty", "give a file with the request in words")
+    return text
 
 
 def bandwidth_line(r) -> str:

@@ -11,6 +11,7 @@ from llama_tuner.report.export import FORMATS, MULTI_FORMATS
 from llama_tuner.study.presets import OBJECTIVES, PRESET_NAMES
 from llama_tuner.study.quality_gate import DEFAULT_MAX_KLD
 from llama_tuner.study.storage import DEFAULT_STORAGE, SAMPLERS
+from llama_tuner.measure.config import ENGINES
 from llama_tuner.measure.workloads import WORKLOADS
 
 
@@ -66,12 +67,25 @@ def _ranges(items: tuple[str, ...]) -> dict[str, tuple[int, int]]:
 @click.option("--download", is_flag=True, help="Fetch an hf:ORG/REPO[:QUANT] model missing from the cache.")
 @click.option("--max-kld", type=float, default=DEFAULT_MAX_KLD, show_default=True,
               help="No preset uses a KV cache whose KL divergence against f16 exceeds this (see `quality`).")
+@click.option("--engine", type=click.Choice(ENGINES), default="child", show_default=True,
+              help="What measures each trial: a child process through llama-cpp-python, or llama-server itself "
+                   "over HTTP (its own timings; speculative decoding searched).")
+@click.option("--llama-server", "llama_server", metavar="PATH",
+              help="The llama-server for --engine llama-server (default: $LLAMA_TUNER_LLAMA_SERVER, PATH, then "
+                   "`make llama-server`'s build).")
+@click.option("--tg-prompt", "tg_prompt", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="--engine llama-server: tg answers this request (a text file, one chat message); default: a "
+                   "bundled code-editing request.")
+@click.option("--draft-model", "draft_model", type=click.Path(exists=True, dir_okay=False), metavar="PATH",
+              help="--engine llama-server: a smaller model of the same vocabulary, searched as speculative "
+                   "decoding's draft (--spec-type draft-simple).")
 def tune(model: str, study_name: str | None, trials: int, timeout: str | None, vram_budget: str | None,
          min_headroom: str, min_ctx: int, depth: int, objective: str, baseline_flags: str | None,
          pins: tuple[str, ...], ranges: tuple[str, ...], sampler: str, seed: int | None, storage: str,
          trial_timeout: str, no_confirm: bool, tracking_uri: str | None, no_mlflow: bool, download: bool,
          max_kld: float, workload: str, prompt_tokens: int | None, gen_tokens: int | None,
-         min_stream_tps: float) -> None:
+         min_stream_tps: float, engine: str, llama_server: str | None, tg_prompt: str | None,
+         draft_model: str | None) -> None:
     """Find the best llama.cpp settings for MODEL (a path, ollama:NAME[:TAG] or hf:ORG/REPO[:QUANT]) on this
     machine, then print its presets."""
     from llama_tuner.cli.tracking import make_tracker
@@ -85,7 +99,8 @@ def tune(model: str, study_name: str | None, trials: int, timeout: str | None, v
                            objective=objective, baseline_flags=baseline_flags, pins=_pairs(pins, "--set"),
                            ranges=_ranges(ranges), sampler=sampler, seed=seed, storage=storage,
                            trial_timeout=trial_timeout, max_kld=max_kld, workload=workload,
-                           prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, min_stream_tps=min_stream_tps)
+                           prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, min_stream_tps=min_stream_tps,
+                           engine=engine, llama_server=llama_server, tg_prompt=tg_prompt, draft_model=draft_model)
     tuner = open_tuner(request, tracker=make_tracker(tracking_uri, no_mlflow))
     run_and_print(tuner, confirm=not no_confirm, max_kld=max_kld)
 

@@ -201,8 +201,8 @@ def verify(study: str, preset: str, rounds: int, repetitions: int | None, storag
     from llama_tuner.measure.llama_server import find_llama_server, probe
     from llama_tuner.measure.probe import detect_probe, visible_gpu_index
     from llama_tuner.measure.server_bench import Replay, run_rounds, vocabulary
-    from llama_tuner.report.export import llama_server_args
-    from llama_tuner.study.keys import TRACKING_URI_ATTR, VERIFY_PREFIX
+    from llama_tuner.measure.server_args import llama_server_args
+    from llama_tuner.study.keys import TG_PROMPT_ATTR, TRACKING_URI_ATTR, VERIFY_PREFIX
     from llama_tuner.study.storage import make_storage
     from llama_tuner.study.view import StudyView
 
@@ -220,7 +220,8 @@ def verify(study: str, preset: str, rounds: int, repetitions: int | None, storag
     defaults_argv = [server.path, "-m", view.model_path]
     for flag in ("--host", "--port"):
         server.require(flag)
-    replay = Replay.of(cfg, repetitions=repetitions or candidate.result.config.repetitions)
+    replay = Replay.of(cfg, repetitions=repetitions or candidate.result.config.repetitions,
+                       text=view.attrs.get(TG_PROMPT_ATTR) or "")
     vocab = vocabulary(view.model_path)
     gpu = detect_probe()
     gpu_index = visible_gpu_index(gpu) if gpu.gpus() else None
@@ -261,6 +262,15 @@ def verify(study: str, preset: str, rounds: int, repetitions: int | None, storag
     else:
         for line in summary_lines(summary, n_vocab=vocab.n_vocab, failures=failures) + [f"note: {n}" for n in notes]:
             click.echo(line)
+        drafted = [(sum(run.draft_n), sum(run.draft_accepted)) for r in done for run in r.values()
+                   if run.label == "preset" and run.ok]
+        n, accepted = sum(d for d, _ in drafted), sum(a for _, a in drafted)
+        if cfg.speculative:
+            study_share = candidate.figures.acceptance
+            click.echo(f"speculative decoding ({cfg.spec_type}): {100 * accepted / n:.0f}% of {n:,} drafted tokens "
+                       f"accepted" if n else f"speculative decoding ({cfg.spec_type}): nothing drafted")
+            if study_share is not None:
+                click.echo(f"  (study: {100 * study_share:.0f}%)")
     sys.stdout.flush()
     if failures:
         sys.exit(1)

@@ -33,12 +33,12 @@ import psutil
 from llama_cpp import llama_cpp as C
 
 from llama_tuner.measure import timer as timing
+from llama_tuner.measure.buffers import BUFFER_LINE
 from llama_tuner.measure.llama_cpp_pin import FIX, version_problem
 from llama_tuner.measure.threadpool import attach_threadpools
 from llama_tuner.measure.timer import DecodeError, Timer, fault_point
 from llama_tuner.model.experts import layer_experts_pattern
 
-BUFFER_LINE = re.compile(r"(\S+) +(model|KV|compute) buffer size = +([\d.]+) MiB")
 # The KV cache's own size, printed after its buffers: in a dry run (no_alloc) the buffers read 0.00 MiB.
 KV_SIZE_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB")
 DRY_RUN = {"on": False, "kv_device": "CPU"}

@@ -20,10 +20,16 @@ from llama_tuner.errors import UserError
 from llama_tuner.measure.workloads import PROBE_TOKENS, WORKLOADS, is_curve
 from llama_tuner.model.info import KV_CACHE_TYPES, ModelInfo
 
+ENGINES = ("child", "llama-server")  # what measures: the child (llama-cpp-python) or llama-server over HTTP
 MODEL_KEYS = ("n_gpu_layers", "n_cpu_moe", "use_mmap", "repack")
 CONTEXT_KEYS = ("n_ctx", "n_batch", "n_ubatch", "n_threads", "n_threads_batch", "flash_attn",
                 "type_k", "type_v", "offload_kqv", "swa_full", "n_parallel")
 TEST_KEYS = ("workload", "n_prompt", "n_gen", "n_depth", "repetitions", "seed")
+# What only llama-server has: speculative decoding (the child cannot measure them; see SERVER_DEFAULTS).
+SERVER_KEYS = ("spec_type", "spec_draft_n_max", "draft_model")
+# llama.cpp's --spec-type names that need no draft model (common/speculative.cpp); "none" is no speculation.
+DRAFT_FREE_SPEC_TYPES = ("ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod")
+DRAFT_SPEC_TYPES = ("draft-simple",)  # with -md/--spec-draft-model: a smaller model of the same vocabulary
 # Cache types that store V at less than 16 bits: llama.cpp needs flash attention for them.
 QUANTIZED_CACHE_TYPES = tuple(t for t in KV_CACHE_TYPES if t not in ("f32", "f16", "bf16"))
 MAX_THREADS = 1024
@@ -63,6 +69,11 @@ class BenchConfig:
     offload_kqv: bool = True
     swa_full: bool = False
     n_parallel: int = 1  # sequences (llama-server --parallel slots) sharing the context's n_ctx cells
+    # speculative decoding, llama-server only (--engine llama-server): --spec-type, --spec-draft-n-max (0:
+    # llama.cpp's default) and the draft model's path (-md) for a draft type
+    spec_type: str = "none"
+    spec_draft_n_max: int = 0
+    draft_model: str = ""
     # test: what is measured (llama_tuner.measure.workloads)
     workload: str = "pp-tg"
     n_prompt: int = 512
@@ -97,13 +108,24 @@ class BenchConfig:
         """The settings that only need a new context."""
         return {k: getattr(self, k) for k in CONTEXT_KEYS}
 
+    def server_params(self) -> dict[str, Any]:
+        """The settings only llama-server has (speculative decoding); empty where all are llama.cpp's defaults."""
+        return {k: getattr(self, k) for k in SERVER_KEYS if getattr(self, k) != SERVER_DEFAULTS[k]}
+
+    @property
+    def speculative(self) -> bool:
+        """Whether this configuration decodes speculatively (it needs llama-server)."""
+        return self.spec_type != "none"
+
     def test_params(self) -> dict[str, Any]:
         """What is measured: prompt, generation, depth, repetitions, seed."""
         return {k: getattr(self, k) for k in TEST_KEYS}
 
     def settings_key(self) -> str:
         """A stable hash of the llama.cpp settings (not the test), for finding repeats."""
-        payload = json.dumps({**self.model_params(), **self.context_params()}, sort_keys=True)
+        # The server settings count only where set, so that every key from before them stays the same.
+        payload = json.dumps({**self.model_params(), **self.context_params(), **self.server_params()},
+                             sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def resolved(self, model: ModelInfo | None = None, cores: int | None = None) -> "BenchConfig":
@@ -149,6 +171,7 @@ class BenchConfig:
             raise InvalidConfig(f"n_batch {self.n_batch} > n_ctx {self.n_ctx}: llama.cpp would clamp it",
                                 "use a batch no larger than the context")
         self._check_context()
+        self._check_speculative()
         for key in ("type_k", "type_v"):
             if getattr(self, key) not in KV_CACHE_TYPES:
                 raise InvalidConfig(f"unknown {key} {getattr(self, key)!r}", f"use one of {', '.join(KV_CACHE_TYPES)}")
@@ -180,6 +203,20 @@ class BenchConfig:
             return self.n_depth + self.n_prompt + self.n_gen + PROBE_TOKENS
         return self.n_depth + max(self.n_prompt, self.n_gen)
 
+    def _check_speculative(self) -> None:
+        _check_range("spec_draft_n_max", self.spec_draft_n_max, 0, None)
+        known = ("none",) + DRAFT_FREE_SPEC_TYPES + DRAFT_SPEC_TYPES
+        if self.spec_type not in known:
+            raise InvalidConfig(f"unknown spec_type {self.spec_type!r}", f"use one of {', '.join(known)}")
+        if self.spec_type in DRAFT_SPEC_TYPES and not self.draft_model:
+            raise InvalidConfig(f"spec_type {self.spec_type} needs a draft model", "give one with --draft-model PATH")
+        if self.draft_model and self.spec_type not in DRAFT_SPEC_TYPES:
+            raise InvalidConfig(f"a draft model needs spec_type {DRAFT_SPEC_TYPES[0]}, not {self.spec_type}",
+                                f"set spec_type={DRAFT_SPEC_TYPES[0]}, or leave the draft model out")
+        if self.spec_draft_n_max and not self.draft_model:
+            raise InvalidConfig("spec_draft_n_max sets how many tokens a draft model drafts, and there is none",
+                                "give a draft model with --draft-model PATH, or leave spec_draft_n_max out")
+
     def _check_context(self) -> None:
         need = self.context_needed()
         if need > self.n_ctx:
@@ -193,6 +230,9 @@ class BenchConfig:
         if self.workload != "pp-tg" and (self.n_prompt == 0 or self.n_gen == 0):
             raise InvalidConfig(f"the {self.workload} workload needs a prompt and an answer",
                                 "give it prompt and generated tokens above 0")
+
+
+SERVER_DEFAULTS = {f: BenchConfig.__dataclass_fields__[f].default for f in SERVER_KEYS}
 
 
 def _check_range(key: str, value: Any, lo: int, hi: int | None) -> None:
@@ -226,4 +266,6 @@ def _coerce(key: str, value: Any, type_hint: Any) -> Any:
             return int(str(value).strip())
         except ValueError:
             raise InvalidConfig(f"{key} must be an integer, got {value!r}", f"give {key} a whole number") from None
+    if key == "draft_model":  # a path: its case is its own
+        return str(value).strip()
     return str(value).strip().lower()

@@ -117,6 +117,11 @@ class SubprocessLauncher(Launcher):
         ready: dict[int, TrialResult] = {}
         valid: list[tuple[int, BenchConfig]] = []
         for i, cfg in enumerate(configs):
+            if cfg.speculative:
+                ready[i] = TrialResult(Status.INVALID, cfg, model_path, started_at=_now(),
+                                       reason=f"spec_type {cfg.spec_type}: speculative decoding is llama-server's; "
+                                              "measure it with --engine llama-server")
+                continue
             try:
                 valid.append((i, cfg.resolved()))  # the launcher is the last gate before llama.cpp
             except InvalidConfig as exc:

@@ -40,13 +40,15 @@ def check_servable(cfg: BenchConfig) -> None:
 
     Raises:
         UserError: the preset keeps experts in host memory (n_cpu_moe > 0) or decodes several streams
-            (n_parallel > 1); llama-server runs both.
+            (n_parallel > 1) or decodes speculatively; llama-server runs them all.
     """
     missing = []
     if cfg.n_cpu_moe > 0:
         missing.append(f"keep experts in host memory (--n-cpu-moe {cfg.n_cpu_moe})")
     if cfg.n_parallel > 1:
         missing.append(f"serve {cfg.n_parallel} streams at once (--parallel {cfg.n_parallel})")
+    if cfg.speculative:
+        missing.append(f"decode speculatively (--spec-type {cfg.spec_type})")
     if missing:
         raise UserError(f"llama-cpp-python's server cannot {' nor '.join(missing)}", LLAMA_SERVER_FIX)
 

@@ -46,6 +46,11 @@ class LlamaServer:
         """Whether ``flag`` (one it accepts) is followed by a value."""
         return self.flags.get(flag) is not None
 
+    def spec_types(self) -> tuple[str, ...]:
+        """The ``--spec-type`` values its ``--help`` lists (``none,draft-simple,...,ngram-mod``); () without one."""
+        hint = self.flags.get("--spec-type") or ""
+        return tuple(t for t in re.split(r"[\s,|\[\]<>]+", hint) if t)
+
     def require(self, flag: str, fix: str = BUILD_HINT) -> None:
         """Check that this llama-server accepts ``flag``.
 
@@ -150,3 +155,33 @@ def _run(path: str, arg: str) -> str:
     except OSError as exc:
         raise UserError(f"{path} does not run ({exc.strerror})", "give the path to llama-server") from None
     return r.stdout + r.stderr
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device llama.cpp offloads to, as ``--list-devices`` names it: ``CUDA0``, ``ROCm0``, ``Vulkan0``, ``MTL0``."""
+
+    name: str
+    description: str
+    total_bytes: int
+    free_bytes: int
+
+
+_DEVICE = re.compile(r"^\s+(\S+): (.*) \((\d+) MiB, (\d+) MiB free\)\s*$", re.MULTILINE)
+
+
+def parse_devices(text: str) -> list[Device]:
+    """The devices of ``--list-devices``'s output (``  CUDA0: NVIDIA H200 (143771 MiB, 142888 MiB free)``, one a
+    line after ``Available devices:``; a CPU-only build lists none)."""
+    return [Device(m.group(1), m.group(2), int(m.group(3)) * 2**20, int(m.group(4)) * 2**20)
+            for m in _DEVICE.finditer(text)]
+
+
+def list_devices(path: str) -> list[Device]:
+    """The GPUs (and other offload devices) the llama-server at ``path`` can use, with their memory now: CUDA,
+    ROCm, Vulkan, Metal and SYCL builds alike.
+
+    Raises:
+        UserError: it does not run or does not answer in time.
+    """
+    return parse_devices(_run(path, "--list-devices"))

@@ -113,6 +113,8 @@ class Environment:
     llama_cpp_build: str = ""
     gpu_offload: bool = False
     system_info: str = ""
+    engine: str = "child"  # what measured: the child (llama-cpp-python) or llama-server (--engine llama-server)
+    llama_server: str = ""  # that llama-server's --version, where it measured
 
     @property
     def uses_gpu(self) -> bool:
@@ -169,11 +171,19 @@ class TrialResult:
     loaded_model: dict[str, Any] | None = None  # llama.cpp's type, size and n_params of the model (llama-bench's)
     curve: DepthCurve | None = None  # the raw depth curve of a chat, reasoning, long or custom workload
     overridden: dict[str, dict[str, Any]] | None = None  # tensors llama.cpp placed by override: {name: {buffer, bytes}}
+    # speculative decoding (llama-server): tokens drafted and accepted over every tg repetition, as its timings say
+    draft_n: int | None = None
+    draft_accepted: int | None = None
 
     @property
     def ok(self) -> bool:
         """True when the measurement completed."""
         return self.status == Status.OK
+
+    @property
+    def acceptance(self) -> float | None:
+        """The share of drafted tokens the model accepted (speculative decoding), None where nothing was drafted."""
+        return self.draft_accepted / self.draft_n if self.draft_n else None
 
     @property
     def tg_mean(self) -> float | None:
@@ -211,7 +221,7 @@ class TrialResult:
         total = 0
         for kind in kinds:
             for name, size in self.buffers.get(kind, {}).items():
-                on_gpu = name.startswith(("CUDA", "ROCm", "Vulkan", "Metal", "SYCL")) and "Host" not in name
+                on_gpu = name.startswith(("CUDA", "ROCm", "Vulkan", "Metal", "MTL", "SYCL")) and "Host" not in name
                 total += size if on_gpu == (device == "gpu") else 0
         return total
 
@@ -294,7 +304,10 @@ def merge_rounds(parts: list[TrialResult], interleaved: Interleaved) -> TrialRes
     if first.curve is not None:
         curve = replace(first.curve, span_ns=[r for p in parts for r in p.curve.span_ns],
                         probe_ns=[r for p in parts for r in p.curve.probe_ns])
+    drafted = [p.draft_n for p in parts if p.draft_n is not None]
+    accepted = [p.draft_accepted for p in parts if p.draft_accepted is not None]
     return replace(first, config=replace(first.config, repetitions=sum(p.config.repetitions for p in parts)),
-                   pp=joined("pp"), tg=joined("tg"), curve=curve, peak_rss_bytes=largest("peak_rss_bytes"),
+                   pp=joined("pp"), tg=joined("tg"), curve=curve, draft_n=sum(drafted) if drafted else None,
+                   draft_accepted=sum(accepted) if accepted else None, peak_rss_bytes=largest("peak_rss_bytes"),
                    peak_vram_bytes=largest("peak_vram_bytes"),
                    wall_time_s=sum(p.wall_time_s or 0.0 for p in parts), interleaved=interleaved)

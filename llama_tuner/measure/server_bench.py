@@ -41,9 +41,13 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import psutil
+
+from llama_tuner.measure.buffers import buffers_of
 from llama_tuner.measure.config import BenchConfig
+from llama_tuner.measure.launcher import OOM_PATTERN
 from llama_tuner.measure.peak_memory import MemorySampler
 from llama_tuner.measure.probe import GpuProbe, NoGpuProbe
 from llama_tuner.measure.result import Interleaved, Rates, Status, TrialResult
@@ -86,13 +90,17 @@ class Replay:
     n_parallel: int = 1
     repetitions: int = 5
     seed: int = 42
+    # pp-tg only: a request in words, sent as one user message through the model's chat template, whose answer is
+    # the tg test (real text, where speculative decoding is judged); "" draws tg's prompt from the vocabulary
+    text: str = ""
 
     @classmethod
-    def of(cls, config: BenchConfig, *, repetitions: int | None = None) -> "Replay":
-        """The workload ``config`` measured (its repetitions unless given)."""
+    def of(cls, config: BenchConfig, *, repetitions: int | None = None, text: str = "") -> "Replay":
+        """The workload ``config`` measured (its repetitions unless given; ``text``: tg answers it, pp-tg only)."""
         return cls(workload=config.workload, n_prompt=config.n_prompt, n_gen=config.n_gen, n_depth=config.n_depth,
                    n_parallel=config.n_parallel if config.workload == "server" else 1,
-                   repetitions=repetitions or config.repetitions, seed=config.seed)
+                   repetitions=repetitions or config.repetitions, seed=config.seed,
+                   text=text if config.workload == "pp-tg" else "")
 
     def describe(self) -> str:
         """"pp 512 and tg 128 apart, 5 repetitions each" and the like."""
@@ -101,6 +109,8 @@ class Replay:
             what = f"{self.n_parallel} streams of {self.n_prompt} prompt + {self.n_gen} generated tokens"
         elif is_curve(self.workload):
             what = f"a {self.n_prompt}-token prompt{depth}, then {self.n_gen} generated ({self.workload})"
+        elif self.text:
+            what = f"pp {self.n_prompt} apart{depth}, tg {self.n_gen} answering a {len(self.text):,}-character request"
         else:
             what = f"pp {self.n_prompt} and tg {self.n_gen} apart{depth}"
         return f"{what}, {self.repetitions} repetitions"
@@ -212,11 +222,14 @@ class ServedRun:
     pp_ms: list[float] = field(default_factory=list)
     tg_n: list[int] = field(default_factory=list)
     tg_ms: list[float] = field(default_factory=list)
+    draft_n: list[int] = field(default_factory=list)  # per tg repetition: tokens drafted (speculative decoding)
+    draft_accepted: list[int] = field(default_factory=list)  # and of them accepted
     peak_rss_bytes: int | None = None
     peak_vram_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
     log_tail: str = ""
     props: dict[str, Any] = field(default_factory=dict)  # /props: slots, each slot's context, build
+    buffers: dict[str, dict[str, int]] = field(default_factory=dict)  # what its load log says it allocated
 
     @property
     def ok(self) -> bool:
@@ -250,12 +263,25 @@ class ServedRun:
         n_gen = n_gen or max(self.tg_n, default=1)
         pp = Rates(n_prompt, [int(1e9 * n_prompt / r) for r in self.pp_rates]) if self.pp_rates else None
         tg = Rates(n_gen, [int(1e9 * n_gen / r) for r in self.tg_rates]) if self.tg_rates else None
-        status = Status.OK if self.ok else Status.TIMEOUT if self.status == TIMEOUT else Status.CRASH
-        return TrialResult(status, replace(config, repetitions=max(1, len(self.tg_rates or self.pp_rates))),
-                           model_path, reason=self.reason, exit_code=self.exit_code, signal=self.signal,
+        repetitions = max(1, len(self.tg_rates or self.pp_rates))
+        return TrialResult(self.result_status(), replace(config, repetitions=repetitions), model_path,
+                           reason=self.reason, exit_code=self.exit_code, signal=self.signal,
                            log_tail=self.log_tail, pp=pp, tg=tg, load_time_s=self.load_time_s,
                            wall_time_s=self.wall_time_s, peak_rss_bytes=self.peak_rss_bytes,
-                           peak_vram_bytes=self.peak_vram_bytes, interleaved=interleaved)
+                           peak_vram_bytes=self.peak_vram_bytes, interleaved=interleaved,
+                           draft_n=sum(self.draft_n) if self.draft_n else None,
+                           draft_accepted=sum(self.draft_accepted) if self.draft_n else None)
+
+    def result_status(self) -> Status:
+        """The TrialResult status of this run: ok; oom where llama.cpp's log says an allocation failed; timeout;
+        load_error for a server that did not start for another reason; crash for the rest."""
+        if self.ok:
+            return Status.OK
+        if OOM_PATTERN.search(self.log_tail) or OOM_PATTERN.search(self.reason) or self.signal == "SIGKILL":
+            return Status.OOM
+        if self.status == TIMEOUT:
+            return Status.TIMEOUT
+        return Status.LOAD_ERROR if self.status == START_FAILED else Status.CRASH
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; :meth:`from_dict` reverses it."""
@@ -291,9 +317,12 @@ class _Server:
     def __init__(self, argv: list[str], host: str, port: int, env: dict[str, str] | None):
         self.host, self.port = host, port
         self.log = tempfile.TemporaryFile(mode="w+", prefix="llama-tuner-server-")
+        # Its own process group (a session on POSIX), so that an interrupt reaches it and nothing else.
+        group = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"
+                 else {"start_new_session": True})
         self.proc = subprocess.Popen([*argv, "--host", host, "--port", str(port)], stdin=subprocess.DEVNULL,
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, **(env or {})})
+                                     stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                     **group)
 
     def text(self) -> str:
         self.log.flush()
@@ -318,16 +347,18 @@ class _Server:
             return resp.status, raw.decode(errors="replace")
 
     def stop(self) -> None:
+        """Interrupt it as Ctrl-C would (SIGINT to its group; CTRL_BREAK_EVENT on Windows), then kill it and
+        whatever it started (psutil) after :data:`STOP_GRACE_S`."""
         if self.died():
             return
         try:
-            os.killpg(self.proc.pid, signal.SIGINT)
+            if os.name == "nt":
+                self.proc.send_signal(signal.CTRL_BREAK_EVENT)
+            else:
+                os.killpg(self.proc.pid, signal.SIGINT)
             self.proc.wait(timeout=STOP_GRACE_S)
-        except (subprocess.TimeoutExpired, ProcessLookupError, PermissionError):
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        except (subprocess.TimeoutExpired, ProcessLookupError, PermissionError, OSError):
+            kill_tree(self.proc.pid)
             self.proc.wait()
 
     def exit_status(self) -> tuple[int | None, str | None]:
@@ -342,16 +373,55 @@ class _Server:
         return rc, None
 
 
+def kill_tree(pid: int) -> None:
+    """Kill a process and its descendants (psutil: any platform)."""
+    try:
+        parent = psutil.Process(pid)
+        family = parent.children(recursive=True) + [parent]
+    except psutil.Error:
+        return
+    for p in family:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(family, timeout=STOP_GRACE_S)
+
+
 def _vm_hwm(pid: int) -> int | None:
-    """The peak resident set of a running process (VmHWM), None where /proc does not say."""
+    """The peak resident set of a running process, where the system keeps one: VmHWM of /proc on Linux, the
+    peak working set on Windows (psutil); None elsewhere (macOS: the sampler's peak is the figure)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             return next((int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:")), None)
     except OSError:
+        pass
+    try:
+        return getattr(psutil.Process(pid).memory_info(), "peak_wset", None)
+    except psutil.Error:
         return None
 
 
-def _completion(server: _Server, prompt: list[int], n_predict: int, *, cache: bool, timeout: float) -> dict:
+def _chat_prompt(server: _Server, text: str, timeout: float) -> str:
+    """``text`` as one user message through the model's chat template, as the server renders it
+    (``/apply-template``), ready for ``/completion``.
+
+    Raises:
+        ServerStopped: the server died or could not render it.
+    """
+    try:
+        status, answer = server.request("POST", "/apply-template",
+                                        {"messages": [{"role": "user", "content": text}]}, timeout)
+    except (OSError, http.client.HTTPException) as exc:
+        if server.died() or _wait_dead(server):
+            raise ServerStopped(CRASH, decisive_line(server.text())) from None
+        raise ServerStopped(ERROR, f"/apply-template failed: {exc}") from None
+    if status != 200 or not isinstance(answer, dict) or not isinstance(answer.get("prompt"), str):
+        raise ServerStopped(ERROR, f"/apply-template answered HTTP {status}: {str(answer)[:200]}")
+    return answer["prompt"]
+
+
+def _completion(server: _Server, prompt: list[int] | str, n_predict: int, *, cache: bool, timeout: float) -> dict:
     """POST /completion and return its ``timings``.
 
     Raises:
@@ -436,6 +506,7 @@ def _measure(server: _Server, replay: Replay, vocab: Vocabulary, rng: random.Ran
                 run.notes.append(note)
 
     ask(vocab.prompt(rng, WARMUP_TOKENS), 2, False)  # warmup, as the child runs one
+    request = _chat_prompt(server, replay.text, timeout) if replay.text else None
     for _ in range(replay.repetitions):
         if replay.workload == "server":
             _streams(server, replay, vocab, rng, run, timeout)
@@ -455,9 +526,12 @@ def _measure(server: _Server, replay: Replay, vocab: Vocabulary, rng: random.Ran
                 run.pp_n.append(t["prompt_n"])
                 run.pp_ms.append(t["prompt_ms"])
             if replay.n_gen:
-                t = ask(vocab.prompt(rng, max(1, replay.n_depth)), replay.n_gen + 1, False)
+                t = ask(request or vocab.prompt(rng, max(1, replay.n_depth)), replay.n_gen + 1, False)
                 run.tg_n.append(t["predicted_n"] - 1)
                 run.tg_ms.append(t["predicted_ms"])
+                if "draft_n" in t:  # a speculative server's; llama-server leaves them out where nothing drafted
+                    run.draft_n.append(int(t["draft_n"]))
+                    run.draft_accepted.append(int(t.get("draft_n_accepted") or 0))
 
 
 def _streams(server: _Server, replay: Replay, vocab: Vocabulary, rng: random.Random, run: ServedRun,
@@ -497,44 +571,79 @@ def serve_and_measure(argv: list[str], replay: Replay, vocab: Vocabulary, *, lab
     with token ids drawn from ``vocab`` (seeded by ``seed``, else the replay's), sample its memory (RSS, and
     VRAM on ``probe``'s GPU ``gpu_index``), stop it, and return what it reported. Never raises for what the
     server does: a start failure, a crash or a timeout is the run's ``status`` with the decisive log line."""
+    [run] = serve_and_measure_each(argv, [replay], vocab, label=label, seed=seed, version=version, host=host,
+                                   start_timeout_s=start_timeout_s, request_timeout_s=request_timeout_s,
+                                   probe=probe, gpu_index=gpu_index, env=env)
+    return run
+
+
+def serve_and_measure_each(argv: list[str], replays: Sequence[Replay], vocab: Vocabulary, *, label: str,
+                           seed: int | None = None, version: str = "", host: str = HOST,
+                           start_timeout_s: float = START_TIMEOUT_S, request_timeout_s: float = REQUEST_TIMEOUT_S,
+                           probe: GpuProbe | None = None, gpu_index: int | None = None,
+                           env: dict[str, str] | None = None) -> list[ServedRun]:
+    """:func:`serve_and_measure` of several replays in one start of the server: one ServedRun each, in order.
+    A replay's peak memory is the server's peak up to its end; its load time is the server's. Where the server
+    fails, that replay has the failure and those after it are not measured (each says so)."""
     probe = probe or NoGpuProbe()
-    run = ServedRun(label=label, argv=list(argv), version=version)
-    rng = random.Random(replay.seed if seed is None else seed)
+    runs = [ServedRun(label=label, argv=list(argv), version=version) for _ in replays]
     t0 = time.monotonic()
-    server = None
+    server, log = None, ""
     for _ in range(3):  # another process may take the free port before llama-server binds it
         vram_before = probe.memory(gpu_index).used if gpu_index is not None else None
         try:
             server = _Server(argv, host, free_port(host), env)
         except OSError as exc:
-            run.status, run.reason = START_FAILED, f"cannot run {argv[0]}: {exc.strerror or exc}"
-            return run
+            for run in runs:
+                run.status, run.reason = START_FAILED, f"cannot run {argv[0]}: {exc.strerror or exc}"
+            return runs
         sampler = MemorySampler(server.proc.pid, probe=probe, gpu_index=gpu_index, vram_used_before=vram_before,
                                 interval=0.05).start()
+        failed: ServerStopped | None = None
+        rss, vram, done = 0, None, 0
         try:
             _wait_healthy(server, start_timeout_s)
-            run.load_time_s = time.monotonic() - t0
-            run.props = _props(server)
-            _measure(server, replay, vocab, rng, run, request_timeout_s)
+            load_time = time.monotonic() - t0
+            props = _props(server)
+            for run, replay in zip(runs, replays):
+                t_run = time.monotonic()
+                run.load_time_s, run.props = load_time, props
+                try:
+                    _measure(server, replay, vocab, random.Random(replay.seed if seed is None else seed), run,
+                             request_timeout_s)
+                finally:
+                    peaks = sampler.window()
+                    rss = max(rss, peaks.rss)
+                    vram = max(vram or 0, peaks.vram) if peaks.vram is not None else vram
+                    run.peak_rss_bytes, run.peak_vram_bytes = rss or None, vram
+                    run.wall_time_s = time.monotonic() - (t0 if done == 0 else t_run)
+                done += 1
         except ServerStopped as exc:
-            run.status, run.reason = exc.status, str(exc)
+            failed = exc
         finally:
             hwm = _vm_hwm(server.proc.pid)
-            peaks = sampler.window()
             sampler.stop()
             server.stop()
-        run.peak_rss_bytes = max(peaks.rss, hwm or 0) or None
-        run.peak_vram_bytes = peaks.vram
-        run.wall_time_s = time.monotonic() - t0
         log = server.text()
-        if run.status == START_FAILED and _BIND.search(log):
-            run.status, run.reason = OK, ""
+        buffers = buffers_of(log)
+        for run in runs:
+            run.buffers = buffers
+        if failed is not None and failed.status == START_FAILED and _BIND.search(log):
+            runs = [ServedRun(label=label, argv=list(argv), version=version) for _ in replays]
             continue
+        if hwm:  # the server's lifetime peak, known at its end, counts for the replay that ended it
+            last = runs[min(done, len(runs) - 1)]
+            last.peak_rss_bytes = max(last.peak_rss_bytes or 0, hwm)
+        if failed is not None:
+            exit_code, sig = server.exit_status() if failed.status != TIMEOUT else (None, None)
+            tail = "\n".join(log.splitlines()[-40:])
+            for k, run in enumerate(runs[done:]):
+                run.status = failed.status if k == 0 else ERROR
+                run.reason = str(failed) if k == 0 else f"not measured: the server {runs[done].outcome()}"
+                run.exit_code, run.signal, run.log_tail = exit_code, sig, tail
+                run.wall_time_s = run.wall_time_s or time.monotonic() - t0
         break
-    if not run.ok:
-        run.exit_code, run.signal = server.exit_status() if run.status != TIMEOUT else (None, None)
-        run.log_tail = "\n".join(log.splitlines()[-40:])
-    return run
+    return runs
 
 
 def run_rounds(preset_argv: list[str], defaults_argv: list[str], replay: Replay, vocab: Vocabulary, *,

@@ -6,10 +6,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import replace
 
-from llama_tuner.measure.config import CONTEXT_KEYS, MODEL_KEYS, TEST_KEYS, BenchConfig, InvalidConfig
+from llama_tuner.measure.config import CONTEXT_KEYS, MODEL_KEYS, SERVER_KEYS, TEST_KEYS, BenchConfig, InvalidConfig
 from llama_tuner.model.info import ModelInfo
 
-SWEEP_ORDER = MODEL_KEYS + CONTEXT_KEYS + TEST_KEYS
+SWEEP_ORDER = MODEL_KEYS + CONTEXT_KEYS + SERVER_KEYS + TEST_KEYS
 
 
 def expand_sweep(values: dict[str, str | None]) -> list[dict[str, str]]:

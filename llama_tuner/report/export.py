@@ -10,8 +10,9 @@ from typing import Any
 
 import yaml
 
-from llama_tuner.measure.config import BenchConfig
+from llama_tuner.measure.config import SERVER_DEFAULTS, BenchConfig
 from llama_tuner.measure.llama_server import LlamaServer
+from llama_tuner.measure.server_args import llama_server_args, respell  # noqa: F401  (export's own API)
 from llama_tuner.study.comparison import Gap
 from llama_tuner.study.presets import Candidate, gain
 from llama_tuner.study.quality_gate import cache_kld, kld_text
@@ -22,65 +23,6 @@ FORMATS = ("llama-server", "llama-cpp-python", "ollama", "json")  # one study's 
 MULTI_FORMATS = ("llama-swap",)  # one entry per study
 _GGML_TYPE_NAMES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1",
                     "q5_0": "Q5_0", "q5_1": "Q5_1", "iq4_nl": "IQ4_NL"}
-
-
-_SWITCHES = {"--kv-unified", "--no-repack", "--swa-full", "--no-kv-offload"}  # llama_server_args's flags without value
-
-
-def llama_server_args(model_path: str, c: BenchConfig, program: str = "llama-server", *,
-                      server: LlamaServer | None = None) -> list[str]:
-    """The llama-server argument list for ``c`` (the program first), spelled as llama.cpp at the commit
-    llama-cpp-python vendors spells it, or, given ``server``, as that binary's ``--help`` does.
-
-    ``--parallel`` is explicit: the figures are for one sequence (or, for the server
-    workload, for its N streams), and a server with several slots divides the
-    context among them unless its cache is unified, as it was measured (``--kv-unified``).
-
-    Raises:
-        UserError: ``server`` lacks a flag the preset needs (named, with the binary and its version).
-    """
-    args = [program, "-m", model_path, "--ctx-size", str(c.n_ctx), "--batch-size", str(c.n_batch),
-            "--ubatch-size", str(c.n_ubatch), "--n-gpu-layers", str(c.n_gpu_layers), "--threads", str(c.n_threads),
-            "--threads-batch", str(c.n_threads_batch), "--flash-attn", "on" if c.flash_attn else "off",
-            "--cache-type-k", c.type_k, "--cache-type-v", c.type_v, "--parallel", str(c.n_parallel)]
-    if c.n_parallel > 1:
-        args.append("--kv-unified")
-    if c.n_cpu_moe:
-        args += ["--n-cpu-moe", str(c.n_cpu_moe)]
-    if not c.use_mmap:
-        args += ["--load-mode", "none"]
-    if not c.repack:
-        args.append("--no-repack")
-    if c.swa_full:
-        args.append("--swa-full")
-    if not c.offload_kqv:
-        args.append("--no-kv-offload")
-    return args if server is None else respell(args, server)
-
-
-def respell(args: list[str], server: LlamaServer) -> list[str]:
-    """``args`` (llama_server_args's spelling) as ``server`` accepts them: ``--no-mmap`` for ``--load-mode none``
-    where it has no ``--load-mode`` (llama.cpp before the load modes); a bare ``--flash-attn`` for on and nothing
-    for off where the flag is a switch (before it took on|off|auto, when off was the default).
-
-    Raises:
-        UserError: ``server`` lacks a flag that ``args`` needs.
-    """
-    out = args[:1]
-    i = 1
-    while i < len(args):
-        flag = args[i]
-        value = None if flag in _SWITCHES else args[i + 1]
-        i += 1 if value is None else 2
-        if flag == "--load-mode" and "--load-mode" not in server.flags and "--no-mmap" in server.flags:
-            out.append("--no-mmap")
-            continue
-        server.require(flag)
-        if flag == "--flash-attn" and not server.takes_value(flag):
-            out += ["--flash-attn"] if value == "on" else []
-            continue
-        out += [flag] if value is None else [flag, value]
-    return out
 
 
 def llama_server_command(model_path: str, c: BenchConfig, *, server: LlamaServer | None = None) -> str:
@@ -148,6 +90,9 @@ def llama_cpp_python_snippet(model_path: str, c: BenchConfig, header: str = "") 
     if c.n_parallel > 1:
         lines += [f"# measured as {c.n_parallel} streams decoding together (llama-server --parallel "
                   f"{c.n_parallel}); one Llama serves one stream at a time", ""]
+    if c.speculative:
+        lines += [f"# measured with llama-server's speculative decoding (--spec-type {c.spec_type}), which Llama "
+                  "does not have: generation will be slower than measured", ""]
     lines.append("llm = Llama(")
     for k, v in kw.items():
         value = f"llama_cpp.{v}" if k in ("type_k", "type_v") else repr(v)
@@ -171,6 +116,9 @@ def ollama_modelfile(model_path: str, c: BenchConfig, header: str = "") -> str:
         lines.append(f"# measured with the expert tensors of the first {c.n_cpu_moe} layers in host memory "
                      f"(llama-server --n-cpu-moe {c.n_cpu_moe}); Ollama has no expert placement: it offloads "
                      "whole layers only")
+    if c.speculative:
+        lines.append(f"# measured with llama-server's speculative decoding (--spec-type {c.spec_type}); Ollama has "
+                     "none: its generation will be slower than measured")
     server = [f"OLLAMA_FLASH_ATTENTION={int(c.flash_attn)}"]
     if c.n_parallel > 1:
         server.append(f"OLLAMA_NUM_PARALLEL={c.n_parallel}")
@@ -196,8 +144,11 @@ def preset_json(name: str, candidate: Candidate, model_path: str, study: str, en
     return {
         "preset": name, "study": study, "trial": candidate.trial, "baseline": candidate.baseline,
         "model_path": model_path,
-        "settings": {k: v for k, v in c.to_dict().items() if k not in ("seed",)},
+        # llama-server's own settings only where set: a preset without speculation reads as it always did
+        "settings": {k: v for k, v in c.to_dict().items()
+                     if k != "seed" and (k not in SERVER_DEFAULTS or v != SERVER_DEFAULTS[k])},
         "measured": {"tg_tps": f.tg_mean, "tg_stddev": f.tg.stddev if f.tg else None,
+                     **({"draft_acceptance": f.acceptance, "drafted": f.draft_n} if c.speculative else {}),
                      "pp_tps": f.pp_mean, "pp_stddev": f.pp.stddev if f.pp else None,
                      "repetitions": c.repetitions, "n_prompt": c.n_prompt, "n_gen": c.n_gen, "n_depth": c.n_depth,
                      "peak_memory_bytes": f.peak_memory_bytes, "headroom_bytes": f.headroom_bytes,

@@ -29,6 +29,13 @@ def backend(r: TrialResult) -> str:
     return "CPU"
 
 
+def acceptance_text(r: TrialResult) -> str:
+    """"91% of 1,204 drafted accepted" for a speculative result; "nothing drafted" where it drafted none."""
+    if not r.draft_n:
+        return "nothing drafted"
+    return f"{100 * r.acceptance:.0f}% of {r.draft_n:,} drafted accepted"
+
+
 def result_rows(model: ModelInfo, r: TrialResult) -> Iterable[list[str]]:
     """Table rows of one result: one per test (pp, tg), or one with the failure."""
     c = r.config
@@ -49,9 +56,11 @@ def result_rows(model: ModelInfo, r: TrialResult) -> Iterable[list[str]]:
         yield head + [f"tg{c.n_gen}{x}", f"{r.tg.mean:.2f} ± {r.tg.stddev:.2f} ({r.stream_tg_mean:.2f}/stream)", mem]
         return
     answer = f" @ d{c.n_depth + c.n_prompt}" if r.curve else depth
-    for name, rates in ((f"pp{c.n_prompt}{depth}", r.pp), (f"tg{c.n_gen}{answer}", r.tg)):
+    spec = f" {c.spec_type}" if c.speculative else ""
+    accepted = f" ({acceptance_text(r)})" if c.speculative else ""
+    for name, rates, more in ((f"pp{c.n_prompt}{depth}", r.pp, ""), (f"tg{c.n_gen}{answer}{spec}", r.tg, accepted)):
         if rates is not None:
-            yield head + [name, f"{rates.mean:.2f} ± {rates.stddev:.2f}", mem]
+            yield head + [name, f"{rates.mean:.2f} ± {rates.stddev:.2f}{more}", mem]
     if r.curve:
         times = [ns / 1e9 for ns in r.answer.samples_ns]
         sd = statistics.stdev(times) if len(times) > 1 else 0.0

@@ -7,6 +7,7 @@ would be refused anyway.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -14,7 +15,10 @@ from dataclasses import asdict, dataclass, field, replace
 import optuna
 
 from llama_tuner.errors import UserError
-from llama_tuner.measure.config import TEST_KEYS, BenchConfig, InvalidConfig, physical_cores
+from llama_tuner.measure.config import (DRAFT_FREE_SPEC_TYPES, ENGINES, SERVER_KEYS, TEST_KEYS, BenchConfig,
+                                       InvalidConfig, physical_cores)
+from llama_tuner.measure.llama_server import BUILD_HINT, find_llama_server, probe as probe_llama_server
+from llama_tuner.measure.server_engine import TG_PROMPT_FILE, ServerLauncher
 from llama_tuner.measure.environment import build_environment, model_sha256
 from llama_tuner.measure.launcher import Launcher, SubprocessLauncher
 from llama_tuner.measure.probe import GpuProbe, detect_probe, visible_gpu_index
@@ -22,7 +26,7 @@ from llama_tuner.measure.result import Environment
 from llama_tuner.model.info import ModelInfo, load_model_info
 from llama_tuner.study.baselines import SERVER_AUTO_SLOTS, parse_server_flags, server_baseline, server_defaults
 from llama_tuner.model.facts import ModelFacts
-from llama_tuner.study.keys import DEFAULTS_BASELINE, REQUEST_ATTR
+from llama_tuner.study.keys import DEFAULTS_BASELINE, REQUEST_ATTR, TG_PROMPT_ATTR
 from llama_tuner.study.memory_model import FIT_MARGIN, MemoryModel
 from llama_tuner.study.objectives import Limits
 from llama_tuner.measure.workloads import WORKLOADS, is_curve
@@ -61,6 +65,10 @@ class StudyRequest:
     prompt_tokens: int | None = None
     gen_tokens: int | None = None
     min_stream_tps: float = 0.0
+    engine: str = "child"  # or "llama-server": every trial measured in llama-server (speculative decoding)
+    llama_server: str | None = None  # --llama-server PATH (else found: llama_tuner.measure.llama_server)
+    tg_prompt: str | None = None  # llama-server engine: tg answers this request (a file); None: the bundled one
+    draft_model: str | None = None  # llama-server engine: a draft model, searched as --spec-type draft-simple
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,13 +84,17 @@ class CheckedRequest:
     yours: BenchConfig | None  # the --baseline command line, as parsed
     test: dict[str, object]  # what every trial measures (the workload's sizes)
     min_ctx: int  # --min-ctx, raised to what the workload's test needs
+    tg_prompt: str = ""  # the llama-server engine's request in words ("" with the child)
 
 
-def default_study_name(model_file: str, gpu_name: str | None, depth: int, workload: str = "pp-tg") -> str:
-    """``<model stem>@<cpu|gpu-name>[-<workload>][-d<depth>]``: the same command finds the same study again."""
+def default_study_name(model_file: str, gpu_name: str | None, depth: int, workload: str = "pp-tg",
+                       engine: str = "child") -> str:
+    """``<model stem>@<cpu|gpu-name>[-<workload>][-d<depth>][-server]``: the same command finds the same study
+    again (``-server``: measured by llama-server)."""
     stem = re.sub(r"\.gguf$", "", model_file)
     where = "gpu-" + re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-").lower() if gpu_name else "cpu"
-    return f"{stem}@{where}" + (f"-{workload}" if workload != "pp-tg" else "") + (f"-d{depth}" if depth else "")
+    return (f"{stem}@{where}" + (f"-{workload}" if workload != "pp-tg" else "") + (f"-d{depth}" if depth else "")
+            + ("-server" if engine == "llama-server" else ""))
 
 
 def _pins(raw: dict[str, str]) -> dict[str, object]:
@@ -129,6 +141,7 @@ def check_request(request: StudyRequest) -> CheckedRequest:
         raise UserError(f"--max-kld {request.max_kld} is below 0", "give a KL divergence like 0.02")
     if request.sampler not in SAMPLERS:
         raise UserError(f"--sampler {request.sampler!r} is unknown", f"use one of {', '.join(SAMPLERS)}")
+    tg_prompt = _check_engine(request)
     model = load_model_info(_absolute(request.model))
     pins = _pins(request.pins)
     test = study_test(request.workload, depth=request.depth, prompt_tokens=request.prompt_tokens,
@@ -161,7 +174,40 @@ def check_request(request: StudyRequest) -> CheckedRequest:
                                              ranges={k: v for k, v in request.ranges.items()
                                                      if k != "n_gpu_layers"}))
     return CheckedRequest(model=model, pins=pins, timeout_s=timeout_s, trial_timeout_s=trial_timeout_s,
-                          min_headroom=min_headroom, budget=budget, yours=yours, test=test, min_ctx=min_ctx)
+                          min_headroom=min_headroom, budget=budget, yours=yours, test=test, min_ctx=min_ctx,
+                          tg_prompt=tg_prompt)
+
+
+def _check_engine(request: StudyRequest) -> str:
+    """Check the engine's options; the llama-server engine's tg request in words ("" for the child).
+
+    Raises:
+        UserError: an unknown engine, a llama-server option without it, a missing file, a pin it cannot measure.
+    """
+    if request.engine not in ENGINES:
+        raise UserError(f"--engine {request.engine!r} is unknown", f"use one of {', '.join(ENGINES)}")
+    server_only = [flag for flag, v in (("--llama-server", request.llama_server), ("--tg-prompt", request.tg_prompt),
+                                        ("--draft-model", request.draft_model)) if v]
+    spec_pins = [k for k in SERVER_KEYS if k in request.pins]
+    if request.engine == "child":
+        if server_only or spec_pins:
+            what = server_only[0] if server_only else f"--set {spec_pins[0]}"
+            raise UserError(f"{what} is for the llama-server engine", "add --engine llama-server")
+        return ""
+    if request.workload != "pp-tg":
+        raise UserError(f"--engine llama-server measures the pp-tg workload for now, not {request.workload}",
+                        "leave --workload out, or use the child engine")
+    if request.draft_model and not os.path.isfile(request.draft_model):
+        raise UserError(f"--draft-model {request.draft_model} is not a file", "give the draft model's GGUF path")
+    path = request.tg_prompt or TG_PROMPT_FILE
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read().strip()
+    except OSError as exc:
+        raise UserError(f"--tg-prompt {path} cannot be read ({exc.strerror})", "give a text file") from None
+    if not text:
+        raise UserError(f"--tg-prompt {path} is empty", "give a file with the request in words")
+    return text
 
 
 def _absolute(path: str) -> str:
@@ -224,6 +270,21 @@ def open_tuner(request: StudyRequest, *, launcher: Launcher | None = None, probe
     probe = probe or detect_probe()
     if gpu_index is None and probe.gpus():
         gpu_index = visible_gpu_index(probe)
+    spec_types: tuple[str, ...] = ()
+    if request.engine == "llama-server":
+        if launcher is None:
+            path = find_llama_server(request.llama_server)
+            if path is None:
+                raise UserError("--engine llama-server: no llama-server here",
+                                f"give --llama-server PATH, or {BUILD_HINT}")
+            launcher = ServerLauncher(probe_llama_server(path), probe, timeout_s=checked.trial_timeout_s,
+                                      gpu_index=gpu_index, tg_prompt=checked.tg_prompt)
+        if isinstance(launcher, ServerLauncher):
+            env = env or launcher.environment()
+            listed = launcher.server.spec_types()
+            spec_types = tuple(t for t in DRAFT_FREE_SPEC_TYPES if t in listed)
+            if request.draft_model and "draft-simple" in listed:
+                spec_types += ("draft-simple",)
     env = env or build_environment(probe, gpu_index)
     budget = _budget(checked, request, env)
     launcher = launcher or SubprocessLauncher(probe, timeout_s=checked.trial_timeout_s, gpu_index=gpu_index)
@@ -232,19 +293,25 @@ def open_tuner(request: StudyRequest, *, launcher: Launcher | None = None, probe
     gpu_limit = min(budget, free if free is not None else budget) - FIT_MARGIN if on_gpu else None
     baselines = baselines_for(request, checked, env, gpu_limit=gpu_limit)
     options = SpaceOptions(min_ctx=checked.min_ctx, depth=request.depth, pins=checked.pins, ranges=request.ranges,
-                           test=checked.test)
+                           test=checked.test, spec_types=spec_types,
+                           draft_model=os.path.abspath(request.draft_model) if request.draft_model else "")
     machine = Machine(env.physical_cores, env.gpu_offload and gpu_index is not None,
                       repack_works=launcher.repack_crash() is None)
     space = SearchSpace(checked.model, machine, options, tuple(baselines.values()))
     test = {k: space.fixed[k] for k in ("n_prompt", "n_gen", "n_depth", "repetitions") if k in space.fixed}
     if request.workload != "pp-tg":  # older studies have no workload in their fingerprint: they stay comparable
         test["workload"] = request.workload
-    fingerprint = Fingerprint(model_sha256(checked.model.path), env.hardware_key(),
-                              f"llama-cpp-python {env.llama_cpp_python}, {env.llama_cpp_build}", test)
+    if request.engine != "child":  # llama-server's figures are its own (sampling, HTTP): never mixed with the child's
+        test["engine"] = request.engine
+        test["tg_prompt_sha256"] = hashlib.sha256(checked.tg_prompt.encode()).hexdigest()[:16]
+        build = env.llama_cpp_build
+    else:
+        build = f"llama-cpp-python {env.llama_cpp_python}, {env.llama_cpp_build}"
+    fingerprint = Fingerprint(model_sha256(checked.model.path), env.hardware_key(), build, test)
     settings = StudySettings(trials=request.trials, objective=objective_of(request), sampler=request.sampler,
                              seed=request.seed, timeout_s=checked.timeout_s, trial_timeout_s=checked.trial_timeout_s)
     name = request.study_name or default_study_name(checked.model.file_name, env.gpu_name, request.depth,
-                                                    request.workload)
+                                                    request.workload, request.engine)
     if env.gpu_name and not env.gpu_offload:
         notes = [f"this machine has a GPU ({env.gpu_name}) but this llama-cpp-python is a CPU build: every trial "
                  "runs on the CPU, and the budget applies to RAM (`make tune CUDA=1` builds with CUDA)"]
@@ -256,6 +323,8 @@ def open_tuner(request: StudyRequest, *, launcher: Launcher | None = None, probe
                   settings=settings,
                   baselines=baselines, tracker=tracker, gpu_index=gpu_index)
     tuner.notes[:0] = notes
+    if checked.tg_prompt:  # verify replays the same request
+        tuner.study.set_user_attr(TG_PROMPT_ATTR, checked.tg_prompt)
     saved = {k: v for k, v in asdict(request).items() if k not in ("storage", "study_name")}
     saved["model"] = checked.model.path
     stored = tuner.study.user_attrs.get(REQUEST_ATTR)

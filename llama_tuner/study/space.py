@@ -19,8 +19,8 @@ import itertools
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterator
 
-from llama_tuner.measure.config import (CONTEXT_KEYS, MAX_THREADS, MODEL_KEYS, QUANTIZED_CACHE_TYPES, TEST_KEYS,
-                                       BenchConfig, InvalidConfig)
+from llama_tuner.measure.config import (CONTEXT_KEYS, DRAFT_SPEC_TYPES, MAX_THREADS, MODEL_KEYS,
+                                       QUANTIZED_CACHE_TYPES, SERVER_KEYS, TEST_KEYS, BenchConfig, InvalidConfig)
 from llama_tuner.measure.workloads import PRESETS
 from llama_tuner.errors import UserError
 from llama_tuner.model.info import ModelInfo
@@ -55,6 +55,7 @@ class Machine:
 
 
 PARALLEL_CHOICES = (1, 2, 4, 8)
+DRAFT_N_MAX_CHOICES = (0, 8, 16)  # a draft model's --spec-draft-n-max; 0: llama.cpp's default (3)
 
 
 def study_test(workload: str = "pp-tg", *, depth: int = 0, prompt_tokens: int | None = None,
@@ -76,6 +77,8 @@ class SpaceOptions:
     pins: dict[str, Any] = field(default_factory=dict)
     ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
     test: dict[str, Any] | None = None  # study_test(...); None: pp-tg at ``depth``
+    spec_types: tuple[str, ...] = ()  # llama-server engine: the --spec-type values searched beside none
+    draft_model: str = ""  # the draft model's path, for spec_type draft-simple
 
 
 def _ladder(lo: int, hi: int) -> list[int]:
@@ -187,6 +190,13 @@ class SearchSpace:
             self.choices["repack"] = [True, False]
         else:
             self.fixed["repack"] = False
+        # Speculative decoding (llama-server only): the draft-free types its --help lists, and a draft model's
+        # type with how many tokens it drafts; a configuration without speculation has neither.
+        self.fixed.update(spec_type="none", spec_draft_n_max=0, draft_model="")
+        if options.spec_types:
+            self.choices["spec_type"] = ["none", *options.spec_types]
+            if any(t in DRAFT_SPEC_TYPES for t in options.spec_types):
+                self.choices["spec_draft_n_max"] = list(DRAFT_N_MAX_CHOICES)
         self._include_baselines(baselines)
         self._apply_ranges()
         self._apply_pins()
@@ -286,6 +296,10 @@ class SearchSpace:
         values = {**self.fixed, **{k: v for k, v in params.items() if k != "attention"}}
         if "attention" in params:
             values["flash_attn"], values["type_k"], values["type_v"] = parse_attention(params["attention"])
+        if values.get("spec_type") in DRAFT_SPEC_TYPES:
+            values["draft_model"] = values.get("draft_model") or self.options.draft_model
+        else:  # nothing to draft with
+            values["draft_model"], values["spec_draft_n_max"] = "", 0
         cfg = BenchConfig(**values)
         cfg = replace(cfg, n_batch=min(cfg.n_batch, cfg.n_ctx))
         return replace(cfg, n_ubatch=min(cfg.n_ubatch, cfg.n_batch))
@@ -302,7 +316,8 @@ class SearchSpace:
             value = (attention_choice(cfg.flash_attn, cfg.type_k, cfg.type_v) if k == "attention"
                      else getattr(cfg, k))
             if value not in choices:
-                value = choices[0] if k == "attention" else min(choices, key=lambda c: abs(c - value))
+                numeric = isinstance(value, int) and not isinstance(value, bool)
+                value = min(choices, key=lambda c: abs(c - value)) if numeric and k != "attention" else choices[0]
             params[k] = value
         return params
 
@@ -322,7 +337,8 @@ class SearchSpace:
 
     def grid(self) -> Iterator[BenchConfig]:
         """Every distinct configuration of the space, model settings varying slowest."""
-        names = [k for k in MODEL_KEYS + CONTEXT_KEYS + ("attention",) if k in self.ints or k in self.choices]
+        names = [k for k in MODEL_KEYS + CONTEXT_KEYS + ("attention",) + SERVER_KEYS
+                 if k in self.ints or k in self.choices]
         values = [range(self.ints[k][0], self.ints[k][1] + 1) if k in self.ints else self.choices[k] for k in names]
         seen = set()
         for combo in itertools.product(*values):
