@@ -15,6 +15,7 @@ import yaml
 from conftest import REPACK_WORKS, ROOT, assert_one_line_error
 from llama_tuner.errors import UserError
 from llama_tuner.measure import llama_server as ls
+from llama_tuner.measure.server_engine import TG_PROMPT_FILE
 from llama_tuner.measure.config import BenchConfig
 from llama_tuner.measure.llama_cpp_pin import LLAMA_CPP_PYTHON
 from llama_tuner.model.twins import SHAPES, write_synthetic_gguf
@@ -273,7 +274,7 @@ def _cache_key(exe: str) -> str | None:
 def test_the_found_llama_server_accepts_every_flag_the_export_writes_as_written():
     server = ls.probe(real_llama_server())
     every = BenchConfig(n_threads=2, n_threads_batch=2, n_parallel=2, n_cpu_moe=1, use_mmap=False, repack=False,
-                        swa_full=True, offload_kqv=False, flash_attn=True)
+                        swa_full=True, offload_kqv=False, flash_attn=True, spec_type="ngram-mod")
     for cfg in (every, BenchConfig(n_threads=1, n_threads_batch=1, flash_attn=False)):
         vendored = llama_server_args("/m.gguf", cfg, program=server.path)
         if "--load-mode" in server.flags and server.takes_value("--flash-attn"):  # this llama.cpp or a later one
@@ -311,3 +312,17 @@ def test_a_second_make_llama_server_builds_nothing_and_make_test_builds_it_first
         assert "-DGGML_CUDA=on" in cuda and f".cache/llama.cpp/{key}/cuda" in cuda
     dry = _make_n("test", "CUDA=0")
     assert dry.index("ln -sfn") < dry.index("pytest")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(real_llama_server() is None, reason="no llama-server found (make llama-server builds one)")
+def test_the_real_llama_server_engine_measures_ngram_mod_on_a_code_edit(run_cli, demo_model_path):
+    """The demo model answering the bundled code edit in the real llama-server, with and without ngram-mod: both
+    measured by the server's own timings, and ngram-mod drafts tokens that the model accepts."""
+    r = run_cli("bench", demo_model_path, "--engine", "llama-server", "--spec-type", "none,ngram-mod", "--tg-prompt",
+                TG_PROMPT_FILE, "-p", "64", "-n", "160", "-r", "1", "-t", "2", "--json", timeout=600)
+    assert r.code == 0, r.err
+    none, mod = json.loads(r.out)
+    assert none["status"] == mod["status"] == "ok", (none["reason"], mod["reason"])
+    assert none["draft_n"] is None and mod["draft_n"] > 0 and 0 < mod["draft_accepted"] <= mod["draft_n"]
+    assert mod["env"]["llama_server"] == ls.probe(real_llama_server()).version

@@ -250,3 +250,17 @@ def test_tune_engine_options_are_checked_before_anything_runs(cli, tiny_model, e
     assert_one_line_error(cli("tune", tiny_model, "--engine", "llama-server", "--workload", "chat", "--storage",
                               storage, "--llama-server", exe), "pp-tg")
     assert starts() == []
+
+
+def test_llama_bench_output_of_the_engine_names_its_commit_engine_and_drafts(cli, tiny_model, engine, request_file):
+    exe, _, _ = engine
+    r = cli("bench", tiny_model, "--engine", "llama-server", "--llama-server", exe, "--spec-type", "ngram-mod",
+            "--tg-prompt", request_file, "-t", "2", "-r", "2", "-o", "jsonl")
+    assert r.code == 0, r.err
+    pp, tg = (json.loads(line) for line in r.out.splitlines())
+    assert tg["engine"] == "llama-server" and tg["spec_type"] == "ngram-mod"
+    assert (tg["draft_n"], tg["draft_accepted"], pp["draft_n"]) == (200, 180, None)
+    from llama_tuner.report.llama_bench_output import _commit
+
+    assert _commit("llama-server 0.5.0-dev (build 1, commit 0c1e570)") == "0c1e570"  # as the real one says
+    assert _commit("ggml 0.25.3 (0c1e570-dirty)") == "0c1e570"

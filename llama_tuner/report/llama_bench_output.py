@@ -43,8 +43,8 @@ INT_FIELDS = {"build_number", "n_batch", "n_ubatch", "n_threads", "poll", "model
 BOOL_FIELDS = {"no_kv_offload", "cpu_strict", "embeddings", "no_host", "repack"}
 FLOAT_FIELDS = {"avg_ts", "stddev_ts"}
 EXTRA_FIELDS = ("n_ctx", "n_threads_batch", "peak_memory_bytes", "bytes_per_token", "achieved_gbs",
-                "bandwidth_share", "status", "reason")
-EXTRA_INT = {"n_ctx", "n_threads_batch", "peak_memory_bytes", "bytes_per_token"}
+                "bandwidth_share", "status", "reason", "engine", "spec_type", "draft_n", "draft_accepted")
+EXTRA_INT = {"n_ctx", "n_threads_batch", "peak_memory_bytes", "bytes_per_token", "draft_n", "draft_accepted"}
 EXTRA_FLOAT = {"achieved_gbs", "bandwidth_share"}
 # The SQL table of llama-tuner's rows: every test, llama-bench's fields then ours; bench_rowid is the test's row
 # in llama_bench (NULL for a failed test, which llama-bench's table does not get).
@@ -69,9 +69,10 @@ class AsGiven:
 
 
 def _commit(build: str) -> str:
-    """The llama.cpp commit in llama-cpp-python's build string, e.g. "ggml 0.25.3 (0c1e570-dirty)"."""
-    m = re.search(r"\(([0-9a-f]{6,40})", build or "")
-    return m.group(1) if m else "unknown"
+    """The llama.cpp commit in llama-cpp-python's build string, e.g. "ggml 0.25.3 (0c1e570-dirty)", or in
+    llama-server's version, "llama-server 0.5.0-dev (build 1, commit 0c1e570)"."""
+    m = re.search(r"commit ([0-9a-f]{6,40})|\(([0-9a-f]{6,40})", build or "")  # llama-server's or ggml's
+    return (m.group(1) or m.group(2)) if m else "unknown"
 
 
 def _tests(result: TrialResult) -> list[tuple[int, int, Rates | None]]:
@@ -107,7 +108,7 @@ def rows(model: ModelInfo, result: TrialResult, requested: BenchConfig, *,
         "no_op_offload": 0, "no_host": False, "repack": c.repack, "fit_target": 0, "fit_min_ctx": 0,
         "n_depth": c.n_depth, "test_time": started.strftime("%Y-%m-%dT%H:%M:%SZ") if started else "",
         "n_ctx": c.n_ctx, "n_threads_batch": c.n_threads_batch, "peak_memory_bytes": result.peak_memory_bytes,
-        "status": result.status.value, "reason": result.reason,
+        "status": result.status.value, "reason": result.reason, "engine": env.engine, "spec_type": c.spec_type,
     }
     out = []
     for n_prompt, n_gen, rates in _tests(result):
@@ -118,6 +119,7 @@ def rows(model: ModelInfo, result: TrialResult, requested: BenchConfig, *,
                "stddev_ns": int(statistics.stdev(samples)) if len(samples) > 1 else 0,
                "avg_ts": rates.mean if samples else 0.0, "stddev_ts": rates.stddev if samples else 0.0,
                "samples_ns": samples, "samples_ts": ts}
+        row.update(draft_n=result.draft_n if n_gen else None, draft_accepted=result.draft_accepted if n_gen else None)
         bw = result.bandwidth if n_gen else None  # bytes per token are of generation
         row.update({k: (bw or {}).get(k) for k in ("bytes_per_token", "achieved_gbs", "bandwidth_share")})
         out.append(row)
