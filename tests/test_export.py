@@ -77,3 +77,31 @@ def test_json_export_carries_the_measured_figures():
     d = json.loads(render("json", "fastest", _candidate(), MODEL, "s", {}))
     assert d["measured"]["tg_tps"] == pytest.approx(64.0, rel=0.01) and d["measured"]["repetitions"] == 4
     assert d["settings"]["n_ctx"] == 16384 and d["llama_cpp_python"]["type_k"] == "GGML_TYPE_Q8_0"
+
+
+def test_a_ram_budget_below_llama_servers_prompt_cache_caps_it_in_the_command(tiny_model, tmp_path):
+    """llama-server keeps up to 8 GiB of prompts in RAM (--cache-ram 8192) beyond what a measurement shows: where
+    the study's RAM budget leaves less above the preset's peak and headroom, the command caps it to what is left."""
+    from dataclasses import replace as dc_replace
+
+    from llama_tuner.report.export import host_cache_mib, render_study_preset
+    from llama_tuner.study.session import StudyRequest, open_tuner
+    from llama_tuner.study.view import StudyView
+    from llama_tuner.testing.fakes import FakeLauncher
+
+    def study(budget: str) -> StudyView:
+        launcher = FakeLauncher(peak_fn=lambda c: 1 << 30)
+        env = dc_replace(launcher.env, physical_cores=2)  # a CPU machine: the budget is RAM
+        t = open_tuner(StudyRequest(model=str(tiny_model), storage=f"sqlite:///{tmp_path}/{budget}.db",
+                                    study_name="s", trials=3, seed=1, min_ctx=1024, vram_budget=budget,
+                                    min_headroom="512MiB"), launcher=launcher, env=env)
+        t.run()
+        return StudyView(t.study)
+
+    tight = study("4GiB")
+    cand = tight.preset("fastest").candidate
+    left = (4 * 1024 - 512) - cand.figures.peak_memory_bytes // 2**20
+    assert host_cache_mib(tight, cand) == left and 0 < left < 8192
+    assert f"--cache-ram {left}" in render_study_preset(tight, "llama-server", "fastest")
+    roomy = study("30GiB")
+    assert "--cache-ram" not in render_study_preset(roomy, "llama-server", "fastest")

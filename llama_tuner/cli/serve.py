@@ -41,16 +41,18 @@ def server_argv(view, preset: str, host: str, port: int, llama_server: str | Non
             several streams).
     """
     from llama_tuner.measure.llama_cpp_server import check_servable
-    from llama_tuner.report.export import llama_server_args
+    from llama_tuner.report.export import host_cache_mib, llama_server_args
 
-    cfg = view.preset(preset).candidate.figures.config
+    candidate = view.preset(preset).candidate
+    cfg = candidate.figures.config
     if not Path(view.model_path).is_file():
         raise UserError(f"the study's model {view.model_path} is not on this machine", "copy it back to that path")
     if llama_server:
         server = probe(llama_server)
         for flag in ("--host", "--port"):
             server.require(flag)
-        return llama_server_args(view.model_path, cfg, program=server.path, server=server) + \
+        return llama_server_args(view.model_path, cfg, program=server.path, server=server,
+                                 cache_ram_mib=host_cache_mib(view, candidate)) + \
             ["--host", host, "--port", str(port)], f"llama-server {server.version} ({server.path})"
     check_servable(cfg)
     settings = {**cfg.to_dict(), "model_path": view.model_path, "alias": Path(view.model_file).stem,

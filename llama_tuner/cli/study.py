@@ -115,7 +115,7 @@ def run_and_print(tuner, confirm: bool, max_kld: float | None = None) -> None:
         UserError: the run was interrupted (everything measured is saved).
     """
     from llama_tuner.cli.progress import make_progress
-    from llama_tuner.report.export import llama_server_command
+    from llama_tuner.report.export import host_cache_mib, llama_server_command
     from llama_tuner.report.study_report import header, presets_table, why_lines
     from llama_tuner.study.confirmation import confirm_leaders
     from llama_tuner.study.quality_gate import record_for_study
@@ -160,7 +160,8 @@ def run_and_print(tuner, confirm: bool, max_kld: float | None = None) -> None:
     click.echo("\npresets:\n" + presets_table(view))
     click.echo(why_lines(view))
     for name, p in view.presets.items():
-        click.echo(f"\nllama-server ({name}):\n  " + llama_server_command(view.model_path, p.candidate.figures.config))
+        click.echo(f"\nllama-server ({name}):\n  " + llama_server_command(
+            view.model_path, p.candidate.figures.config, cache_ram_mib=host_cache_mib(view, p.candidate)))
 
 
 def _confirm_line(tuner, numbers: list[int]) -> str:

@@ -202,6 +202,7 @@ def verify(study: str, preset: str, rounds: int, repetitions: int | None, storag
     from llama_tuner.measure.probe import detect_probe, visible_gpu_index
     from llama_tuner.measure.server_bench import Replay, run_rounds, vocabulary
     from llama_tuner.measure.server_args import llama_server_args
+    from llama_tuner.report.export import host_cache_mib
     from llama_tuner.study.keys import TG_PROMPT_ATTR, TRACKING_URI_ATTR, VERIFY_PREFIX
     from llama_tuner.study.storage import make_storage
     from llama_tuner.study.view import StudyView
@@ -216,7 +217,8 @@ def verify(study: str, preset: str, rounds: int, repetitions: int | None, storag
         raise UserError("no llama-server found (not on PATH, none built by `make llama-server`)",
                         "pass --llama-server PATH, or run `make llama-server`")
     server = probe(exe)
-    preset_argv = llama_server_args(view.model_path, cfg, program=server.path, server=server)
+    preset_argv = llama_server_args(view.model_path, cfg, program=server.path, server=server,
+                                    cache_ram_mib=host_cache_mib(view, candidate))
     defaults_argv = [server.path, "-m", view.model_path]
     for flag in ("--host", "--port"):
         server.require(flag)

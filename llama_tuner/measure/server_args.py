@@ -12,14 +12,20 @@ from llama_tuner.measure.llama_server import LlamaServer
 _SWITCHES = {"--kv-unified", "--no-repack", "--swa-full", "--no-kv-offload"}  # llama_server_args's flags without value
 
 
+LLAMA_SERVER_CACHE_RAM_MIB = 8192  # --cache-ram's default at 0c1e570: a host prompt cache of up to 8 GiB
+
+
 def llama_server_args(model_path: str, c: BenchConfig, program: str = "llama-server", *,
-                      server: LlamaServer | None = None) -> list[str]:
+                      server: LlamaServer | None = None, cache_ram_mib: int | None = None) -> list[str]:
     """The llama-server argument list for ``c`` (the program first), spelled as llama.cpp at the commit
     llama-cpp-python vendors spells it, or, given ``server``, as that binary's ``--help`` does.
 
     ``--parallel`` is explicit: the figures are for one sequence (or, for the server
     workload, for its N streams), and a server with several slots divides the
     context among them unless its cache is unified, as it was measured (``--kv-unified``).
+
+    ``cache_ram_mib`` writes ``--cache-ram N``: llama-server's host prompt cache, which grows in RAM as
+    conversations are cached, beyond what a measurement shows; None leaves llama-server's default.
 
     Raises:
         UserError: ``server`` lacks a flag the preset needs (named, with the binary and its version).
@@ -46,6 +52,8 @@ def llama_server_args(model_path: str, c: BenchConfig, program: str = "llama-ser
         args += ["--spec-draft-model", c.draft_model]
     if c.spec_draft_n_max:
         args += ["--spec-draft-n-max", str(c.spec_draft_n_max)]
+    if cache_ram_mib is not None:
+        args += ["--cache-ram", str(cache_ram_mib)]
     return args if server is None else respell(args, server)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from llama_tuner.report.export import llama_server_command, study_preset_json
+from llama_tuner.report.export import host_cache_mib, llama_server_command, study_preset_json
 from llama_tuner.study.objectives import trial_summary
 from llama_tuner.study.view import StudyView
 
@@ -18,7 +18,9 @@ def write_tables(view: StudyView, out: Path) -> dict[str, float]:
     presets, commands = {}, []
     for name, p in view.presets.items():
         presets[name] = study_preset_json(view, name)
-        commands.append(f"# {name}: {p.why}\n{llama_server_command(view.model_path, p.candidate.figures.config)}\n")
+        command = llama_server_command(view.model_path, p.candidate.figures.config,
+                                       cache_ram_mib=host_cache_mib(view, p.candidate))
+        commands.append(f"# {name}: {p.why}\n{command}\n")
     (out / "presets.json").write_text(json.dumps(presets, indent=2))
     (out / "llama-server-commands.txt").write_text("\n".join(commands) or "# no feasible configuration\n")
     summary = {"configurations_measured": float(len(view.candidates))}

@@ -12,7 +12,8 @@ import yaml
 
 from llama_tuner.measure.config import SERVER_DEFAULTS, BenchConfig
 from llama_tuner.measure.llama_server import LlamaServer
-from llama_tuner.measure.server_args import llama_server_args, respell  # noqa: F401  (export's own API)
+from llama_tuner.measure.server_args import (LLAMA_SERVER_CACHE_RAM_MIB, llama_server_args,  # noqa: F401
+                                             respell)
 from llama_tuner.study.comparison import Gap
 from llama_tuner.study.presets import Candidate, gain
 from llama_tuner.study.quality_gate import cache_kld, kld_text
@@ -25,7 +26,20 @@ _GGML_TYPE_NAMES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", 
                     "q5_0": "Q5_0", "q5_1": "Q5_1", "iq4_nl": "IQ4_NL"}
 
 
-def llama_server_command(model_path: str, c: BenchConfig, *, server: LlamaServer | None = None) -> str:
+def host_cache_mib(view: StudyView, candidate: Candidate) -> int | None:
+    """The ``--cache-ram`` a preset needs where the study's budget is RAM: what the budget leaves above the
+    preset's peak and the headroom, where that is less than llama-server's 8 GiB default (None: the default
+    fits, or the budget is a GPU's)."""
+    f = candidate.figures
+    if view.environment.uses_gpu or not f.peak_memory_bytes:
+        return None
+    limits = view.limits
+    left = (limits.budget_bytes - limits.min_headroom_bytes - f.peak_memory_bytes) // 2**20
+    return max(0, int(left)) if left < LLAMA_SERVER_CACHE_RAM_MIB else None
+
+
+def llama_server_command(model_path: str, c: BenchConfig, *, server: LlamaServer | None = None,
+                         cache_ram_mib: int | None = None) -> str:
     """A llama-server command line for ``c``, quoted for the shell (see :func:`llama_server_args`: ``server``
     runs it and spells it).
 
@@ -33,8 +47,9 @@ def llama_server_command(model_path: str, c: BenchConfig, *, server: LlamaServer
         UserError: ``server`` lacks a flag the preset needs.
     """
     if server is None:
-        return shlex.join(llama_server_args(model_path, c))
-    return shlex.join(llama_server_args(model_path, c, program=server.path, server=server))
+        return shlex.join(llama_server_args(model_path, c, cache_ram_mib=cache_ram_mib))
+    return shlex.join(llama_server_args(model_path, c, program=server.path, server=server,
+                                        cache_ram_mib=cache_ram_mib))
 
 
 def llama_swap_config(views: list[StudyView], preset: str, *, server: LlamaServer | None = None) -> str:
@@ -133,7 +148,8 @@ def ollama_modelfile(model_path: str, c: BenchConfig, header: str = "") -> str:
 
 
 def preset_json(name: str, candidate: Candidate, model_path: str, study: str, env: dict[str, Any],
-                gains: dict[str, dict[str, Any]] | None = None, *, server: LlamaServer | None = None) -> dict[str, Any]:
+                gains: dict[str, dict[str, Any]] | None = None, *, server: LlamaServer | None = None,
+                cache_ram_mib: int | None = None) -> dict[str, Any]:
     """The preset with its measured figures, as a JSON-ready dict (its llama-server command for ``server``).
 
     Raises:
@@ -155,7 +171,7 @@ def preset_json(name: str, candidate: Candidate, model_path: str, study: str, en
                      **workload_figures(f)},
         "gain_over_baselines": gains or {},
         "environment": env,
-        "llama_server": llama_server_command(model_path, c, server=server),
+        "llama_server": llama_server_command(model_path, c, server=server, cache_ram_mib=cache_ram_mib),
         "llama_cpp_python": llama_cpp_python_kwargs(model_path, c),
     }
 
@@ -209,7 +225,8 @@ def study_preset_json(view: StudyView, name: str, *, server: LlamaServer | None 
     p = view.presets[name]
     cfg = p.candidate.figures.config
     return {**preset_json(name, p.candidate, view.model_path, view.name, exported_environment(view),
-                          gains_over_baselines(view, p.candidate), server=server), "why": p.why,
+                          gains_over_baselines(view, p.candidate), server=server,
+                          cache_ram_mib=host_cache_mib(view, p.candidate)), "why": p.why,
             "kv_cache_kld": cache_kld(cfg, view.kv_quality), "kv_cache_quality": kld_text(cfg, view.kv_quality)}
 
 
@@ -223,12 +240,13 @@ def render_study_preset(view: StudyView, fmt: str, name: str, *, server: LlamaSe
     if fmt == "json":  # with the reason it won and its KV cache's quality
         return json.dumps(study_preset_json(view, name, server=server), indent=2) + "\n"
     return render(fmt, name, cand, view.model_path, view.name, exported_environment(view),
-                  gains_over_baselines(view, cand), header=preset_header(view, name), server=server)
+                  gains_over_baselines(view, cand), header=preset_header(view, name), server=server,
+                  cache_ram_mib=host_cache_mib(view, cand))
 
 
 def render(fmt: str, name: str, candidate: Candidate, model_path: str, study: str, env: dict[str, Any],
            gains: dict[str, dict[str, Any]] | None = None, *, header: str = "",
-           server: LlamaServer | None = None) -> str:
+           server: LlamaServer | None = None, cache_ram_mib: int | None = None) -> str:
     """The preset in format ``fmt`` (one of FORMATS); ``header`` becomes comment lines where the format has
     comments (the llama-server command line has none: it is meant for the shell as it is); the llama-server
     command runs ``server`` and is spelled as it accepts it, where given.
@@ -238,7 +256,7 @@ def render(fmt: str, name: str, candidate: Candidate, model_path: str, study: st
     """
     c = candidate.figures.config
     if fmt == "llama-server":
-        return llama_server_command(model_path, c, server=server) + "\n"
+        return llama_server_command(model_path, c, server=server, cache_ram_mib=cache_ram_mib) + "\n"
     if fmt == "llama-cpp-python":
         return llama_cpp_python_snippet(model_path, c, header)
     if fmt == "ollama":
@@ -248,4 +266,5 @@ def render(fmt: str, name: str, candidate: Candidate, model_path: str, study: st
                       f"measured: tg {f.tg_mean:.2f} t/s, pp {f.pp_mean:.2f} t/s, "
                       f"peak {format_size(f.peak_memory_bytes)}")
         return ollama_modelfile(model_path, c, header)
-    return json.dumps(preset_json(name, candidate, model_path, study, env, gains, server=server), indent=2) + "\n"
+    return json.dumps(preset_json(name, candidate, model_path, study, env, gains, server=server,
+                                  cache_ram_mib=cache_ram_mib), indent=2) + "\n"

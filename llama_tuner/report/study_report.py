@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from llama_tuner.measure.workloads import is_curve
-from llama_tuner.report.export import llama_server_command
+from llama_tuner.report.export import host_cache_mib, llama_server_command
 from llama_tuner.study.presets import gain
 from llama_tuner.study.quality_gate import excluded_note, kld_text
 from llama_tuner.study.keys import BASELINE_ATTR, REUSED_ATTR
@@ -149,7 +149,9 @@ def why_lines(view: StudyView) -> str:
 def study_description(view: StudyView) -> str:
     """The study in markdown for its MLflow parent run: what was tuned, the presets with their gains over the
     baselines and why they won, and the llama-server command of each."""
-    commands = "\n".join(f"**{name}**\n\n```\n{llama_server_command(view.model_path, p.candidate.figures.config)}\n```"
+    commands = "\n".join(f"**{name}**\n\n```\n"
+                         + llama_server_command(view.model_path, p.candidate.figures.config,
+                                                cache_ram_mib=host_cache_mib(view, p.candidate)) + "\n```"
                          for name, p in view.presets.items())
     return "\n\n".join(["### " + header(view).replace("\n", "\n\n"), "#### Presets", presets_table(view),
                          why_lines(view), "#### llama-server", commands or "no feasible configuration"])
