@@ -264,3 +264,29 @@ def test_llama_bench_output_of_the_engine_names_its_commit_engine_and_drafts(cli
 
     assert _commit("llama-server 0.5.0-dev (build 1, commit 0c1e570)") == "0c1e570"  # as the real one says
     assert _commit("ggml 0.25.3 (0c1e570-dirty)") == "0c1e570"
+
+
+def test_a_worker_joins_a_llama_server_study_with_its_own_llama_server_and_the_studys_request(
+        cli, tiny_model, engine, tmp_path, request_file, monkeypatch):
+    """The study's request file and llama-server path are the first host's: a worker measures with the llama-server
+    found on its machine and the request stored on the study, so its trials belong to the same study."""
+    import optuna
+
+    from llama_tuner.study.worker import join_study
+
+    exe, _, starts = engine
+    storage = f"sqlite:///{tmp_path}/s.db"
+    copy = tmp_path / "elsewhere.txt"
+    copy.write_text(request_file.read_text())
+    r = cli("tune", tiny_model, "--engine", "llama-server", "--llama-server", exe, "--trials", "2", "--storage",
+            storage, "--no-mlflow", "--study", "s", "--tg-prompt", copy, "--no-confirm", "--set", "n_threads=2")
+    assert r.code == 0, r.err
+    copy.unlink()  # gone, as on another host
+    study = optuna.load_study(study_name="s", storage=storage)
+    request = dict(study.user_attrs["request"])
+    study.set_user_attr("request", {**request, "llama_server": str(tmp_path / "no" / "llama-server"), "trials": 3})
+    monkeypatch.setenv("PATH", f"{Path(exe).parent}:{__import__('os').environ['PATH']}")  # this host's, on PATH
+    before = len(starts())
+    join_study("s", storage).run()  # refused if its figures were of another request (the study's fingerprint)
+    assert len(starts()) > before
+    assert len([t for t in optuna.load_study(study_name="s", storage=storage).trials if t.state.is_finished()]) == 3

@@ -54,10 +54,12 @@ class ServerLauncher(Launcher):
     """Measures configurations in llama-server (see the module's docstring)."""
 
     def __init__(self, server: LlamaServer, probe: GpuProbe | None = None, *, timeout_s: float = 600.0,
-                 gpu_index: int | None = None, tg_prompt: str = "", devices: list[Device] | None = None):
+                 gpu_index: int | None = None, tg_prompt: str = "", devices: list[Device] | None = None,
+                 env: dict[str, str] | None = None):
         """Measure with the llama-server ``server``; one configuration may take ``timeout_s`` to start and as
         long for each request; ``tg_prompt``: the request in words whose answer tg measures (pp-tg tests), else
-        random token ids as the child draws them; ``devices``: its ``--list-devices`` (asked of it if None).
+        random token ids as the child draws them; ``devices``: its ``--list-devices`` (asked of it if None);
+        ``env``: variables set for the server (a worker's ``CUDA_VISIBLE_DEVICES``).
 
         Raises:
             UserError: ``server`` does not answer ``--list-devices``.
@@ -66,6 +68,7 @@ class ServerLauncher(Launcher):
         self.probe = probe or NoGpuProbe()
         self.timeout_s = timeout_s
         self.tg_prompt = tg_prompt
+        self.env = env or {}
         self.devices = list_devices(server.path) if devices is None else devices
         self.gpu_index = gpu_index if gpu_index is not None else (
             visible_gpu_index(self.probe) if self.probe.gpus() and self.devices else None)
@@ -125,7 +128,7 @@ class ServerLauncher(Launcher):
         replays = [Replay.of(c, text=self.tg_prompt) for c in configs]
         runs = serve_and_measure_each(argv, replays, vocab, label="trial", version=self.server.version,
                                       start_timeout_s=self.timeout_s, request_timeout_s=self.timeout_s,
-                                      probe=self.probe, gpu_index=self.gpu_index)
+                                      probe=self.probe, gpu_index=self.gpu_index, env=self.env)
         for cfg, run in zip(configs, runs):
             r = run.to_result(cfg, model_path, n_prompt=cfg.n_prompt or None, n_gen=cfg.n_gen or None)
             r = replace(r, env=Environment(**env.__dict__), started_at=started, buffers=run.buffers or None,

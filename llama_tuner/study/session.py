@@ -69,6 +69,7 @@ class StudyRequest:
     llama_server: str | None = None  # --llama-server PATH (else found: llama_tuner.measure.llama_server)
     tg_prompt: str | None = None  # llama-server engine: tg answers this request (a file); None: the bundled one
     draft_model: str | None = None  # llama-server engine: a draft model, searched as --spec-type draft-simple
+    tg_prompt_text: str | None = None  # the request itself (a worker has the study's, not its file)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,6 +200,8 @@ def _check_engine(request: StudyRequest) -> str:
                         "leave --workload out, or use the child engine")
     if request.draft_model and not os.path.isfile(request.draft_model):
         raise UserError(f"--draft-model {request.draft_model} is not a file", "give the draft model's GGUF path")
+    if request.tg_prompt_text:
+        return request.tg_prompt_text
     path = request.tg_prompt or TG_PROMPT_FILE
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -254,6 +257,20 @@ def baselines_for(request: StudyRequest, checked: CheckedRequest, env: Environme
     return out
 
 
+def server_launcher(request: StudyRequest, probe: GpuProbe, *, timeout_s: float, gpu_index: int | None,
+                    tg_prompt: str | None = None, extra_env: dict[str, str] | None = None) -> ServerLauncher:
+    """The llama-server engine's launcher for ``request`` (its --llama-server, else the one found here).
+
+    Raises:
+        UserError: no llama-server here, or it does not run.
+    """
+    path = find_llama_server(request.llama_server)
+    if path is None:
+        raise UserError("--engine llama-server: no llama-server here", f"give --llama-server PATH, or {BUILD_HINT}")
+    return ServerLauncher(probe_llama_server(path), probe, timeout_s=timeout_s, gpu_index=gpu_index,
+                          tg_prompt=_check_engine(request) if tg_prompt is None else tg_prompt, env=extra_env)
+
+
 def open_tuner(request: StudyRequest, *, launcher: Launcher | None = None, probe: GpuProbe | None = None,
                env: Environment | None = None, tracker: Tracker | None = None, gpu_index: int | None = None,
                storage: optuna.storages.BaseStorage | None = None, record_request: bool = True) -> Tuner:
@@ -273,12 +290,8 @@ def open_tuner(request: StudyRequest, *, launcher: Launcher | None = None, probe
     spec_types: tuple[str, ...] = ()
     if request.engine == "llama-server":
         if launcher is None:
-            path = find_llama_server(request.llama_server)
-            if path is None:
-                raise UserError("--engine llama-server: no llama-server here",
-                                f"give --llama-server PATH, or {BUILD_HINT}")
-            launcher = ServerLauncher(probe_llama_server(path), probe, timeout_s=checked.trial_timeout_s,
-                                      gpu_index=gpu_index, tg_prompt=checked.tg_prompt)
+            launcher = server_launcher(request, probe, timeout_s=checked.trial_timeout_s, gpu_index=gpu_index,
+                                       tg_prompt=checked.tg_prompt)
         if isinstance(launcher, ServerLauncher):
             env = env or launcher.environment()
             listed = launcher.server.spec_types()
@@ -325,7 +338,7 @@ def open_tuner(request: StudyRequest, *, launcher: Launcher | None = None, probe
     tuner.notes[:0] = notes
     if checked.tg_prompt:  # verify replays the same request
         tuner.study.set_user_attr(TG_PROMPT_ATTR, checked.tg_prompt)
-    saved = {k: v for k, v in asdict(request).items() if k not in ("storage", "study_name")}
+    saved = {k: v for k, v in asdict(request).items() if k not in ("storage", "study_name", "tg_prompt_text")}
     saved["model"] = checked.model.path
     stored = tuner.study.user_attrs.get(REQUEST_ATTR)
     if stored is None or (record_request and stored != saved):

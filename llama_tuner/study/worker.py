@@ -8,6 +8,8 @@ with ``CUDA_VISIBLE_DEVICES`` (see :func:`gpu_choice`), and runs trials until th
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -17,8 +19,8 @@ from llama_tuner.measure.environment import build_environment
 from llama_tuner.measure.launcher import Launcher, SubprocessLauncher
 from llama_tuner.measure.probe import GpuProbe, detect_probe
 from llama_tuner.measure.result import Environment
-from llama_tuner.study.keys import FINGERPRINT_ATTR, REQUEST_ATTR
-from llama_tuner.study.session import StudyRequest, open_tuner
+from llama_tuner.study.keys import FINGERPRINT_ATTR, REQUEST_ATTR, TG_PROMPT_ATTR
+from llama_tuner.study.session import StudyRequest, open_tuner, server_launcher
 from llama_tuner.study.storage import GRACE_S, HEARTBEAT_S, make_storage
 from llama_tuner.study.tracker import Tracker
 from llama_tuner.study.tuner import Tuner
@@ -67,12 +69,18 @@ def join_study(study_name: str, storage_url: str, *, gpu: str | int | None = Non
         raise UserError(f"study {study_name!r} was not created by llama-tuner tune", "create it with tune")
     saved = dict(attrs[REQUEST_ATTR])
     request = StudyRequest(**{**saved, "storage": storage_url, "study_name": study_name,
-                              "model": model or saved["model"]})
+                              "model": model or saved["model"], "tg_prompt_text": attrs.get(TG_PROMPT_ATTR)})
+    if request.engine == "llama-server" and request.llama_server and not shutil.which(request.llama_server):
+        request = replace(request, llama_server=None)  # the study's host's path: find this machine's own
     if not Path(request.model).exists():
         raise UserError(f"the study's model {request.model} is not on this machine",
                         "copy it there, or pass --model PATH to the same file")
     probe = probe or detect_probe()
     index, extra_env = gpu_choice(gpu, probe)
+    if launcher is None and request.engine == "llama-server":
+        launcher = server_launcher(request, probe, timeout_s=parse_duration(request.trial_timeout), gpu_index=index,
+                                   extra_env=extra_env)
+        env = env or launcher.environment()
     if env is None:
         env = build_environment(probe, index if index is not None else (0 if probe.gpus() else None))
     want = attrs.get(FINGERPRINT_ATTR, {}).get("hardware")
