@@ -228,6 +228,8 @@ def test_tune_with_llama_server_searches_spec_types_and_exports_the_winner(cli, 
     fastest = view.preset("fastest").candidate
     assert fastest.figures.config.spec_type == "ngram-mod"  # 1.8x tg beats the defaults beyond any noise
     assert fastest.figures.acceptance == pytest.approx(0.9)
+    report = cli("report", "s", "--storage", storage).out
+    assert "(ngram-mod, 90% accepted)" in report and "measured in llama-server 7777 (fake456) over HTTP" in report
     exported = cli("export", "s", "--storage", storage, "--llama-server", exe)
     assert "--spec-type ngram-mod" in exported.out
     payload = json.loads(cli("export", "s", "--storage", storage, "--format", "json").out)
