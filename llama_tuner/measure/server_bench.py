@@ -277,7 +277,8 @@ class ServedRun:
         load_error for a server that did not start for another reason; crash for the rest."""
         if self.ok:
             return Status.OK
-        if OOM_PATTERN.search(self.log_tail) or OOM_PATTERN.search(self.reason) or self.signal == "SIGKILL":
+        killed = self.status == CRASH and self.signal == "SIGKILL"  # died of a SIGKILL we did not send: the OOM killer
+        if OOM_PATTERN.search(self.log_tail) or OOM_PATTERN.search(self.reason) or killed:
             return Status.OOM
         if self.status == TIMEOUT:
             return Status.TIMEOUT
