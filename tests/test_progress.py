@@ -103,3 +103,11 @@ def test_the_best_answer_takes_the_fewest_seconds():
     p.trial_finished(trial(2), rates(1.0, 3.5, workload="chat"), reused=False)  # 4.5 s, though tg is 4x faster
     p.trial_finished(trial(3), rates(0.5, 6.0, workload="chat"), reused=False)  # 6.5 s, the fastest tg
     assert p.best[1:] == (2, "answer 4.50 s")
+
+
+def test_a_speculative_configuration_says_its_spec_type_in_the_progress_line():
+    from llama_tuner.cli.progress import describe
+    from llama_tuner.measure.config import BenchConfig
+
+    assert describe(BenchConfig(spec_type="ngram-mod", n_threads=2, n_threads_batch=2)).endswith(" spec ngram-mod")
+    assert "spec" not in describe(BenchConfig(n_threads=2, n_threads_batch=2))

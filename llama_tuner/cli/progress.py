@@ -28,7 +28,8 @@ def describe(c: BenchConfig) -> str:
     streams = f" np {c.n_parallel}" if c.workload == "server" else ""
     moe = f" ncmoe {c.n_cpu_moe}" if c.n_cpu_moe else ""
     return (f"ngl {c.n_gpu_layers}{moe} ctx {c.n_ctx}{streams} b {c.n_batch} ub {c.n_ubatch} "
-            f"t {c.n_threads}/{c.n_threads_batch} fa {int(c.flash_attn)} kv {c.type_k}/{c.type_v}")
+            f"t {c.n_threads}/{c.n_threads_batch} fa {int(c.flash_attn)} kv {c.type_k}/{c.type_v}"
+            + (f" spec {c.spec_type}" if c.speculative else ""))
 
 
 def headline(r: TrialResult) -> str:
