@@ -150,8 +150,9 @@ def test_bench_measures_each_spec_type_in_llama_server_with_its_acceptance(cli, 
     assert mod["env"]["engine"] == "llama-server" and mod["env"]["llama_server"] == "7777 (fake456)"
     assert mod["buffers"]["model"] == {"CPU_Mapped": 100 << 20}  # from the server's load log
     argvs = starts()
-    assert len(argvs) == 2 and "--spec-type" not in argvs[0] and argvs[1][argvs[1].index("--spec-type") + 1] == \
-        "ngram-mod"
+    # one server for none; one per repetition for ngram-mod (each answer a fresh server's first)
+    assert len(argvs) == 3 and "--spec-type" not in argvs[0]
+    assert all(a[a.index("--spec-type") + 1] == "ngram-mod" for a in argvs[1:])
 
     table = cli("bench", tiny_model, "--engine", "llama-server", "--llama-server", exe, "--spec-type", "ngram-mod",
                 "--tg-prompt", request_file, "-t", "2", "-r", "2")
@@ -292,3 +293,16 @@ def test_a_worker_joins_a_llama_server_study_with_its_own_llama_server_and_the_s
     join_study("s", storage).run()  # refused if its figures were of another request (the study's fingerprint)
     assert len(starts()) > before
     assert len([t for t in optuna.load_study(study_name="s", storage=storage).trials if t.state.is_finished()]) == 3
+
+
+def test_each_repetition_of_a_speculative_answer_is_a_fresh_servers_first(tiny_model, engine, request_file):
+    """A speculative server learns the answers it gave: the same request again is drafted from its own earlier
+    answer. So a speculative configuration answering words measures each repetition in a server of its own."""
+    exe, _, starts = engine
+    launcher = ServerLauncher(ls.probe(exe), timeout_s=30, tg_prompt=request_file.read_text())
+    mod, plain = launcher.measure(str(tiny_model), [
+        BenchConfig(n_ctx=2048, n_batch=512, n_threads=2, repetitions=3, spec_type="ngram-mod"),
+        BenchConfig(n_ctx=2048, n_batch=512, n_threads=2, repetitions=3)])
+    assert mod.ok and plain.ok and len(mod.tg.samples_ns) == len(mod.pp.samples_ns) == 3
+    assert (mod.draft_n, mod.draft_accepted) == (300, 270)
+    assert len(starts()) == 3 + 1  # three fresh servers for ngram-mod, one for the rest
