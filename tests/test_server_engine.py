@@ -289,6 +289,7 @@ def test_a_worker_joins_a_llama_server_study_with_its_own_llama_server_and_the_s
     request = dict(study.user_attrs["request"])
     study.set_user_attr("request", {**request, "llama_server": str(tmp_path / "no" / "llama-server"), "trials": 3})
     monkeypatch.setenv("PATH", f"{Path(exe).parent}:{__import__('os').environ['PATH']}")  # this host's, on PATH
+    monkeypatch.delenv(ls.ENV_VAR, raising=False)
     before = len(starts())
     join_study("s", storage).run()  # refused if its figures were of another request (the study's fingerprint)
     assert len(starts()) > before
