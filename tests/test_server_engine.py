@@ -22,6 +22,8 @@ from llama_tuner.study.view import StudyView
 # --spec-type ngram-mod a request in words (a string prompt, from /apply-template) is generated FAKE's "gain"
 # times faster, with "accepted" of "drafted" tokens accepted per request, while random token ids draft nothing;
 # a --ctx-size above "oom_ctx" fails to allocate as llama.cpp does. --list-devices prints FAKE's "devices".
+# Streamed requests (the scenarios: /v1/chat/completions, /completion with stream) are answered with FAKE's
+# "thinking" tokens of reasoning_content, then "answer" words, one per 1/tg s, up to max_tokens.
 FAKE = r'''
 import json, os, random, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -90,6 +92,10 @@ class Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if self.path == "/apply-template":
             return self.reply({"prompt": "<user>" + body["messages"][0]["content"] + "</user>"})
+        if self.path == "/tokenize":  # a token a word
+            return self.reply({"tokens": [sum(map(ord, w)) for w in body["content"].split()]})
+        if self.path == "/v1/chat/completions" or body.get("stream"):
+            return self.stream(body)
         prompt, n = body["prompt"], body["n_predict"]
         words = isinstance(prompt, str)
         n_prompt = len(prompt) // 4 if words else len(prompt)
@@ -100,6 +106,48 @@ class Handler(BaseHTTPRequestHandler):
         if spec_type != "none" and words:  # llama-server leaves both out where nothing was drafted
             t["draft_n"], t["draft_n_accepted"] = spec["drafted"], spec["accepted"]
         self.reply({"content": "x", "timings": t})
+
+
+    def stream(self, body):
+        """A streamed answer: FAKE's "thinking" tokens of reasoning, then "answer" words, each after 1/tg s,
+        stopping at max_tokens (capped); a q4_0 K cache changes the answer from word 3 on."""
+        chat = self.path == "/v1/chat/completions"
+        text = " ".join(m["content"] for m in body["messages"]) if chat else body["prompt"]
+        cap = body.get("max_tokens") or body.get("n_predict")
+        n_prompt = len(text.split()) + 8
+        think, say = spec.get("thinking", 0), spec.get("answer", 30)
+        words = [("reasoning_content", f"step{i}") for i in range(think)] + [
+            ("content", f"{'other' if arg('--cache-type-k', 'f16') == 'q4_0' and i >= 3 else 'word'}{i}")
+            for i in range(say)]
+        capped = len(words) > cap
+        words = words[:cap]
+        rate = spec["tg"] * speed * (spec["gain"] if spec_type == "ngram-mod" else 1.0)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        import time
+        time.sleep(n_prompt / (spec["pp"] * speed))
+        for kind, word in words:
+            time.sleep(1 / rate)
+            delta = {kind: word + " "}
+            chunk = {"choices": [{"delta": delta, "finish_reason": None}]} if chat else {"content": word + " ",
+                                                                                          "stop": False}
+            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            self.wfile.flush()
+        t = {"prompt_n": n_prompt, "prompt_ms": 1e3 * n_prompt / (spec["pp"] * speed), "predicted_n": len(words),
+             "predicted_ms": 1e3 * max(0, len(words) - 1) / rate}
+        if spec_type != "none":
+            t["draft_n"], t["draft_n_accepted"] = spec["drafted"], spec["accepted"]
+        if chat:
+            end = {"choices": [{"delta": {}, "finish_reason": "length" if capped else "stop"}],
+                   "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(words)}, "timings": t}
+        else:
+            end = {"content": "", "stop": True, "stop_type": "limit" if capped else "eos",
+                   "tokens_predicted": len(words), "tokens_evaluated": n_prompt, "timings": t}
+        self.wfile.write(b"data: " + json.dumps(end).encode() + b"\n\n")
+        if chat:
+            self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
 
 
 server = ThreadingHTTPServer((arg("--host", "127.0.0.1"), int(arg("--port", 0))), Handler)

@@ -9,7 +9,7 @@ import click
 
 from llama_tuner.errors import UserError
 from llama_tuner.measure.config import ENGINES
-from llama_tuner.measure.workloads import WORKLOADS
+from llama_tuner.measure.workloads import SCENARIOS, WORKLOADS
 from llama_tuner.report.llama_bench_output import FORMATS as OUTPUTS, AsGiven
 
 if TYPE_CHECKING:
@@ -66,17 +66,26 @@ def _bench_options(f):
 @click.option("--workload", type=click.Choice(WORKLOADS), default=None,
               help="What to measure (default pp-tg, llama-bench's tests); -p/-n/-d change its sizes. "
                    "See `llama-tuner bench --help` and the README's workloads.")
-@click.option("--engine", type=click.Choice(ENGINES), default="child", show_default=True,
+@click.option("--engine", type=click.Choice(ENGINES), default=None,
               help="What measures: a child process through llama-cpp-python (as llama-bench), or llama-server "
-                   "itself over HTTP (its own timings; speculative decoding).")
+                   "itself over HTTP (its own timings; speculative decoding). Default: the child, llama-server for "
+                   "the scenarios.")
 @click.option("--llama-server", "llama_server", metavar="PATH",
               help="The llama-server for --engine llama-server (default: $LLAMA_TUNER_LLAMA_SERVER, PATH, then "
                    "`make llama-server`'s build).")
 @click.option("--tg-prompt", "tg_prompt", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
               help="With --engine llama-server: tg answers this request (a text file, sent as one chat message), "
                    "real text where speculative decoding is judged; default: random token ids, as llama-bench.")
+@click.option("--prompts", "prompts", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Your requests (JSONL: {\"messages\": [...]} or {\"prompt\": \"...\"} a line, optional "
+                   "max_tokens and name), each answered for real in llama-server: the scenarios workload. "
+                   "--workload scenarios without it answers the bundled file.")
+@click.option("--max-tokens", "max_tokens", type=int, default=None, metavar="N",
+              help="Scenarios: cap every answer at N tokens (lower than a line's own max_tokens; default: the "
+                   "file's, 4096 where a line gives none).")
 def bench(model: str, timeout_s: float, output: str, as_json: bool, download: bool, workload: str | None,
-          engine: str, llama_server: str | None, tg_prompt: str | None, **values) -> None:
+          engine: str | None, llama_server: str | None, tg_prompt: str | None, prompts: str | None,
+          max_tokens: int | None, **values) -> None:
     """Measure MODEL like llama-bench. Comma-separated values sweep every combination.
 
     Each configuration runs in a child process that is killed after --timeout;
@@ -101,6 +110,11 @@ def bench(model: str, timeout_s: float, output: str, as_json: bool, download: bo
 
     model = resolve_model(model, download=download)
     info = load_model_info(model)
+    scenarios: tuple = ()
+    if prompts or workload == SCENARIOS or max_tokens is not None:
+        scenarios, values = _scenario_values(model, prompts, workload, engine, max_tokens, tg_prompt, values)
+        workload, engine = SCENARIOS, "llama-server"
+    engine = engine or "child"
     if engine == "llama-server" and tg_prompt and values.get("n_ctx") is None:
         values = {**values, "n_ctx": str(TG_PROMPT_CTX)}  # the request's tokens are known only to the server
     swept = sweep_as_given(workload_values(values, workload), info)
@@ -118,7 +132,7 @@ def bench(model: str, timeout_s: float, output: str, as_json: bool, download: bo
         text = _read_prompt(tg_prompt) if tg_prompt else ""
         if text and any(cfg.workload != "pp-tg" for cfg in requested):
             raise UserError("--tg-prompt is for the pp-tg test", "leave --workload out, or drop --tg-prompt")
-        launcher = ServerLauncher(server, detect_probe(), timeout_s=timeout_s, tg_prompt=text)
+        launcher = ServerLauncher(server, detect_probe(), timeout_s=timeout_s, tg_prompt=text, scenarios=scenarios)
     else:
         if llama_server or tg_prompt:
             raise UserError(f"{'--llama-server' if llama_server else '--tg-prompt'} is for --engine llama-server",
@@ -137,6 +151,21 @@ def bench(model: str, timeout_s: float, output: str, as_json: bool, download: bo
         click.echo(f"[{len(results)}/{len(tests)}] {r.status.value}", err=True)
     if as_json:
         click.echo(json.dumps([_json_result(r) for r in results], indent=2))
+    elif scenarios:
+        from llama_tuner.report.scenario_tables import ANSWER_COLUMNS, answer_rows, result_summary
+
+        for r in results:
+            c = r.config
+            click.echo(f"\n{'  '.join(f'{k} {v}' for k, v in _scenario_settings(c).items())}:")
+            if not r.ok:
+                click.echo(f"  {r.status.value}: {r.reason}")
+                continue
+            click.echo(markdown_table(answer_rows(r.answers), ANSWER_COLUMNS))
+            click.echo(result_summary(r))
+        env = results[0].env if results else None
+        if env:
+            click.echo(f"\nanswered by llama-server {env.llama_server} ({server.path}), streamed, greedy unless a "
+                       f"line says otherwise; {env.gpu_name or env.cpu}")
     elif output != "md":
         click.echo(llama_bench_output.render(output, bench_rows), nl=False)
     else:
@@ -196,7 +225,58 @@ def _json_result(r) -> dict:
     if r.curve:
         d["time_to_answer_s"] = r.time_to_answer_s
         d["depth_curve"] = r.curve.points()
+    s = r.answer_summary
+    if s is not None:
+        d["scenarios"] = {"requests": s.requests, "seconds_per_answer_median": s.median_s,
+                          "seconds_per_answer_p90": s.p90_s, "seconds_in_all": s.total_s,
+                          "tokens_written_per_answer": s.generated_tokens,
+                          "thinking_tokens_per_answer": s.thinking_tokens, "capped": s.capped,
+                          "capped_share": s.capped_share, "draft_n": s.draft_n, "draft_accepted": s.draft_accepted,
+                          "acceptance": s.acceptance}
+        for a, out in zip(r.answers, d["answers"]):
+            out["answer_tokens"], out["seconds_per_token"] = a.answer_tokens, a.seconds_per_token
+            out["tg_tps"], out["pp_tps"] = a.tg_tps, a.pp_tps
     return d
+
+
+def _scenario_settings(c) -> dict:
+    """The settings a scenario result names in its heading (those a user sets)."""
+    out = {"-c": c.n_ctx, "-b": c.n_batch, "-ub": c.n_ubatch, "-t": c.n_threads, "-fa": "on" if c.flash_attn else "off",
+           "-ctk": c.type_k, "-ctv": c.type_v, "-ngl": c.n_gpu_layers}
+    if c.speculative:
+        out["--spec-type"] = c.spec_type
+    return out
+
+
+def _scenario_values(model: str, prompts: str | None, workload: str | None, engine: str | None,
+                     max_tokens: int | None, tg_prompt: str | None, values: dict) -> tuple[tuple, dict]:
+    """The requests of --prompts (or the bundled file) and the sweep's values for them: the scenarios workload,
+    a context that holds the longest request and the largest cap (-c where not given), one pass unless -r.
+
+    Raises:
+        UserError: another workload or engine named, a twin, a bad file (its line), or --max-tokens below 1.
+    """
+    from llama_tuner.measure.scenarios import capped_to, load_scenarios, refuse_twin, test_sizes
+
+    if workload not in (None, SCENARIOS):
+        raise UserError(f"--prompts answers requests: the scenarios workload, not {workload}",
+                        "leave --workload out (or use --workload scenarios)")
+    if engine == "child":
+        raise UserError("the scenarios are answered by llama-server; the child engine cannot answer them",
+                        "leave --engine out (or use --engine llama-server)")
+    if tg_prompt:
+        raise UserError("--tg-prompt is for the pp-tg test, not the scenarios", "drop --tg-prompt")
+    if values.get("n_parallel"):
+        raise UserError("-np is for the server workload, not the scenarios", "drop -np")
+    refuse_twin(model)
+    scenarios = capped_to(load_scenarios(prompts), max_tokens)
+    n_prompt, n_gen = test_sizes(scenarios)
+    out = {**values, "workload": SCENARIOS, "n_prompt": str(n_prompt), "n_gen": str(n_gen), "n_depth": "0"}
+    if out.get("n_ctx") is None:
+        out["n_ctx"] = str(-(-(n_prompt + n_gen) // 1024) * 1024)
+    if out.get("repetitions") is None:
+        out["repetitions"] = "1"
+    return scenarios, out
 
 
 def workload_values(values: dict, workload: str | None) -> dict:
@@ -208,7 +288,7 @@ def workload_values(values: dict, workload: str | None) -> dict:
     preset = PRESETS[workload]
     out = {**values, "workload": workload}
     for key in ("n_prompt", "n_gen", "n_depth"):
-        if out.get(key) is None and workload != "pp-tg":
+        if out.get(key) is None and workload not in ("pp-tg", SCENARIOS):
             out[key] = str(getattr(preset, key))
     return out
 

@@ -43,6 +43,11 @@ def headline(r: TrialResult) -> str:
 
 def figures(r: TrialResult) -> str:
     """The headline with the figures behind it: prompt and answer rates, or per-stream tg and pp."""
+    s = r.answer_summary
+    if s is not None:  # the scenarios
+        drafts = f", {100 * s.acceptance:.0f}% drafts accepted" if s.draft_n else ""
+        return (f"{s.median_s:.2f} s per answer (p90 {s.p90_s:.2f}), {s.generated_tokens:,.0f} tokens written "
+                f"({s.thinking_tokens:,.0f} thinking), {s.capped}/{s.requests} capped{drafts}")
     if r.time_to_answer_s is not None:
         return f"{headline(r)} (prompt {r.pp_mean:.2f}, answer {r.tg_mean:.2f} t/s)"
     if r.config.workload == "server":

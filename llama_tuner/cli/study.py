@@ -47,8 +47,9 @@ def _ranges(items: tuple[str, ...]) -> dict[str, tuple[int, int]]:
 @click.option("--objective", type=click.Choice(OBJECTIVES), default=None,
               help="What 'fastest' means: generation, prompt processing, their geometric mean, or seconds to "
                    "answer (default: the workload's own: tg, or answer for chat, reasoning, long, custom).")
-@click.option("--workload", type=click.Choice(WORKLOADS), default="pp-tg", show_default=True,
-              help="What the model is for: pp-tg (llama-bench's tests), chat, reasoning, long, server, custom.")
+@click.option("--workload", type=click.Choice(WORKLOADS), default=None,
+              help="What the model is for: pp-tg (llama-bench's tests), chat, reasoning, long, server, custom, or "
+                   "scenarios (your requests answered for real: --prompts). Default: pp-tg, scenarios with --prompts.")
 @click.option("--prompt-tokens", type=int, help="The workload's prompt tokens (custom, chat, reasoning, long).")
 @click.option("--gen-tokens", type=int, help="The workload's generated tokens (custom, chat, reasoning, long).")
 @click.option("--min-stream-tps", type=float, default=0.0,
@@ -67,9 +68,19 @@ def _ranges(items: tuple[str, ...]) -> dict[str, tuple[int, int]]:
 @click.option("--download", is_flag=True, help="Fetch an hf:ORG/REPO[:QUANT] model missing from the cache.")
 @click.option("--max-kld", type=float, default=DEFAULT_MAX_KLD, show_default=True,
               help="No preset uses a KV cache whose KL divergence against f16 exceeds this (see `quality`).")
-@click.option("--engine", type=click.Choice(ENGINES), default="child", show_default=True,
+@click.option("--engine", type=click.Choice(ENGINES), default=None,
               help="What measures each trial: a child process through llama-cpp-python, or llama-server itself "
-                   "over HTTP (its own timings; speculative decoding searched).")
+                   "over HTTP (its own timings; speculative decoding searched). Default: the child, llama-server "
+                   "for the scenarios.")
+@click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
+              help="--workload scenarios: your requests (JSONL, one a line: messages or prompt, optional max_tokens "
+                   "and name), each answered for real; default: a bundled dozen (chat, summaries, code edits, "
+                   "arithmetic, a long document).")
+@click.option("--max-tokens", "max_tokens", type=int, metavar="N",
+              help="--workload scenarios: cap every answer at N tokens (default: each line's max_tokens, 4096).")
+@click.option("--max-capped", "max_capped", type=float, default=1.0,
+              help="--workload scenarios: the largest share of answers that may hit their cap in a preset "
+                   "(default 1: any).")
 @click.option("--llama-server", "llama_server", metavar="PATH",
               help="The llama-server for --engine llama-server (default: $LLAMA_TUNER_LLAMA_SERVER, PATH, then "
                    "`make llama-server`'s build).")
@@ -85,7 +96,7 @@ def tune(model: str, study_name: str | None, trials: int, timeout: str | None, v
          trial_timeout: str, no_confirm: bool, tracking_uri: str | None, no_mlflow: bool, download: bool,
          max_kld: float, workload: str, prompt_tokens: int | None, gen_tokens: int | None,
          min_stream_tps: float, engine: str, llama_server: str | None, tg_prompt: str | None,
-         draft_model: str | None) -> None:
+         draft_model: str | None, prompts: str | None, max_tokens: int | None, max_capped: float) -> None:
     """Find the best llama.cpp settings for MODEL (a path, ollama:NAME[:TAG] or hf:ORG/REPO[:QUANT]) on this
     machine, then print its presets."""
     from llama_tuner.cli.tracking import make_tracker
@@ -93,14 +104,15 @@ def tune(model: str, study_name: str | None, trials: int, timeout: str | None, v
     from llama_tuner.study.session import StudyRequest, open_tuner
 
     model = resolve_model(model, download=download)
-
+    workload = workload or ("scenarios" if prompts or max_tokens is not None else "pp-tg")
     request = StudyRequest(model=model, study_name=study_name, trials=trials, timeout=timeout,
                            vram_budget=vram_budget, min_headroom=min_headroom, min_ctx=min_ctx, depth=depth,
                            objective=objective, baseline_flags=baseline_flags, pins=_pairs(pins, "--set"),
                            ranges=_ranges(ranges), sampler=sampler, seed=seed, storage=storage,
                            trial_timeout=trial_timeout, max_kld=max_kld, workload=workload,
                            prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, min_stream_tps=min_stream_tps,
-                           engine=engine, llama_server=llama_server, tg_prompt=tg_prompt, draft_model=draft_model)
+                           engine=engine, llama_server=llama_server, tg_prompt=tg_prompt, draft_model=draft_model,
+                           prompts=prompts, max_tokens=max_tokens, max_capped=max_capped)
     tuner = open_tuner(request, tracker=make_tracker(tracking_uri, no_mlflow))
     run_and_print(tuner, confirm=not no_confirm, max_kld=max_kld)
 
@@ -116,7 +128,7 @@ def run_and_print(tuner, confirm: bool, max_kld: float | None = None) -> None:
     """
     from llama_tuner.cli.progress import make_progress
     from llama_tuner.report.export import host_cache_mib, llama_server_command
-    from llama_tuner.report.study_report import header, presets_table, why_lines
+    from llama_tuner.report.study_report import header, kv_answers_table, presets_table, why_lines
     from llama_tuner.study.confirmation import confirm_leaders
     from llama_tuner.study.quality_gate import record_for_study
     from llama_tuner.study.view import StudyView
@@ -159,6 +171,9 @@ def run_and_print(tuner, confirm: bool, max_kld: float | None = None) -> None:
     click.echo(header(view))
     click.echo("\npresets:\n" + presets_table(view))
     click.echo(why_lines(view))
+    agreement = kv_answers_table(view)
+    if agreement:
+        click.echo("\n" + agreement)
     for name, p in view.presets.items():
         click.echo(f"\nllama-server ({name}):\n  " + llama_server_command(
             view.model_path, p.candidate.figures.config, cache_ram_mib=host_cache_mib(view, p.candidate)))

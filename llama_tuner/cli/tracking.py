@@ -190,15 +190,35 @@ def stop_tree(proc: subprocess.Popen, *, grace_s: float, hurry=lambda: False) ->
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True)
 @click.option("--workload", type=click.Choice(WORKLOADS), default=None,
               help="Compare seconds per answer of this workload (default: the studies' own).")
-def compare(studies: tuple[str, ...], preset: str, storage: str, workload: str | None) -> None:
+@click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Compare the answers to these requests (JSONL, as tune --prompts): per request and in all, "
+                   "seconds, tokens written (thinking apart), capped answers, and why one takes longer. A "
+                   "scenarios study's own answers to requests of the same names are used; the rest are answered "
+                   "now by each preset in llama-server.")
+@click.option("--max-tokens", "max_tokens", type=int, metavar="N",
+              help="With --prompts: cap every answer measured now at N tokens.")
+@click.option("--llama-server", "llama_server", metavar="PATH",
+              help="With --prompts: the llama-server that answers (default: as tune --engine llama-server finds "
+                   "it).")
+def compare(studies: tuple[str, ...], preset: str, storage: str, workload: str | None, prompts: str | None,
+            max_tokens: int | None, llama_server: str | None) -> None:
     """Compare the presets of several studies (models) and explain their speed: for a chat, reasoning, long or
-    custom workload, the seconds each takes to answer, with its KV cache's quality."""
+    custom workload, the seconds each takes to answer, with its KV cache's quality; with --prompts, their answers
+    to your requests side by side."""
     from llama_tuner.report.compare import compare_text, row_for, workload_sizes
     from llama_tuner.study.storage import make_storage
     from llama_tuner.study.view import StudyView
 
     store = make_storage(storage)
     views = [StudyView.load(store, name) for name in studies]
+    if prompts or max_tokens is not None or llama_server:
+        from llama_tuner.cli.scenario_compare import compare_scenarios
+
+        if workload is not None:
+            raise UserError("--workload and --prompts compare different things", "give one of them")
+        click.echo(compare_scenarios(views, preset, prompts, max_tokens=max_tokens, llama_server=llama_server),
+                   nl=False)
+        return
     workload = workload or views[0].workload
     sizes = workload_sizes(views, preset, workload)
     rows = []

@@ -104,6 +104,21 @@ def summarize(rounds: list[dict], study: dict[str, dict[str, float | None]], rep
             entry["gap"] = {"share": g.share, "half_width": None if math.isinf(g.half) else g.half,
                             "verdict": g.verdict, "paired_rounds": g.rounds if g.paired else 0, "text": g.text()}
         out[figure] = entry
+    if replay.scenarios:  # seconds per answer, the scenarios' figure: each side's median, and the paired gap
+        entry = {}
+        for label in LABELS:
+            res = results[label]
+            s = res.answer_summary if res is not None else None
+            entry[label] = {"median_s": s.median_s if s else None, "p90_s": s.p90_s if s else None,
+                            "written": s.generated_tokens if s else None, "capped": s.capped if s else None,
+                            "study": study.get(label, {}).get("answer"),
+                            "vs_study": _share(s.median_s, study.get(label, {}).get("answer")) if s else None}
+        a, b = results["preset"], results["defaults"]
+        if a is not None and b is not None:
+            g = compare(a, b, "answer")
+            entry["gap"] = {"share": g.share, "half_width": None if math.isinf(g.half) else g.half,
+                            "verdict": g.verdict, "paired_rounds": g.rounds if g.paired else 0, "text": g.text()}
+        out["answer"] = entry
     out["peak_rss_bytes"] = {label: max((r[label].peak_rss_bytes or 0 for r in rounds if label in r), default=0)
                              or None for label in LABELS}
     out["peak_vram_bytes"] = {label: max((r[label].peak_vram_bytes or 0 for r in rounds if label in r), default=0)
@@ -123,7 +138,15 @@ def summary_lines(summary: dict[str, Any], *, n_vocab: int, failures: list[str])
         dstudy = f" (study {_fmt(d['study'])}, {_pct(d['vs_study'])})" if d["study"] else ""
         lines.append(f"served {figure} {_fmt(p['mean'])} +- {_fmt(p['sd'])} t/s{study}; "
                      f"defaults {_fmt(d['mean'])} +- {_fmt(d['sd'])}{dstudy}")
-    gaps = [f"{fig} {summary[fig]['gap']['text']}" for fig in ("tg", "pp") if "gap" in summary[fig]]
+    if "answer" in summary:
+        p, d = summary["answer"]["preset"], summary["answer"]["defaults"]
+        study = f" (study {_fmt(p['study'], 2)} s, {_pct(p['vs_study'])})" if p["study"] else ""
+        lines.append(f"served seconds per answer (median over the requests) {_fmt(p['median_s'], 2)} s, p90 "
+                     f"{_fmt(p['p90_s'], 2)} s, {_fmt(p['written'], 0)} tokens written per answer, {p['capped']} "
+                     f"capped{study}; defaults {_fmt(d['median_s'], 2)} s, p90 {_fmt(d['p90_s'], 2)} s, "
+                     f"{_fmt(d['written'], 0)} written, {d['capped']} capped")
+    gaps = [f"{fig} {summary[fig]['gap']['text']}" for fig in ("answer", "tg", "pp")
+            if fig in summary and "gap" in summary[fig]]
     if gaps:
         rounds = summary["complete_rounds"]
         lines.append(f"preset vs defaults over {rounds} paired round{'s' * (rounds != 1)}: {', '.join(gaps)}")
@@ -158,7 +181,8 @@ def _study_figures(view, candidate) -> dict[str, dict[str, float | None]]:
     for label, cand in (("preset", candidate), ("defaults", view.baselines.get(DEFAULTS_BASELINE))):
         f = cand.figures if cand is not None else None
         if f is not None and f.ok:
-            out[label] = {"tg": f.tg_mean, "pp": f.pp_mean, "peak": f.peak_memory_bytes}
+            out[label] = {"tg": f.tg_mean, "pp": f.pp_mean, "peak": f.peak_memory_bytes,
+                          "answer": f.answer_summary.median_s if f.answer_summary else None}
     return out
 
 
@@ -193,8 +217,13 @@ def _metrics(preset: str, summary: dict[str, Any]) -> dict[str, float]:
 @click.option("--tracking-uri", help="MLflow tracking URI (default: the study's).")
 @click.option("--no-mlflow", is_flag=True, help="Do not record the verification in MLflow.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole record (every round's figures) as JSON.")
+@click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Answer these requests (JSONL, as tune --prompts) in both servers and compare seconds per answer "
+                   "(default: a scenarios study's own requests).")
+@click.option("--max-tokens", "max_tokens", type=int, metavar="N", help="With the scenarios: cap every answer at N.")
 def verify(study: str, preset: str, rounds: int, repetitions: int | None, storage: str, llama_server: str | None,
-           tracking_uri: str | None, no_mlflow: bool, as_json: bool) -> None:
+           tracking_uri: str | None, no_mlflow: bool, as_json: bool, prompts: str | None,
+           max_tokens: int | None) -> None:
     """Run STUDY's preset in llama-server beside `llama-server -m MODEL` and compare what the servers report
     with the study's figures."""
     from llama_tuner.cli.tracking import make_tracker, warn
@@ -222,8 +251,16 @@ def verify(study: str, preset: str, rounds: int, repetitions: int | None, storag
     defaults_argv = [server.path, "-m", view.model_path]
     for flag in ("--host", "--port"):
         server.require(flag)
+    scenarios = _scenarios(view, prompts, max_tokens)
+    if scenarios:
+        from dataclasses import replace
+
+        from llama_tuner.measure.scenarios import test_sizes
+
+        n_prompt, n_gen = test_sizes(scenarios)
+        cfg = replace(cfg, workload="scenarios", n_prompt=n_prompt, n_gen=n_gen, n_depth=0)
     replay = Replay.of(cfg, repetitions=repetitions or candidate.result.config.repetitions,
-                       text=view.attrs.get(TG_PROMPT_ATTR) or "")
+                       text=view.attrs.get(TG_PROMPT_ATTR) or "", scenarios=scenarios)
     vocab = vocabulary(view.model_path)
     gpu = detect_probe()
     gpu_index = visible_gpu_index(gpu) if gpu.gpus() else None
@@ -237,7 +274,14 @@ def verify(study: str, preset: str, rounds: int, repetitions: int | None, storag
                f"{replay.describe()} (load average {load[0]:.2f})", err=True)
 
     def progress(r: int, run) -> None:
-        if run.ok:
+        if run.ok and run.answers:
+            from llama_tuner.measure.scenarios import summarize as answers_summary
+
+            a = answers_summary(run.answers)
+            click.echo(f"round {r}/{rounds} {run.label}: {a.median_s:.2f} s per answer, {a.generated_tokens:,.0f} "
+                       f"tokens written, {a.capped}/{a.requests} capped, peak RSS {format_size(run.peak_rss_bytes)}",
+                       err=True)
+        elif run.ok:
             click.echo(f"round {r}/{rounds} {run.label}: tg {_fmt(_mean(run.tg_rates))}, "
                        f"pp {_fmt(_mean(run.pp_rates))} t/s, peak RSS {format_size(run.peak_rss_bytes)}, "
                        f"ready in {run.load_time_s:.1f} s{_slots(run.props)}", err=True)
@@ -276,3 +320,26 @@ def verify(study: str, preset: str, rounds: int, repetitions: int | None, storag
     sys.stdout.flush()
     if failures:
         sys.exit(1)
+
+
+def _scenarios(view, prompts: str | None, max_tokens: int | None) -> tuple:
+    """The requests verify answers: --prompts, else a scenarios study's own (capped at --max-tokens); () for the
+    other workloads.
+
+    Raises:
+        UserError: a bad file, a twin, or --max-tokens without scenarios.
+    """
+    from llama_tuner.measure.scenarios import Scenario, capped_to, load_scenarios, refuse_twin
+    from llama_tuner.study.keys import SCENARIOS_ATTR
+
+    if prompts:
+        scenarios = load_scenarios(prompts)
+    elif view.attrs.get(SCENARIOS_ATTR):
+        scenarios = tuple(Scenario.from_dict(d, i) for i, d in enumerate(view.attrs[SCENARIOS_ATTR], 1))
+    elif max_tokens is not None:
+        raise UserError("--max-tokens caps the scenarios' answers, and this study has none",
+                        "add --prompts FILE, or leave --max-tokens out")
+    else:
+        return ()
+    refuse_twin(view.model_path)
+    return capped_to(scenarios, max_tokens)

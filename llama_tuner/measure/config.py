@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 
 from llama_tuner.errors import UserError
-from llama_tuner.measure.workloads import PROBE_TOKENS, WORKLOADS, is_curve
+from llama_tuner.measure.workloads import PROBE_TOKENS, SCENARIOS, WORKLOADS, is_curve
 from llama_tuner.model.info import KV_CACHE_TYPES, ModelInfo
 
 ENGINES = ("child", "llama-server")  # what measures: the child (llama-cpp-python) or llama-server over HTTP
@@ -199,6 +199,8 @@ class BenchConfig:
         every stream's prompt and answer (server)."""
         if self.workload == "server":
             return self.n_parallel * (self.n_prompt + self.n_gen)
+        if self.workload == SCENARIOS:  # the longest request's prompt (estimated) and the largest cap
+            return self.n_prompt + self.n_gen
         if is_curve(self.workload):  # the probe at the answer's end generates past it
             return self.n_depth + self.n_prompt + self.n_gen + PROBE_TOKENS
         return self.n_depth + max(self.n_prompt, self.n_gen)
@@ -220,7 +222,8 @@ class BenchConfig:
     def _check_context(self) -> None:
         need = self.context_needed()
         if need > self.n_ctx:
-            test = self.n_prompt + self.n_gen if is_curve(self.workload) else max(self.n_prompt, self.n_gen)
+            whole = is_curve(self.workload) or self.workload == SCENARIOS
+            test = self.n_prompt + self.n_gen if whole else max(self.n_prompt, self.n_gen)
             what = (f"{self.n_parallel} streams of {self.n_prompt} + {self.n_gen} tokens" if self.workload == "server"
                     else f"depth {self.n_depth} + {test} test tokens")
             raise InvalidConfig(f"n_ctx {self.n_ctx} is too small for {what}", f"use n_ctx >= {need}")

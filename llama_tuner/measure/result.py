@@ -13,7 +13,8 @@ from enum import Enum
 from typing import Any
 
 from llama_tuner.measure.config import BenchConfig
-from llama_tuner.measure.workloads import answer_ns, is_curve
+from llama_tuner.measure.scenarios import Answer, AnswerSummary, passes, summarize
+from llama_tuner.measure.workloads import SCENARIOS, answer_ns, is_curve
 
 
 class Status(str, Enum):
@@ -174,6 +175,7 @@ class TrialResult:
     # speculative decoding (llama-server): tokens drafted and accepted over every tg repetition, as its timings say
     draft_n: int | None = None
     draft_accepted: int | None = None
+    answers: list[Answer] | None = None  # scenarios: every request's answer (text and figures), per repetition
 
     @property
     def ok(self) -> bool:
@@ -198,14 +200,28 @@ class TrialResult:
     @property
     def answer(self) -> Rates | None:
         """Answers per second of each repetition of a chat, reasoning, long or custom workload: one answer over
-        the prompt's and the generation's time (its inverse is :attr:`time_to_answer_s`)."""
+        the prompt's and the generation's time (its inverse is :attr:`time_to_answer_s`). Of the scenarios: one
+        answer over the median seconds per answer of each pass over the file."""
+        if self.config.workload == SCENARIOS:
+            if not self.answers:
+                return None
+            return Rates(1, [int(1e9 * statistics.median(a.seconds for a in p)) for p in passes(self.answers)])
         if not is_curve(self.config.workload) or not (self.pp and self.tg):
             return None
         return Rates(1, [a + b for a, b in zip(self.pp.samples_ns, self.tg.samples_ns)])
 
     @property
+    def answer_summary(self) -> AnswerSummary | None:
+        """The scenarios' figures: seconds per answer (median, p90), tokens written, capped share, drafts."""
+        return summarize(self.answers) if self.answers else None
+
+    @property
     def time_to_answer_s(self) -> float | None:
-        """Mean seconds from sending the prompt to the answer's last token (curve workloads)."""
+        """Mean seconds from sending the prompt to the answer's last token (curve workloads); the median seconds
+        per answer over the file (scenarios)."""
+        if self.config.workload == SCENARIOS:
+            s = self.answer_summary
+            return s.median_s if s else None
         a = self.answer
         return statistics.fmean(a.samples_ns) / 1e9 if a and a.samples_ns else None
 
@@ -275,6 +291,8 @@ class TrialResult:
             d["interleaved"] = Interleaved(**d["interleaved"])
         if d.get("curve"):
             d["curve"] = DepthCurve(**d["curve"])
+        if d.get("answers"):
+            d["answers"] = [Answer.from_dict(a) for a in d["answers"]]
         return cls(**d)
 
 
@@ -304,10 +322,15 @@ def merge_rounds(parts: list[TrialResult], interleaved: Interleaved) -> TrialRes
     if first.curve is not None:
         curve = replace(first.curve, span_ns=[r for p in parts for r in p.curve.span_ns],
                         probe_ns=[r for p in parts for r in p.curve.probe_ns])
+    answers, offset = [], 0
+    for p in parts:  # each part's passes follow the last part's
+        answers += [replace(a, repetition=offset + a.repetition) for a in p.answers or []]
+        offset += p.config.repetitions
     drafted = [p.draft_n for p in parts if p.draft_n is not None]
     accepted = [p.draft_accepted for p in parts if p.draft_accepted is not None]
     return replace(first, config=replace(first.config, repetitions=sum(p.config.repetitions for p in parts)),
                    pp=joined("pp"), tg=joined("tg"), curve=curve, draft_n=sum(drafted) if drafted else None,
-                   draft_accepted=sum(accepted) if accepted else None, peak_rss_bytes=largest("peak_rss_bytes"),
+                   draft_accepted=sum(accepted) if accepted else None, answers=answers or None,
+                   peak_rss_bytes=largest("peak_rss_bytes"),
                    peak_vram_bytes=largest("peak_vram_bytes"),
                    wall_time_s=sum(p.wall_time_s or 0.0 for p in parts), interleaved=interleaved)

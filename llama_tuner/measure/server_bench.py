@@ -51,7 +51,8 @@ from llama_tuner.measure.launcher import OOM_PATTERN
 from llama_tuner.measure.peak_memory import MemorySampler
 from llama_tuner.measure.probe import GpuProbe, NoGpuProbe
 from llama_tuner.measure.result import Interleaved, Rates, Status, TrialResult
-from llama_tuner.measure.workloads import is_curve
+from llama_tuner.measure.scenarios import Answer, Scenario
+from llama_tuner.measure.workloads import SCENARIOS, is_curve
 from llama_tuner.model.gguf_header import read_gguf_header
 
 HOST = "127.0.0.1"
@@ -93,19 +94,26 @@ class Replay:
     # pp-tg only: a request in words, sent as one user message through the model's chat template, whose answer is
     # the tg test (real text, where speculative decoding is judged); "" draws tg's prompt from the vocabulary
     text: str = ""
+    # scenarios only: the requests answered, each once per repetition (llama_tuner.measure.scenarios)
+    scenarios: tuple[Scenario, ...] = ()
 
     @classmethod
-    def of(cls, config: BenchConfig, *, repetitions: int | None = None, text: str = "") -> "Replay":
-        """The workload ``config`` measured (its repetitions unless given; ``text``: tg answers it, pp-tg only)."""
+    def of(cls, config: BenchConfig, *, repetitions: int | None = None, text: str = "",
+           scenarios: Sequence[Scenario] = ()) -> "Replay":
+        """The workload ``config`` measured (its repetitions unless given; ``text``: tg answers it, pp-tg only;
+        ``scenarios``: the requests of the scenarios workload)."""
         return cls(workload=config.workload, n_prompt=config.n_prompt, n_gen=config.n_gen, n_depth=config.n_depth,
                    n_parallel=config.n_parallel if config.workload == "server" else 1,
                    repetitions=repetitions or config.repetitions, seed=config.seed,
-                   text=text if config.workload == "pp-tg" else "")
+                   text=text if config.workload == "pp-tg" else "",
+                   scenarios=tuple(scenarios) if config.workload == SCENARIOS else ())
 
     def describe(self) -> str:
         """"pp 512 and tg 128 apart, 5 repetitions each" and the like."""
         depth = f" at depth {self.n_depth}" if self.n_depth else ""
-        if self.workload == "server":
+        if self.workload == SCENARIOS:
+            what = f"{len(self.scenarios)} requests answered in words"
+        elif self.workload == "server":
             what = f"{self.n_parallel} streams of {self.n_prompt} prompt + {self.n_gen} generated tokens"
         elif is_curve(self.workload):
             what = f"a {self.n_prompt}-token prompt{depth}, then {self.n_gen} generated ({self.workload})"
@@ -224,6 +232,7 @@ class ServedRun:
     tg_ms: list[float] = field(default_factory=list)
     draft_n: list[int] = field(default_factory=list)  # per tg repetition: tokens drafted (speculative decoding)
     draft_accepted: list[int] = field(default_factory=list)  # and of them accepted
+    answers: list[Answer] = field(default_factory=list)  # scenarios: each request's answer, per repetition
     peak_rss_bytes: int | None = None
     peak_vram_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
@@ -270,7 +279,8 @@ class ServedRun:
                            wall_time_s=self.wall_time_s, peak_rss_bytes=self.peak_rss_bytes,
                            peak_vram_bytes=self.peak_vram_bytes, interleaved=interleaved,
                            draft_n=sum(self.draft_n) if self.draft_n else None,
-                           draft_accepted=sum(self.draft_accepted) if self.draft_n else None)
+                           draft_accepted=sum(self.draft_accepted) if self.draft_n else None,
+                           answers=list(self.answers) or None)
 
     def result_status(self) -> Status:
         """The TrialResult status of this run: ok; oom where llama.cpp's log says an allocation failed; timeout;
@@ -291,7 +301,7 @@ class ServedRun:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ServedRun":
         """Rebuild from :meth:`to_dict` output."""
-        return cls(**d)
+        return cls(**{**d, "answers": [Answer.from_dict(a) for a in d.get("answers") or []]})
 
 
 def free_port(host: str = HOST) -> int:
@@ -444,6 +454,116 @@ def _completion(server: _Server, prompt: list[int] | str, n_predict: int, *, cac
     return answer["timings"]
 
 
+GREEDY = {"temperature": 0.0, "top_k": 1, "samplers": ["top_k"]}  # a request's sampling where its line gives none
+
+
+def answer_scenario(server: _Server, scenario: Scenario, *, repetition: int = 0,
+                    timeout: float = REQUEST_TIMEOUT_S) -> Answer:
+    """Answer one request for real, streamed, and measure it (:class:`~llama_tuner.measure.scenarios.Answer`): a
+    chat through ``/v1/chat/completions`` (the model's template; thinking arrives as ``reasoning_content``), raw
+    text through ``/completion``; greedy unless the request says otherwise, no prompt cache (each request as a new
+    conversation), until the end of turn or its ``max_tokens``.
+
+    Raises:
+        ServerStopped: the server died, answered with an error, sent no timings, or took longer than ``timeout``.
+    """
+    sampling = scenario.sampling or GREEDY
+    if scenario.is_chat:
+        path = "/v1/chat/completions"
+        body = {"messages": list(scenario.messages), "max_tokens": scenario.max_tokens, "stream": True,
+                "stream_options": {"include_usage": True}, "cache_prompt": False, **sampling}
+    else:
+        path = "/completion"
+        body = {"prompt": scenario.prompt, "n_predict": scenario.max_tokens, "stream": True, "cache_prompt": False,
+                **sampling}
+    answer = Answer(name=scenario.name, repetition=repetition)
+    text, reasoning, timings, usage = [], [], None, None
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=timeout)
+    t0 = time.monotonic()
+    try:
+        conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raw = resp.read().decode(errors="replace")
+            try:
+                message = json.loads(raw).get("error", {}).get("message", raw)
+            except (ValueError, AttributeError):
+                message = raw
+            raise ServerStopped(ERROR, f"{path} answered HTTP {resp.status} to {scenario.name}: {str(message)[:200]}")
+        for raw_line in resp:
+            line = raw_line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            chunk = json.loads(data)
+            now = time.monotonic() - t0
+            if scenario.is_chat:
+                for choice in chunk.get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    think, say = delta.get("reasoning_content") or "", delta.get("content") or ""
+                    if (think or say) and answer.first_token_s is None:
+                        answer.first_token_s = now
+                    if say and answer.answer_start_s is None:
+                        answer.answer_start_s = now
+                    reasoning.append(think)
+                    text.append(say)
+                    if choice.get("finish_reason"):
+                        answer.finish = choice["finish_reason"]
+                        answer.seconds = now
+                usage = chunk.get("usage") or usage
+            else:
+                say = chunk.get("content") or ""
+                if say and answer.first_token_s is None:
+                    answer.first_token_s = answer.answer_start_s = now
+                text.append(say)
+                if chunk.get("stop"):
+                    answer.finish = "length" if chunk.get("stop_type") == "limit" else "stop"
+                    answer.seconds = now
+                    usage = {"prompt_tokens": chunk.get("tokens_evaluated"),
+                             "completion_tokens": chunk.get("tokens_predicted")}
+            timings = chunk.get("timings") or timings
+            if not scenario.is_chat and chunk.get("stop"):
+                break
+    except socket.timeout:
+        raise ServerStopped(TIMEOUT, f"no end to {scenario.name} in {timeout:.0f} s") from None
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        if server.died() or _wait_dead(server):
+            raise ServerStopped(CRASH, decisive_line(server.text())) from None
+        raise ServerStopped(ERROR, f"{scenario.name}: the stream broke off ({exc})") from None
+    finally:
+        conn.close()
+    if timings is None:
+        raise ServerStopped(ERROR, f"{path} sent no timings for {scenario.name}")
+    answer.seconds = answer.seconds or time.monotonic() - t0
+    answer.text, answer.reasoning = "".join(text), "".join(reasoning)
+    answer.capped = answer.finish == "length"
+    answer.prompt_tokens = int((usage or {}).get("prompt_tokens") or timings.get("prompt_n") or 0)
+    answer.generated_tokens = int((usage or {}).get("completion_tokens") or timings.get("predicted_n") or 0)
+    answer.prompt_ms = float(timings.get("prompt_ms") or 0)
+    answer.predicted_ms = float(timings.get("predicted_ms") or 0)
+    answer.predicted_n = int(timings.get("predicted_n") or answer.generated_tokens)
+    answer.draft_n = int(timings.get("draft_n") or 0)
+    answer.draft_accepted = int(timings.get("draft_n_accepted") or 0)
+    thinking = _tokenize(server, answer.reasoning, timeout) if answer.reasoning else []
+    said = _tokenize(server, answer.text, timeout) if answer.text else []
+    answer.thinking_tokens = min(len(thinking), answer.generated_tokens) if thinking is not None else 0
+    answer.tokens = (thinking or []) + (said or []) if thinking is not None and said is not None else []
+    return answer
+
+
+def _tokenize(server: _Server, text: str, timeout: float) -> list[int] | None:
+    """The token ids of ``text`` (``/tokenize``, no special tokens added); None where the server does not answer."""
+    try:
+        status, answer = server.request("POST", "/tokenize", {"content": text, "add_special": False}, timeout)
+    except (OSError, http.client.HTTPException):
+        return None
+    if status != 200 or not isinstance(answer, dict) or not isinstance(answer.get("tokens"), list):
+        return None
+    return [t if isinstance(t, int) else int(t.get("id", -1)) for t in answer["tokens"]]
+
+
 def _wait_dead(server: _Server, seconds: float = 2.0) -> bool:
     try:
         server.proc.wait(timeout=seconds)
@@ -508,8 +628,20 @@ def _measure(server: _Server, replay: Replay, vocab: Vocabulary, rng: random.Ran
 
     ask(vocab.prompt(rng, WARMUP_TOKENS), 2, False)  # warmup, as the child runs one
     request = _chat_prompt(server, replay.text, timeout) if replay.text else None
-    for _ in range(replay.repetitions):
-        if replay.workload == "server":
+    for repetition in range(replay.repetitions):
+        if replay.workload == SCENARIOS:
+            for scenario in replay.scenarios:
+                a = answer_scenario(server, scenario, repetition=repetition, timeout=timeout)
+                run.answers.append(a)
+                run.pp_n.append(a.prompt_tokens)
+                run.pp_ms.append(a.prompt_ms)
+                if a.predicted_n > 1:
+                    run.tg_n.append(a.predicted_n - 1)
+                    run.tg_ms.append(a.predicted_ms)
+                if a.draft_n:
+                    run.draft_n.append(a.draft_n)
+                    run.draft_accepted.append(a.draft_accepted)
+        elif replay.workload == "server":
             _streams(server, replay, vocab, rng, run, timeout)
         elif is_curve(replay.workload):
             prompt, cache = with_depth(replay.n_prompt)

@@ -33,6 +33,7 @@ from llama_tuner.measure.launcher import Launcher
 from llama_tuner.measure.llama_server import Device, LlamaServer, list_devices
 from llama_tuner.measure.probe import GpuProbe, NoGpuProbe, visible_gpu_index
 from llama_tuner.measure.result import Environment, Status, TrialResult
+from llama_tuner.measure.scenarios import Scenario
 from llama_tuner.measure.server_args import llama_server_args
 from llama_tuner.measure.server_bench import (Replay, ServedRun, Vocabulary, serve_and_measure_each,
                                               vocabulary)
@@ -56,11 +57,12 @@ class ServerLauncher(Launcher):
 
     def __init__(self, server: LlamaServer, probe: GpuProbe | None = None, *, timeout_s: float = 600.0,
                  gpu_index: int | None = None, tg_prompt: str = "", devices: list[Device] | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, scenarios: Sequence[Scenario] = ()):
         """Measure with the llama-server ``server``; one configuration may take ``timeout_s`` to start and as
         long for each request; ``tg_prompt``: the request in words whose answer tg measures (pp-tg tests), else
         random token ids as the child draws them; ``devices``: its ``--list-devices`` (asked of it if None);
-        ``env``: variables set for the server (a worker's ``CUDA_VISIBLE_DEVICES``).
+        ``env``: variables set for the server (a worker's ``CUDA_VISIBLE_DEVICES``); ``scenarios``: the requests
+        the scenarios workload answers (:mod:`llama_tuner.measure.scenarios`).
 
         Raises:
             UserError: ``server`` does not answer ``--list-devices``.
@@ -70,6 +72,7 @@ class ServerLauncher(Launcher):
         self.timeout_s = timeout_s
         self.tg_prompt = tg_prompt
         self.env = env or {}
+        self.scenarios = tuple(scenarios)
         self.devices = list_devices(server.path) if devices is None else devices
         self.gpu_index = gpu_index if gpu_index is not None else (
             visible_gpu_index(self.probe) if self.probe.gpus() and self.devices else None)
@@ -126,8 +129,8 @@ class ServerLauncher(Launcher):
         ram_before = psutil.virtual_memory().available
         vram_free = self.probe.memory(self.gpu_index).free if self.gpu_index is not None else (
             self.devices[0].free_bytes if self.devices else None)
-        replays = [Replay.of(c, text=self.tg_prompt) for c in configs]
-        if self.tg_prompt and configs[0].speculative:
+        replays = [Replay.of(c, text=self.tg_prompt, scenarios=self.scenarios) for c in configs]
+        if configs[0].speculative and any(r.text or r.scenarios for r in replays):
             runs = [self._fresh_each_time(argv, r, vocab) for r in replays]
         else:
             runs = serve_and_measure_each(argv, replays, vocab, label="trial", version=self.server.version,
@@ -145,7 +148,8 @@ class ServerLauncher(Launcher):
         """Each repetition in a server of its own, merged: a speculative server's n-gram tables learn every answer,
         so the same request asked again is drafted from its own earlier answer (measured on the demo model with
         ngram-mod: 81 tokens drafted of the first answer's 128, then all 126; tg 45 then 55 t/s), which no user's
-        next request is. The first answer of a fresh server is the figure."""
+        next request is. The first answer of a fresh server is the figure (of the scenarios: one pass over the
+        file, whose later requests may learn from the earlier ones, as in a user's server)."""
         merged: ServedRun | None = None
         for rep in range(replay.repetitions):
             [run] = serve_and_measure_each(argv, [replace(replay, repetitions=1, seed=replay.seed + rep)], vocab,
@@ -157,6 +161,7 @@ class ServerLauncher(Launcher):
             else:
                 for name in ("pp_n", "pp_ms", "tg_n", "tg_ms", "draft_n", "draft_accepted"):
                     getattr(merged, name).extend(getattr(run, name))
+                merged.answers += [replace(a, repetition=rep) for a in run.answers]
                 merged.peak_rss_bytes = max(merged.peak_rss_bytes or 0, run.peak_rss_bytes or 0) or None
                 if run.peak_vram_bytes is not None:
                     merged.peak_vram_bytes = max(merged.peak_vram_bytes or 0, run.peak_vram_bytes)

@@ -10,6 +10,10 @@
   The prompt's time is the sum of its spans; the answer's is the per-token time, interpolated
   linearly in depth between the probes (attention grows linearly with it), summed over the
   generated tokens' depths.
+- ``scenarios``: the user's own requests (a JSONL file, :mod:`llama_tuner.measure.scenarios`), each answered for
+  real in llama-server until the end of turn or its cap: judged by the seconds per answer (the median over the
+  file), with tokens written, thinking apart, and capped answers beside it. ``n_prompt`` and ``n_gen`` are the
+  longest request's estimated prompt and the largest cap: what the context must hold.
 - ``server``: ``n_parallel`` streams, each a prompt of ``n_prompt`` tokens, then ``n_gen`` tokens
   decoded together, one batch per step, as llama-server's slots and llama-batched-bench do:
   judged by the aggregate generation rate with every stream above ``--min-stream-tps``.
@@ -19,7 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-WORKLOADS = ("pp-tg", "chat", "reasoning", "long", "server", "custom")
+WORKLOADS = ("pp-tg", "chat", "reasoning", "long", "server", "custom", "scenarios")
+SCENARIOS = "scenarios"  # real requests in words, answered by llama-server (never the child)
 CURVE_WORKLOADS = ("chat", "reasoning", "long", "custom")
 PROBE_TOKENS = 16
 CURVE_STEP = 1024  # probes at 0, 1k, 2k, 4k, 8k ... (doubling), and at the prompt's start and end and the answer's end
@@ -45,7 +50,14 @@ PRESETS = {
     "server": Workload("server", 512, 128, "N streams decoding together: aggregate t/s, each stream above "
                        "--min-stream-tps"),
     "custom": Workload("custom", 512, 128, "--prompt-tokens after --depth, then --gen-tokens: seconds"),
+    "scenarios": Workload("scenarios", 512, 4096, "your requests (--prompts FILE), answered for real in "
+                          "llama-server: seconds per answer"),
 }
+
+
+def judged_by_answer(workload: str) -> bool:
+    """True for the workloads judged by seconds per answer (the curves, and the scenarios)."""
+    return is_curve(workload) or workload == SCENARIOS
 
 
 def is_curve(workload: str) -> bool:

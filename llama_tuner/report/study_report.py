@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from llama_tuner.measure.workloads import is_curve
+from llama_tuner.measure.workloads import SCENARIOS, is_curve
+from llama_tuner.report.answer_agreement import agreement_table
 from llama_tuner.report.export import host_cache_mib, llama_server_command
 from llama_tuner.study.presets import gain
 from llama_tuner.study.quality_gate import excluded_note, kld_text
@@ -75,13 +76,23 @@ def trials_table(view: StudyView) -> str:
 
 
 def _workload_columns(workload: str) -> list[str]:
+    if workload == SCENARIOS:
+        return ["s/answer", "p90 s", "written", "capped"]
     if is_curve(workload):
         return ["answer s"]
     return ["streams", "tg/stream"] if workload == "server" else []
 
 
 def _workload_cells(f, workload: str) -> list[str]:
-    """The figures the workload is judged by: seconds to answer, or streams and each one's tg."""
+    """The figures the workload is judged by: seconds to answer (the scenarios: median and p90 over the file,
+    tokens written per answer with thinking apart, capped answers), or streams and each one's tg."""
+    if workload == SCENARIOS:
+        s = f.answer_summary if f.ok else None
+        if s is None:
+            return ["-"] * 4
+        thinking = f" ({s.thinking_tokens:,.0f} thinking)" if s.thinking_tokens else ""
+        return [f"{s.median_s:.2f}", f"{s.p90_s:.2f}", f"{s.generated_tokens:,.0f}{thinking}",
+                f"{s.capped}/{s.requests}"]
     if is_curve(workload):
         return [f"{f.time_to_answer_s:.2f}" if f.ok and f.time_to_answer_s is not None else "-"]
     if workload == "server":
@@ -154,7 +165,43 @@ def why_lines(view: StudyView) -> str:
         lines.append(f"- the confirmation race was cut after {race.get('rounds')} rounds: run `tune` again to "
                      "finish it")
     excluded = excluded_note(view.kv_quality)
+    lines += [f"- {line}" for line in speculative_lines(view)]
     return "\n".join(lines + ([f"- {excluded}"] if excluded else []))
+
+
+def speculative_lines(view: StudyView) -> list[str]:
+    """For each preset that decodes speculatively: its acceptance, and its seconds per answer (scenarios) or tg
+    against the same settings without speculation where the study measured them."""
+    from dataclasses import replace
+
+    from llama_tuner.study.presets import gain as gain_of
+
+    out = []
+    figure = "answer" if view.workload == SCENARIOS else "tg"
+    plain = {}
+    for c in view.candidates:
+        cfg = c.figures.config
+        if not cfg.speculative:
+            plain.setdefault(cfg.settings_key(), c)
+    for name, p in view.presets.items():
+        f = p.candidate.figures
+        if not f.config.speculative:
+            continue
+        s = f.answer_summary
+        drafted = f"{100 * f.acceptance:.0f}% of {f.draft_n:,} drafted tokens accepted" if f.draft_n else \
+            "nothing drafted"
+        per = f", {s.median_s:.2f} s per answer" if s else f", tg {f.tg_mean:.2f} t/s"
+        base = replace(f.config, spec_type="none", spec_draft_n_max=0, draft_model="")
+        twin = plain.get(base.settings_key())
+        if twin is None:
+            against = "; the same settings without it were not measured in this study"
+        else:
+            ts = twin.figures.answer_summary
+            theirs = f"{ts.median_s:.2f} s per answer" if ts else f"tg {twin.figures.tg_mean:.2f} t/s"
+            against = (f"; without it (trial {twin.trial}): {theirs}, "
+                       f"{gain_of(p.candidate, twin, figure).text()} with it")
+        out.append(f"{name} decodes with --spec-type {f.config.spec_type}: {drafted}{per}{against}")
+    return out
 
 
 def study_description(view: StudyView) -> str:
@@ -171,4 +218,12 @@ def study_description(view: StudyView) -> str:
 def full_report(view: StudyView) -> str:
     """Header, trials, presets, the reasons for them, and the presets' depth curves (curve workloads)."""
     parts = [header(view), "trials:\n" + trials_table(view), "presets:\n" + presets_table(view), why_lines(view)]
-    return "\n\n".join(parts + [t for t in [depth_curve_table(view)] if t])
+    return "\n\n".join(parts + [t for t in [depth_curve_table(view), kv_answers_table(view)] if t])
+
+
+def kv_answers_table(view: StudyView) -> str:
+    """The scenarios: each KV cache type's answers against f16's ("" for other workloads)."""
+    if view.workload != SCENARIOS:
+        return ""
+    results = [view.figures(t) for t in view.trials if REUSED_ATTR not in t.user_attrs]
+    return agreement_table([r for r in results if r is not None], view.kv_quality)

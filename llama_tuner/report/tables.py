@@ -7,6 +7,7 @@ import statistics
 from typing import Iterable, Sequence
 
 from llama_tuner.measure.result import TrialResult
+from llama_tuner.measure.workloads import SCENARIOS
 from llama_tuner.model.info import ModelInfo
 
 
@@ -54,6 +55,13 @@ def result_rows(model: ModelInfo, r: TrialResult) -> Iterable[list[str]]:
         x = f" x{c.n_parallel}"
         yield head + [f"pp{c.n_prompt}{x}", f"{r.pp.mean:.2f} ± {r.pp.stddev:.2f}", mem]
         yield head + [f"tg{c.n_gen}{x}", f"{r.tg.mean:.2f} ± {r.tg.stddev:.2f} ({r.stream_tg_mean:.2f}/stream)", mem]
+        return
+    if c.workload == SCENARIOS:
+        s = r.answer_summary
+        for name, rates in ((f"pp ({s.requests} prompts)", r.pp), (f"tg ({s.requests} answers)", r.tg)):
+            if rates is not None:
+                yield head + [name, f"{statistics.median(rates.rates):.2f} (median)", mem]
+        yield head + ["scenarios: seconds per answer", f"{s.median_s:.2f} s (median), p90 {s.p90_s:.2f} s", mem]
         return
     answer = f" @ d{c.n_depth + c.n_prompt}" if r.curve else depth
     spec = f" {c.spec_type}" if c.speculative else ""

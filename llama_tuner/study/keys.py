@@ -32,6 +32,7 @@ RESULT_ATTR = "result"  # tuner.measure.result.TrialResult as a dict
 REUSED_ATTR = "reused_from"  # the trial whose measurement of the same settings this one reuses
 IMPUTED_ATTR = "imputed_values"  # the objective values are the study's worst (a failed trial)
 BASELINE_ATTR = "baseline"  # the baseline's name (DEFAULTS_BASELINE, "yours")
+SCENARIOS_ATTR = "scenarios"  # the scenarios workload: the requests every trial answered (their lines, as dicts)
 TG_PROMPT_ATTR = "tg_prompt"  # llama-server engine: the request in words whose answer tg measured
 MEMORY_PRIOR_ATTR = "memory_prior"  # [(formula, llama.cpp's dry run)] bytes of the space's corners, before measuring
 DEFAULTS_BASELINE = "llama-server defaults (fit)"  # what llama-server runs when given only the model

@@ -10,7 +10,9 @@ Constraints (feasible when <= 0), set with ``trial.set_constraint``:
 - ``headroom``: (min_headroom - headroom) / budget, headroom being what the peak
   leaves of min(budget, memory free before the trial);
 - ``min_ctx``: (min_ctx - n_ctx) / min_ctx;
-- ``min_stream_tps`` (server workload with --min-stream-tps): (min - per-stream tg) / min.
+- ``min_stream_tps`` (server workload with --min-stream-tps): (min - per-stream tg) / min;
+- ``max_capped`` (scenarios with --max-capped below 1): the share of answers that hit their cap, less the most
+  allowed.
 
 A failed trial has no rates. Optuna's samplers still need numbers, so it carries
 the study's worst measured rates, flagged ``imputed``: TPE and NSGA-II ignore the
@@ -38,6 +40,7 @@ class Limits:
     min_headroom_bytes: int
     min_ctx: int
     min_stream_tps: float = 0.0  # server workload: the generation rate every stream must see
+    max_capped: float = 1.0  # scenarios: the share of answers that may hit their cap (1: any)
 
 
 def constraints(result: TrialResult, limits: Limits) -> dict[str, float]:
@@ -47,6 +50,9 @@ def constraints(result: TrialResult, limits: Limits) -> dict[str, float]:
     if limits.min_stream_tps:
         stream = result.stream_tg_mean if result.ok else None
         out["min_stream_tps"] = (limits.min_stream_tps - stream) / limits.min_stream_tps if stream else 1.0
+    if limits.max_capped < 1:
+        summary = result.answer_summary if result.ok else None
+        out["max_capped"] = summary.capped_share - limits.max_capped if summary else 1.0
     peak = result.peak_memory_bytes if result.ok else None
     if peak is None and result.predicted_peak_bytes is not None:
         peak = result.predicted_peak_bytes

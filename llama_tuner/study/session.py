@@ -26,10 +26,12 @@ from llama_tuner.measure.result import Environment
 from llama_tuner.model.info import ModelInfo, load_model_info
 from llama_tuner.study.baselines import SERVER_AUTO_SLOTS, parse_server_flags, server_baseline, server_defaults
 from llama_tuner.model.facts import ModelFacts
-from llama_tuner.study.keys import DEFAULTS_BASELINE, REQUEST_ATTR, TG_PROMPT_ATTR
+from llama_tuner.study.keys import DEFAULTS_BASELINE, REQUEST_ATTR, SCENARIOS_ATTR, TG_PROMPT_ATTR
 from llama_tuner.study.memory_model import FIT_MARGIN, MemoryModel
 from llama_tuner.study.objectives import Limits
-from llama_tuner.measure.workloads import WORKLOADS, is_curve
+from llama_tuner.measure.scenarios import (Scenario, capped_to, load_scenarios, refuse_twin, scenarios_sha256,
+                                           test_sizes)
+from llama_tuner.measure.workloads import SCENARIOS, WORKLOADS, judged_by_answer
 from llama_tuner.study.space import Machine, SearchSpace, SpaceOptions, check_ranges, study_test
 from llama_tuner.study.presets import OBJECTIVES
 from llama_tuner.study.quality_gate import DEFAULT_MAX_KLD
@@ -65,11 +67,16 @@ class StudyRequest:
     prompt_tokens: int | None = None
     gen_tokens: int | None = None
     min_stream_tps: float = 0.0
-    engine: str = "child"  # or "llama-server": every trial measured in llama-server (speculative decoding)
+    engine: str | None = None  # "child", or "llama-server": every trial measured in llama-server (speculative
+    # decoding); None: the child, llama-server for the scenarios
     llama_server: str | None = None  # --llama-server PATH (else found: llama_tuner.measure.llama_server)
     tg_prompt: str | None = None  # llama-server engine: tg answers this request (a file); None: the bundled one
     draft_model: str | None = None  # llama-server engine: a draft model, searched as --spec-type draft-simple
     tg_prompt_text: str | None = None  # the request itself (a worker has the study's, not its file)
+    prompts: str | None = None  # scenarios: the requests' JSONL file (None: the bundled one)
+    max_tokens: int | None = None  # scenarios: every answer capped at this many tokens (None: the file's caps)
+    max_capped: float = 1.0  # scenarios: the share of capped answers a preset may have (1: any)
+    scenario_lines: list[dict] | None = None  # the requests themselves (a worker has the study's, not its file)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +93,8 @@ class CheckedRequest:
     test: dict[str, object]  # what every trial measures (the workload's sizes)
     min_ctx: int  # --min-ctx, raised to what the workload's test needs
     tg_prompt: str = ""  # the llama-server engine's request in words ("" with the child)
+    scenarios: tuple[Scenario, ...] = ()  # the scenarios workload's requests
+    engine: str = "child"  # the engine that measures (resolved: llama-server for the scenarios)
 
 
 def default_study_name(model_file: str, gpu_name: str | None, depth: int, workload: str = "pp-tg",
@@ -113,7 +122,7 @@ def _pins(raw: dict[str, str]) -> dict[str, object]:
 def objective_of(request: StudyRequest) -> str:
     """What 'fastest' means: --objective, else the workload's own (seconds to answer for chat, reasoning, long and
     custom; aggregate generation for server; generation for pp-tg)."""
-    return request.objective or ("answer" if is_curve(request.workload) else "tg")
+    return request.objective or ("answer" if judged_by_answer(request.workload) else "tg")
 
 
 def check_request(request: StudyRequest) -> CheckedRequest:
@@ -128,7 +137,7 @@ def check_request(request: StudyRequest) -> CheckedRequest:
         raise UserError(f"--objective {request.objective!r} is unknown", f"use one of {', '.join(OBJECTIVES)}")
     if request.workload not in WORKLOADS:
         raise UserError(f"--workload {request.workload!r} is unknown", f"use one of {', '.join(WORKLOADS)}")
-    if request.objective is not None and (request.objective == "answer") != is_curve(request.workload):
+    if request.objective is not None and (request.objective == "answer") != judged_by_answer(request.workload):
         raise UserError(f"--objective {request.objective} does not judge the {request.workload} workload",
                         "leave --objective out: each workload has its own")
     for flag, value in (("--prompt-tokens", request.prompt_tokens), ("--gen-tokens", request.gen_tokens)):
@@ -142,11 +151,17 @@ def check_request(request: StudyRequest) -> CheckedRequest:
         raise UserError(f"--max-kld {request.max_kld} is below 0", "give a KL divergence like 0.02")
     if request.sampler not in SAMPLERS:
         raise UserError(f"--sampler {request.sampler!r} is unknown", f"use one of {', '.join(SAMPLERS)}")
+    if not 0 <= request.max_capped <= 1 or (request.max_capped < 1 and request.workload != SCENARIOS):
+        raise UserError(f"--max-capped {request.max_capped} is a share of the scenarios' answers (0 to 1)",
+                        "give a share like 0.1 with --workload scenarios, or leave --max-capped out")
     tg_prompt = _check_engine(request)
+    scenarios = _check_scenarios(request)
     model = load_model_info(_absolute(request.model))
     pins = _pins(request.pins)
-    test = study_test(request.workload, depth=request.depth, prompt_tokens=request.prompt_tokens,
-                      gen_tokens=request.gen_tokens)
+    prompt_tokens, gen_tokens = test_sizes(scenarios) if scenarios else (request.prompt_tokens, request.gen_tokens)
+    test = study_test(request.workload, depth=request.depth, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens)
+    if scenarios:  # one pass over the file a trial; the race's rounds are the repetitions that decide
+        test["repetitions"] = 1
     min_ctx = request.min_ctx
     if request.workload != "pp-tg":  # the test's own context, rounded up to a multiple of 1024
         need = BenchConfig(**{**test, **{k: v for k, v in pins.items() if k in TEST_KEYS}}).context_needed()
@@ -176,7 +191,32 @@ def check_request(request: StudyRequest) -> CheckedRequest:
                                                      if k != "n_gpu_layers"}))
     return CheckedRequest(model=model, pins=pins, timeout_s=timeout_s, trial_timeout_s=trial_timeout_s,
                           min_headroom=min_headroom, budget=budget, yours=yours, test=test, min_ctx=min_ctx,
-                          tg_prompt=tg_prompt)
+                          tg_prompt=tg_prompt, scenarios=scenarios, engine=engine_of(request))
+
+
+def engine_of(request: StudyRequest) -> str:
+    """The engine that measures: --engine, else llama-server for the scenarios and the child for the rest."""
+    return request.engine or ("llama-server" if request.workload == SCENARIOS else "child")
+
+
+def _check_scenarios(request: StudyRequest) -> tuple[Scenario, ...]:
+    """The scenarios workload's requests (--prompts, else the bundled file; a worker's from the study), capped
+    at --max-tokens; () for other workloads.
+
+    Raises:
+        UserError: --prompts or --max-tokens without the scenarios, a twin, a bad line (named by its number).
+    """
+    if request.workload != SCENARIOS:
+        if request.prompts or request.max_tokens is not None:
+            flag = "--prompts" if request.prompts else "--max-tokens"
+            raise UserError(f"{flag} is for the scenarios workload", "add --workload scenarios")
+        return ()
+    refuse_twin(_absolute(request.model))
+    if request.scenario_lines:
+        scenarios = tuple(Scenario.from_dict(d, i) for i, d in enumerate(request.scenario_lines, 1))
+    else:
+        scenarios = load_scenarios(request.prompts)
+    return capped_to(scenarios, request.max_tokens)
 
 
 def _check_engine(request: StudyRequest) -> str:
@@ -185,19 +225,27 @@ def _check_engine(request: StudyRequest) -> str:
     Raises:
         UserError: an unknown engine, a llama-server option without it, a missing file, a pin it cannot measure.
     """
-    if request.engine not in ENGINES:
+    engine = engine_of(request)
+    if engine not in ENGINES:
         raise UserError(f"--engine {request.engine!r} is unknown", f"use one of {', '.join(ENGINES)}")
     server_only = [flag for flag, v in (("--llama-server", request.llama_server), ("--tg-prompt", request.tg_prompt),
                                         ("--draft-model", request.draft_model)) if v]
     spec_pins = [k for k in SERVER_KEYS if k in request.pins]
-    if request.engine == "child":
+    if engine == "child":
+        if request.workload == SCENARIOS:
+            raise UserError("the scenarios are answered by llama-server; the child engine cannot answer them",
+                            "leave --engine out (or use --engine llama-server)")
         if server_only or spec_pins:
             what = server_only[0] if server_only else f"--set {spec_pins[0]}"
             raise UserError(f"{what} is for the llama-server engine", "add --engine llama-server")
         return ""
-    if request.workload != "pp-tg":
-        raise UserError(f"--engine llama-server measures the pp-tg workload for now, not {request.workload}",
-                        "leave --workload out, or use the child engine")
+    if request.workload not in ("pp-tg", SCENARIOS):
+        raise UserError(f"--engine llama-server measures the pp-tg and scenarios workloads for now, not "
+                        f"{request.workload}", "leave --workload out, or use the child engine")
+    if request.workload == SCENARIOS:
+        if request.tg_prompt:
+            raise UserError("--tg-prompt is for the pp-tg test, not the scenarios", "drop --tg-prompt")
+        return ""
     if request.draft_model and not os.path.isfile(request.draft_model):
         raise UserError(f"--draft-model {request.draft_model} is not a file", "give the draft model's GGUF path")
     if request.tg_prompt_text:
@@ -258,7 +306,8 @@ def baselines_for(request: StudyRequest, checked: CheckedRequest, env: Environme
 
 
 def server_launcher(request: StudyRequest, probe: GpuProbe, *, timeout_s: float, gpu_index: int | None,
-                    tg_prompt: str | None = None, extra_env: dict[str, str] | None = None) -> ServerLauncher:
+                    tg_prompt: str | None = None, extra_env: dict[str, str] | None = None,
+                    scenarios: tuple[Scenario, ...] | None = None) -> ServerLauncher:
     """The llama-server engine's launcher for ``request`` (its --llama-server, else the one found here).
 
     Raises:
@@ -268,7 +317,8 @@ def server_launcher(request: StudyRequest, probe: GpuProbe, *, timeout_s: float,
     if path is None:
         raise UserError("--engine llama-server: no llama-server here", f"give --llama-server PATH, or {BUILD_HINT}")
     return ServerLauncher(probe_llama_server(path), probe, timeout_s=timeout_s, gpu_index=gpu_index,
-                          tg_prompt=_check_engine(request) if tg_prompt is None else tg_prompt, env=extra_env)
+                          tg_prompt=_check_engine(request) if tg_prompt is None else tg_prompt, env=extra_env,
+                          scenarios=_check_scenarios(request) if scenarios is None else scenarios)
 
 
 def open_tuner(request: StudyRequest, *, launcher: Launcher | None = None, probe: GpuProbe | None = None,
@@ -288,10 +338,10 @@ def open_tuner(request: StudyRequest, *, launcher: Launcher | None = None, probe
     if gpu_index is None and probe.gpus():
         gpu_index = visible_gpu_index(probe)
     spec_types: tuple[str, ...] = ()
-    if request.engine == "llama-server":
+    if checked.engine == "llama-server":
         if launcher is None:
             launcher = server_launcher(request, probe, timeout_s=checked.trial_timeout_s, gpu_index=gpu_index,
-                                       tg_prompt=checked.tg_prompt)
+                                       tg_prompt=checked.tg_prompt, scenarios=checked.scenarios)
         if isinstance(launcher, ServerLauncher):
             env = env or launcher.environment()
             listed = launcher.server.spec_types()
@@ -314,9 +364,12 @@ def open_tuner(request: StudyRequest, *, launcher: Launcher | None = None, probe
     test = {k: space.fixed[k] for k in ("n_prompt", "n_gen", "n_depth", "repetitions") if k in space.fixed}
     if request.workload != "pp-tg":  # older studies have no workload in their fingerprint: they stay comparable
         test["workload"] = request.workload
-    if request.engine != "child":  # llama-server's figures are its own (sampling, HTTP): never mixed with the child's
-        test["engine"] = request.engine
-        test["tg_prompt_sha256"] = hashlib.sha256(checked.tg_prompt.encode()).hexdigest()[:16]
+    if checked.engine != "child":  # llama-server's figures are its own (sampling, HTTP): never mixed with the child's
+        test["engine"] = checked.engine
+        if checked.scenarios:  # the figures are those of these requests
+            test["scenarios_sha256"] = scenarios_sha256(checked.scenarios)
+        else:
+            test["tg_prompt_sha256"] = hashlib.sha256(checked.tg_prompt.encode()).hexdigest()[:16]
         build = env.llama_cpp_build
     else:
         build = f"llama-cpp-python {env.llama_cpp_python}, {env.llama_cpp_build}"
@@ -324,7 +377,7 @@ def open_tuner(request: StudyRequest, *, launcher: Launcher | None = None, probe
     settings = StudySettings(trials=request.trials, objective=objective_of(request), sampler=request.sampler,
                              seed=request.seed, timeout_s=checked.timeout_s, trial_timeout_s=checked.trial_timeout_s)
     name = request.study_name or default_study_name(checked.model.file_name, env.gpu_name, request.depth,
-                                                    request.workload, request.engine)
+                                                    request.workload, checked.engine)
     if env.gpu_name and not env.gpu_offload:
         notes = [f"this machine has a GPU ({env.gpu_name}) but this llama-cpp-python is a CPU build: every trial "
                  "runs on the CPU, and the budget applies to RAM (`make tune CUDA=1` builds with CUDA)"]
@@ -332,13 +385,17 @@ def open_tuner(request: StudyRequest, *, launcher: Launcher | None = None, probe
         notes = []
     tuner = Tuner(storage=storage or make_storage(request.storage), study_name=name, model=checked.model,
                   space=space, launcher=launcher, env=env, fingerprint=fingerprint,
-                  limits=Limits(budget, checked.min_headroom, checked.min_ctx, request.min_stream_tps),
+                  limits=Limits(budget, checked.min_headroom, checked.min_ctx, request.min_stream_tps,
+                                request.max_capped),
                   settings=settings,
                   baselines=baselines, tracker=tracker, gpu_index=gpu_index)
     tuner.notes[:0] = notes
     if checked.tg_prompt:  # verify replays the same request
         tuner.study.set_user_attr(TG_PROMPT_ATTR, checked.tg_prompt)
-    saved = {k: v for k, v in asdict(request).items() if k not in ("storage", "study_name", "tg_prompt_text")}
+    if checked.scenarios:  # verify, compare and workers answer the same requests
+        tuner.study.set_user_attr(SCENARIOS_ATTR, [sc.to_dict() for sc in checked.scenarios])
+    saved = {k: v for k, v in asdict(request).items()
+             if k not in ("storage", "study_name", "tg_prompt_text", "scenario_lines")}
     saved["model"] = checked.model.path
     stored = tuner.study.user_attrs.get(REQUEST_ATTR)
     if stored is None or (record_request and stored != saved):

@@ -19,7 +19,7 @@ from llama_tuner.measure.environment import build_environment
 from llama_tuner.measure.launcher import Launcher, SubprocessLauncher
 from llama_tuner.measure.probe import GpuProbe, detect_probe
 from llama_tuner.measure.result import Environment
-from llama_tuner.study.keys import FINGERPRINT_ATTR, REQUEST_ATTR, TG_PROMPT_ATTR
+from llama_tuner.study.keys import FINGERPRINT_ATTR, REQUEST_ATTR, SCENARIOS_ATTR, TG_PROMPT_ATTR
 from llama_tuner.study.session import StudyRequest, open_tuner, server_launcher
 from llama_tuner.study.storage import GRACE_S, HEARTBEAT_S, make_storage
 from llama_tuner.study.tracker import Tracker
@@ -69,7 +69,8 @@ def join_study(study_name: str, storage_url: str, *, gpu: str | int | None = Non
         raise UserError(f"study {study_name!r} was not created by llama-tuner tune", "create it with tune")
     saved = dict(attrs[REQUEST_ATTR])
     request = StudyRequest(**{**saved, "storage": storage_url, "study_name": study_name,
-                              "model": model or saved["model"], "tg_prompt_text": attrs.get(TG_PROMPT_ATTR)})
+                              "model": model or saved["model"], "tg_prompt_text": attrs.get(TG_PROMPT_ATTR),
+                              "scenario_lines": attrs.get(SCENARIOS_ATTR)})
     if request.engine == "llama-server" and request.llama_server and not shutil.which(request.llama_server):
         request = replace(request, llama_server=None)  # the study's host's path: find this machine's own
     if not Path(request.model).exists():

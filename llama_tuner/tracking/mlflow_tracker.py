@@ -30,7 +30,7 @@ from llama_tuner.study.quality_gate import cache_kld
 from llama_tuner.study.tracker import Tracker
 from llama_tuner.tracking.plots import write_plots
 from llama_tuner.tracking.run_fields import (COMPLETE, COMPLETE_TAG, EXPERIMENT_KIND, KIND_TAG, STUDY_TAG, TRIAL_TAG,
-                                             run_times, study_params, trial_metrics, trial_tags)
+                                             answers_jsonl, run_times, study_params, trial_metrics, trial_tags)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 ArtifactWriter = Callable[[Any, Path], dict[str, float]]  # (study view, folder) -> summary metrics
@@ -201,6 +201,8 @@ class MlflowTracker(Tracker):
         params = [Param(k, str(v)) for k, v in result.config.to_dict().items()]
         tags = [RunTag(f"constraint.{k}", f"{v:.4g}") for k, v in constraints.items()]
         self.client.log_batch(run.info.run_id, metrics=metrics, params=params, tags=tags)
+        if result.answers:  # what each request was answered, beside its figures: a user reads them in the run
+            self.client.log_text(run.info.run_id, answers_jsonl(result), "answers.jsonl")
         self.client.set_terminated(run.info.run_id, "FINISHED" if result.ok else "FAILED", end_time=end)
         self.client.set_tag(run.info.run_id, COMPLETE_TAG, COMPLETE)  # last: the run is whole
         return run.info.run_id

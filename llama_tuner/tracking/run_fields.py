@@ -19,7 +19,8 @@ COMPLETE_TAG, COMPLETE = "llama_tuner.complete", "true"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow's runs view, not its GenAI one
 DECIMALS = {"tg_tps": 2, "tg_tps_stddev": 2, "pp_tps": 2, "pp_tps_stddev": 2, "load_time_s": 3, "context_time_s": 3,
             "wall_time_s": 3, "achieved_gbs": 2, "bandwidth_share": 4, "time_to_answer_s": 3, "tg_aggregate_tps": 2,
-            "tg_per_stream_tps": 2}
+            "tg_per_stream_tps": 2, "seconds_per_answer": 3, "seconds_per_answer_p90": 3,
+            "tokens_written_per_answer": 1, "thinking_tokens_per_answer": 1, "capped_share": 3, "draft_acceptance": 3}
 
 
 def run_name(c: BenchConfig, user_attrs: dict[str, Any]) -> str:
@@ -82,6 +83,13 @@ def trial_metrics(result: TrialResult) -> dict[str, float]:
         out["tg_aggregate_tps"], out["tg_per_stream_tps"] = result.tg_mean, result.stream_tg_mean
     if result.predicted_peak_bytes is not None:
         out["predicted_peak_bytes"] = result.predicted_peak_bytes
+    summary = result.answer_summary if result.ok else None
+    if summary is not None:  # the scenarios: seconds per answer, tokens written, capped answers, drafts
+        out.update({"seconds_per_answer": summary.median_s, "seconds_per_answer_p90": summary.p90_s,
+                    "tokens_written_per_answer": summary.generated_tokens,
+                    "thinking_tokens_per_answer": summary.thinking_tokens, "capped_share": summary.capped_share})
+        if summary.acceptance is not None:
+            out["draft_acceptance"] = summary.acceptance
     return {k: round(float(v), DECIMALS.get(k, 0)) for k, v in out.items() if v is not None}
 
 
@@ -98,3 +106,15 @@ def study_params(attrs: dict[str, Any]) -> dict[str, str]:
               "sampler": request.get("sampler"), "seed": request.get("seed"),
               "baseline": request.get("baseline_flags") or "none"}
     return {k: str(v) for k, v in params.items() if v is not None}
+
+
+def answers_jsonl(result: TrialResult) -> str:
+    """A scenarios result's answers as JSONL, one a line: the request's name and pass, its figures, its text."""
+    import json
+
+    lines = []
+    for a in result.answers or []:
+        d = {k: v for k, v in a.to_dict().items() if k != "tokens"}
+        d["answer_tokens"], d["tg_tps"], d["pp_tps"] = a.answer_tokens, a.tg_tps, a.pp_tps
+        lines.append(json.dumps(d, ensure_ascii=False))
+    return "\n".join(lines) + "\n"
