@@ -326,3 +326,30 @@ def test_the_real_llama_server_engine_measures_ngram_mod_on_a_code_edit(run_cli,
     assert none["status"] == mod["status"] == "ok", (none["reason"], mod["reason"])
     assert none["draft_n"] is None and mod["draft_n"] > 0 and 0 < mod["draft_accepted"] <= mod["draft_n"]
     assert mod["env"]["llama_server"] == ls.probe(real_llama_server()).version
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(real_llama_server() is None, reason="no llama-server found (make llama-server builds one)")
+def test_the_real_llama_server_answers_scenarios_with_their_own_token_counts(run_cli, demo_model_path, tmp_path):
+    """A chat (the model's template through /v1/chat/completions) and raw text (/completion) answered for real by
+    the demo model in llama-server, with and without ngram-mod: the client's times in order, the server's token
+    counts within their caps (a capped answer is exactly its cap), the written text tokenized back to about as
+    many tokens, and the drafts counted for the speculative one."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"name": "chat", "max_tokens": 40, "messages": [
+        {"role": "user", "content": "Repeat this list: apples, pears, plums, apples, pears, plums."}]}) + "\n"
+        + json.dumps({"name": "raw", "prompt": "One, two, three, four,", "max_tokens": 24}) + "\n")
+    r = run_cli("bench", demo_model_path, "--prompts", prompts, "--spec-type", "none,ngram-mod", "-t", "2", "--json",
+                timeout=600)
+    assert r.code == 0, r.err
+    none, mod = json.loads(r.out)
+    for result in (none, mod):
+        assert result["status"] == "ok", result["reason"]
+        for a, cap in zip(result["answers"], (40, 24)):
+            assert 0 < a["first_token_s"] <= a["answer_start_s"] < a["seconds"]
+            assert a["prompt_tokens"] > 5 and 0 < a["generated_tokens"] <= cap
+            assert a["capped"] == (a["finish"] == "length") and (not a["capped"] or a["generated_tokens"] == cap)
+            assert abs(len(a["tokens"]) - a["generated_tokens"]) <= 3, (len(a["tokens"]), a["generated_tokens"])
+            assert a["tg_tps"] > 1 and a["pp_tps"] > 1
+    assert none["scenarios"]["draft_n"] == 0 and mod["scenarios"]["draft_n"] > 0
+    assert [a["text"] for a in none["answers"]] == [a["text"] for a in mod["answers"]]  # greedy: the same words

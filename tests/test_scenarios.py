@@ -2,6 +2,7 @@
 answers are FAKE's thinking and answer words; the real one in tests/test_llama_server.py), measured, kept with
 their text in the study and in MLflow, compared across studies, and judged by seconds per answer."""
 
+# ruff: noqa: F811  (tests take the fake llama-server fixture imported below by its name)
 from __future__ import annotations
 
 import json
@@ -72,7 +73,7 @@ def test_scenarios_refuse_a_twin_and_the_child_engine_in_one_line(cli, tiny_mode
 
 
 def test_bench_answers_each_request_and_measures_thinking_answer_and_cap(
-        cli, demo_model_path, fake_llama_server, prompts):  # noqa: F811 (the fixture)
+        cli, demo_model_path, fake_llama_server, prompts):
     exe, configure, _ = fake_llama_server
     configure(tg=400.0, pp=4000.0, thinking=12, answer=20)
     r = cli("bench", demo_model_path, "--prompts", prompts, "--llama-server", exe, "-t", "2", "--json")
@@ -142,7 +143,7 @@ def test_a_quantized_cache_is_judged_by_the_answers_it_leaves_identical_to_f16s(
 
 
 def test_tune_ranks_by_seconds_per_answer_keeps_the_answers_in_mlflow_and_compares_two_studies(
-        run_cli, tmp_path, demo_model_path, fake_llama_server):  # noqa: F811 (the fixture)
+        run_cli, tmp_path, demo_model_path, fake_llama_server):
     exe, configure, _ = fake_llama_server
     configure(tg=400.0, pp=4000.0, answer=40)
     short = _write(tmp_path / "short.jsonl", [{**CHAT, "max_tokens": 8}, {**RAW, "max_tokens": 8}])
@@ -171,3 +172,30 @@ def test_tune_ranks_by_seconds_per_answer_keeps_the_answers_in_mlflow_and_compar
     why = next(ln for ln in r.out.splitlines() if ln.startswith("- long takes"))
     assert "5.00x the tokens" in why and "cause is the tokens written" in why
     assert "max_tokens 200 against 8" in r.out  # the long study answered its own version of the requests
+
+
+def test_a_worker_answers_the_studys_own_requests_where_their_file_is_gone(
+        cli, tmp_path, demo_model_path, fake_llama_server, monkeypatch):
+    import optuna
+
+    from llama_tuner.measure.llama_server import ENV_VAR
+    from llama_tuner.study.worker import join_study
+
+    exe, configure, starts = fake_llama_server
+    configure(tg=400.0, pp=4000.0, answer=10)
+    path = _write(tmp_path / "mine.jsonl", [{**CHAT, "max_tokens": 50}])
+    storage = f"sqlite:///{tmp_path}/s.db"
+    r = cli("tune", demo_model_path, "--prompts", path, "--llama-server", exe, "--trials", "2", "--storage", storage,
+            "--no-mlflow", "--study", "s", "--no-confirm", "--set", "n_threads=2", "--set", "type_k=f16", "--set",
+            "type_v=f16", "--set", "n_ctx=4096")
+    assert r.code == 0, r.err
+    path.unlink()  # gone, as on another host
+    study = optuna.load_study(study_name="s", storage=storage)
+    study.set_user_attr("request", {**study.user_attrs["request"], "trials": 3, "llama_server": None})
+    monkeypatch.setenv(ENV_VAR, exe)
+    before = len(starts())
+    join_study("s", storage).run()  # refused if its requests were others (the study's fingerprint)
+    assert len(starts()) > before
+    trials = [t for t in optuna.load_study(study_name="s", storage=storage).trials if t.state.is_finished()]
+    assert len(trials) == 3
+    assert all(t.user_attrs["result"]["answers"][0]["name"] == "chat" for t in trials if "result" in t.user_attrs)

@@ -49,7 +49,8 @@ def compare_scenarios(views, preset: str, prompts: str | None, *, max_tokens: in
         answers = [a for a in p.candidate.figures.answers or [] if a.name in wanted and a.name not in
                    {m.name for m in missing}]
         notes = []
-        differ = [s.name for s in scenarios if s.name in own and s.name in stored and own[s.name] != s]
+        differ = [s.name for s in scenarios
+                  if s.name in own and s.name in stored and own[s.name].to_dict() != s.to_dict()]
         if differ:
             notes.append(f"its own requests of the names {', '.join(differ)} differ from the file's "
                          f"({_difference(own[differ[0]], next(s for s in scenarios if s.name == differ[0]))})")

@@ -20,7 +20,7 @@ from llama_tuner.measure.launcher import Launcher, SubprocessLauncher
 from llama_tuner.measure.probe import GpuProbe, detect_probe
 from llama_tuner.measure.result import Environment
 from llama_tuner.study.keys import FINGERPRINT_ATTR, REQUEST_ATTR, SCENARIOS_ATTR, TG_PROMPT_ATTR
-from llama_tuner.study.session import StudyRequest, open_tuner, server_launcher
+from llama_tuner.study.session import StudyRequest, engine_of, open_tuner, server_launcher
 from llama_tuner.study.storage import GRACE_S, HEARTBEAT_S, make_storage
 from llama_tuner.study.tracker import Tracker
 from llama_tuner.study.tuner import Tuner
@@ -71,14 +71,14 @@ def join_study(study_name: str, storage_url: str, *, gpu: str | int | None = Non
     request = StudyRequest(**{**saved, "storage": storage_url, "study_name": study_name,
                               "model": model or saved["model"], "tg_prompt_text": attrs.get(TG_PROMPT_ATTR),
                               "scenario_lines": attrs.get(SCENARIOS_ATTR)})
-    if request.engine == "llama-server" and request.llama_server and not shutil.which(request.llama_server):
+    if engine_of(request) == "llama-server" and request.llama_server and not shutil.which(request.llama_server):
         request = replace(request, llama_server=None)  # the study's host's path: find this machine's own
     if not Path(request.model).exists():
         raise UserError(f"the study's model {request.model} is not on this machine",
                         "copy it there, or pass --model PATH to the same file")
     probe = probe or detect_probe()
     index, extra_env = gpu_choice(gpu, probe)
-    if launcher is None and request.engine == "llama-server":
+    if launcher is None and engine_of(request) == "llama-server":
         launcher = server_launcher(request, probe, timeout_s=parse_duration(request.trial_timeout), gpu_index=index,
                                    extra_env=extra_env)
         env = env or launcher.environment()
