@@ -172,6 +172,11 @@ def test_tune_ranks_by_seconds_per_answer_keeps_the_answers_in_mlflow_and_compar
     why = next(ln for ln in r.out.splitlines() if ln.startswith("- long takes"))
     assert "5.00x the tokens" in why and "cause is the tokens written" in why
     assert "max_tokens 200 against 8" in r.out  # the long study answered its own version of the requests
+    r = run_cli("verify", "long", "--rounds", "2", "--storage", storage, "--llama-server", exe, "--no-mlflow")
+    assert r.code == 0, r.err
+    served = next(ln for ln in r.out.splitlines() if ln.startswith("served seconds per answer"))
+    assert "80 tokens written per answer" not in served and "40 tokens written per answer" in served
+    assert "over 2 paired rounds: answer" in r.out
 
 
 def test_a_worker_answers_the_studys_own_requests_where_their_file_is_gone(
@@ -199,3 +204,28 @@ def test_a_worker_answers_the_studys_own_requests_where_their_file_is_gone(
     trials = [t for t in optuna.load_study(study_name="s", storage=storage).trials if t.state.is_finished()]
     assert len(trials) == 3
     assert all(t.user_attrs["result"]["answers"][0]["name"] == "chat" for t in trials if "result" in t.user_attrs)
+
+
+def test_a_speculative_preset_shows_its_acceptance_and_its_seconds_against_the_same_settings_without_it(
+        cli, tmp_path, demo_model_path, fake_llama_server):
+    from llama_tuner.report.study_report import speculative_lines
+    from llama_tuner.study.storage import make_storage
+    from llama_tuner.study.view import StudyView
+
+    exe, configure, _ = fake_llama_server
+    configure(tg=300.0, pp=4000.0, answer=60, gain=2.0)  # ngram-mod writes twice as fast
+    path = _write(tmp_path / "p.jsonl", [{**CHAT, "max_tokens": 100}, {**RAW, "max_tokens": 100}])
+    storage = f"sqlite:///{tmp_path}/s.db"
+    pins = [x for k, v in (("n_threads", 2), ("n_threads_batch", 2), ("n_ctx", 4096), ("n_batch", 2048),
+                           ("n_ubatch", 512), ("flash_attn", 1), ("type_k", "f16"), ("type_v", "f16"),
+                           ("use_mmap", 1), ("repack", 1)) for x in ("--set", f"{k}={v}")]
+    r = cli("tune", demo_model_path, "--prompts", path, "--llama-server", exe, "--trials", "5", "--storage",
+            storage, "--no-mlflow", "--study", "s", "--seed", "2", *pins)
+    assert r.code == 0, r.err
+    view = StudyView.load(make_storage(storage), "s")
+    fastest = view.preset("fastest").candidate.figures
+    assert fastest.config.spec_type == "ngram-mod"
+    [line] = [ln for ln in speculative_lines(view) if ln.startswith("fastest")]
+    assert "90% of" in line and "drafted tokens accepted" in line and "s per answer" in line
+    assert "without it (trial" in line and "+" in line  # the gain over the same settings without ngram-mod
+    assert line in r.out

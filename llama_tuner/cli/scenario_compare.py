@@ -27,6 +27,7 @@ def compare_scenarios(views, preset: str, prompts: str | None, *, max_tokens: in
 
     scenarios = capped_to(load_scenarios(prompts), max_tokens)
     wanted = [s.name for s in scenarios]
+    given = {s.name: s for s in scenarios}
     plans = []
     for view in views:
         p = view.presets.get(preset)
@@ -52,8 +53,9 @@ def compare_scenarios(views, preset: str, prompts: str | None, *, max_tokens: in
         differ = [s.name for s in scenarios
                   if s.name in own and s.name in stored and own[s.name].to_dict() != s.to_dict()]
         if differ:
-            notes.append(f"its own requests of the names {', '.join(differ)} differ from the file's "
-                         f"({_difference(own[differ[0]], next(s for s in scenarios if s.name == differ[0]))})")
+            which = ", ".join(differ) if len(differ) <= 3 else f"{len(differ)} of these names"
+            notes.append(f"its own requests of {which} differ from the file's "
+                         f"({differ[0]}: {_difference(own[differ[0]], given[differ[0]])})")
         if missing:
             click.echo(f"{label}: answering {len(missing)} requests with its {preset} preset in llama-server...",
                        err=True)
