@@ -352,4 +352,6 @@ def test_the_real_llama_server_answers_scenarios_with_their_own_token_counts(run
             assert abs(len(a["tokens"]) - a["generated_tokens"]) <= 3, (len(a["tokens"]), a["generated_tokens"])
             assert a["tg_tps"] > 1 and a["pp_tps"] > 1
     assert none["scenarios"]["draft_n"] == 0 and mod["scenarios"]["draft_n"] > 0
-    assert [a["text"] for a in none["answers"]] == [a["text"] for a in mod["answers"]]  # greedy: the same words
+    # Not asserted: that ngram-mod's greedy answer is the plain one's. It is not always (measured: the chat's
+    # diverged after 64 characters): the draft's verification batch computes the logits in another shape, and a
+    # near-tie flips, as batch sizes flip them between f16 trials (docs/benchmarks.md §14).
