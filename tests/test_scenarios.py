@@ -129,6 +129,11 @@ def test_the_why_names_tokens_written_or_seconds_per_token_whichever_explains_mo
     line_c = next(ln for ln in text.splitlines() if ln.startswith("- C takes"))
     assert "cause is the seconds per token" in line_c
     assert "answer 0" in text  # the first words of each answer
+    same = [ScenarioSide(label=n, study=n, model=n, preset="fastest", answers=r.answers, source="measured")
+            for n, r in (("A", _scenario_result([1.0, 2.0, 3.0], [10, 20, 30])),
+                         ("D", _scenario_result([1.1, 1.9, 3.1], [10, 20, 30])))]
+    tie = next(ln for ln in scenario_compare_text(same).splitlines() if ln.startswith("- D and A"))
+    assert "the same time within the noise" in tie and "cause" not in tie
 
 
 def test_a_quantized_cache_is_judged_by_the_answers_it_leaves_identical_to_f16s():

@@ -72,10 +72,31 @@ def totals(side: ScenarioSide, names: Sequence[str]) -> Totals:
                   tg_tps=statistics.median(tg) if tg else None, pp_tps=statistics.median(pp) if pp else None)
 
 
-def why(slow: ScenarioSide, fast: ScenarioSide, a: Totals, b: Totals) -> str:
+def per_request_ratio(slow: ScenarioSide, fast: ScenarioSide, names: Sequence[str]) -> tuple[float, float, float]:
+    """The geometric mean over the requests of ``slow``'s seconds over ``fast``'s, and its 95% interval (Student's
+    t over the requests' log ratios; infinite with one request)."""
+    from scipy import stats
+
+    logs = [math.log(statistics.median(a.seconds for a in slow.by_request()[n])
+                     / statistics.median(a.seconds for a in fast.by_request()[n])) for n in names]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(mean), 0.0, math.inf
+    half = stats.t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def why(slow: ScenarioSide, fast: ScenarioSide, a: Totals, b: Totals, names: Sequence[str] = ()) -> str:
     """Why ``slow`` (figures ``a``) takes longer than ``fast`` (``b``): its seconds as tokens written times seconds
-    per token, the larger factor named as the cause."""
+    per token, the larger factor named as the cause; where the per-request ratio's 95% interval holds 1, the two
+    take the same time within the noise and nothing is named."""
     ratio = a.seconds / b.seconds
+    if names:
+        mean, lo, hi = per_request_ratio(slow, fast, names)
+        if lo <= 1 <= hi:
+            return (f"{slow.label} and {fast.label} take the same time within the noise: {a.seconds:.1f} s against "
+                    f"{b.seconds:.1f} s for the {a.requests} requests, {mean:.2f}x per request (95% interval "
+                    f"{lo:.2f}-{hi:.2f}x); they write {a.written:,} and {b.written:,} tokens.")
     tokens = a.written / b.written if b.written else math.inf
     per_token = a.seconds_per_token / b.seconds_per_token if b.written and a.written else math.nan
     thinking = f" ({a.thinking:,} of them thinking)" if a.thinking else ""
@@ -131,7 +152,7 @@ def scenario_compare_text(sides: list[ScenarioSide]) -> str:
     quick = order[0]
     lines.append("")
     for i in order[1:]:
-        lines.append("- " + why(sides[i], sides[quick], sums[i], sums[quick]))
+        lines.append("- " + why(sides[i], sides[quick], sums[i], sums[quick], names))
     lines += ["", "answers (first words):"]
     for n in names:
         lines.append(f"- {n}:")
