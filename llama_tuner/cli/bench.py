@@ -112,7 +112,7 @@ def bench(model: str, timeout_s: float, output: str, as_json: bool, download: bo
     info = load_model_info(model)
     scenarios: tuple = ()
     if prompts or workload == SCENARIOS or max_tokens is not None:
-        scenarios, values = _scenario_values(model, prompts, workload, engine, max_tokens, tg_prompt, values)
+        scenarios, values = _scenario_values(info, prompts, workload, engine, max_tokens, tg_prompt, values)
         workload, engine = SCENARIOS, "llama-server"
     engine = engine or "child"
     if engine == "llama-server" and tg_prompt and values.get("n_ctx") is None:
@@ -233,9 +233,7 @@ def _json_result(r) -> dict:
                           "thinking_tokens_per_answer": s.thinking_tokens, "capped": s.capped,
                           "capped_share": s.capped_share, "draft_n": s.draft_n, "draft_accepted": s.draft_accepted,
                           "acceptance": s.acceptance}
-        for a, out in zip(r.answers, d["answers"]):
-            out["answer_tokens"], out["seconds_per_token"] = a.answer_tokens, a.seconds_per_token
-            out["tg_tps"], out["pp_tps"] = a.tg_tps, a.pp_tps
+        d["answers"] = [a.record() for a in r.answers]
     return d
 
 
@@ -248,7 +246,7 @@ def _scenario_settings(c) -> dict:
     return out
 
 
-def _scenario_values(model: str, prompts: str | None, workload: str | None, engine: str | None,
+def _scenario_values(model: ModelInfo, prompts: str | None, workload: str | None, engine: str | None,
                      max_tokens: int | None, tg_prompt: str | None, values: dict) -> tuple[tuple, dict]:
     """The requests of --prompts (or the bundled file) and the sweep's values for them: the scenarios workload,
     a context that holds the longest request and the largest cap (-c where not given), one pass unless -r.
@@ -256,7 +254,7 @@ def _scenario_values(model: str, prompts: str | None, workload: str | None, engi
     Raises:
         UserError: another workload or engine named, a twin, a bad file (its line), or --max-tokens below 1.
     """
-    from llama_tuner.measure.scenarios import capped_to, load_scenarios, refuse_twin, test_sizes
+    from llama_tuner.measure.scenarios import capped_to, context_for, load_scenarios, refuse_twin, test_sizes
 
     if workload not in (None, SCENARIOS):
         raise UserError(f"--prompts answers requests: the scenarios workload, not {workload}",
@@ -273,7 +271,7 @@ def _scenario_values(model: str, prompts: str | None, workload: str | None, engi
     n_prompt, n_gen = test_sizes(scenarios)
     out = {**values, "workload": SCENARIOS, "n_prompt": str(n_prompt), "n_gen": str(n_gen), "n_depth": "0"}
     if out.get("n_ctx") is None:
-        out["n_ctx"] = str(-(-(n_prompt + n_gen) // 1024) * 1024)
+        out["n_ctx"] = str(context_for(scenarios))
     if out.get("repetitions") is None:
         out["repetitions"] = "1"
     return scenarios, out

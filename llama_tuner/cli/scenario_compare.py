@@ -22,6 +22,7 @@ def compare_scenarios(views, preset: str, prompts: str | None, *, max_tokens: in
         UserError: a study without that preset, a twin, a bad file, no llama-server where one is needed.
     """
     from llama_tuner.measure.scenarios import Scenario, capped_to, load_scenarios, refuse_twin
+    from llama_tuner.model.info import load_model_info
     from llama_tuner.report.scenario_compare import ScenarioSide, scenario_compare_text
     from llama_tuner.study.keys import SCENARIOS_ATTR
 
@@ -37,7 +38,7 @@ def compare_scenarios(views, preset: str, prompts: str | None, *, max_tokens: in
         own = {d["name"]: Scenario.from_dict(d) for d in view.attrs.get(SCENARIOS_ATTR) or []}
         missing = [s for s in scenarios if s.name not in stored]
         if missing:
-            refuse_twin(view.model_path)
+            refuse_twin(load_model_info(view.model_path))
         plans.append((view, p, stored, own, missing))
     server = None
     if any(missing for *_, missing in plans):
@@ -91,13 +92,12 @@ def _answer_now(server, view, config, scenarios) -> list:
         UserError: the preset failed to answer (the server's decisive line).
     """
     from llama_tuner.measure.probe import detect_probe
-    from llama_tuner.measure.scenarios import test_sizes
+    from llama_tuner.measure.scenarios import context_for, test_sizes
     from llama_tuner.measure.server_engine import ServerLauncher
 
     n_prompt, n_gen = test_sizes(scenarios)
-    need = n_prompt + n_gen
     cfg = replace(config, workload="scenarios", n_prompt=n_prompt, n_gen=n_gen, n_depth=0, repetitions=1,
-                  n_ctx=max(config.n_ctx, -(-need // 1024) * 1024))
+                  n_ctx=max(config.n_ctx, context_for(scenarios)))
     launcher = ServerLauncher(server, detect_probe(), scenarios=scenarios)
     [result] = launcher.measure(os.path.abspath(view.model_path), [cfg])
     if not result.ok:

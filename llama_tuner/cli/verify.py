@@ -100,9 +100,7 @@ def summarize(rounds: list[dict], study: dict[str, dict[str, float | None]], rep
                             "n": len(rates), "study": ref, "vs_study": _share(mean, ref)}
         a, b = results["preset"], results["defaults"]
         if a is not None and b is not None and a.ok and b.ok:
-            g = compare(a, b, figure)
-            entry["gap"] = {"share": g.share, "half_width": None if math.isinf(g.half) else g.half,
-                            "verdict": g.verdict, "paired_rounds": g.rounds if g.paired else 0, "text": g.text()}
+            entry["gap"] = _gap(compare(a, b, figure))
         out[figure] = entry
     if replay.scenarios:  # seconds per answer, the scenarios' figure: each side's median, and the paired gap
         entry = {}
@@ -115,9 +113,7 @@ def summarize(rounds: list[dict], study: dict[str, dict[str, float | None]], rep
                             "vs_study": _share(s.median_s, study.get(label, {}).get("answer")) if s else None}
         a, b = results["preset"], results["defaults"]
         if a is not None and b is not None:
-            g = compare(a, b, "answer")
-            entry["gap"] = {"share": g.share, "half_width": None if math.isinf(g.half) else g.half,
-                            "verdict": g.verdict, "paired_rounds": g.rounds if g.paired else 0, "text": g.text()}
+            entry["gap"] = _gap(compare(a, b, "answer"))
         out["answer"] = entry
     out["peak_rss_bytes"] = {label: max((r[label].peak_rss_bytes or 0 for r in rounds if label in r), default=0)
                              or None for label in LABELS}
@@ -125,6 +121,12 @@ def summarize(rounds: list[dict], study: dict[str, dict[str, float | None]], rep
                               or None for label in LABELS}
     out["study_peak_bytes"] = {label: study.get(label, {}).get("peak") for label in LABELS}
     return out
+
+
+def _gap(g) -> dict[str, Any]:
+    """A paired gap (:func:`llama_tuner.study.comparison.compare`) as the record keeps it."""
+    return {"share": g.share, "half_width": None if math.isinf(g.half) else g.half, "verdict": g.verdict,
+            "paired_rounds": g.rounds if g.paired else 0, "text": g.text()}
 
 
 def summary_lines(summary: dict[str, Any], *, n_vocab: int, failures: list[str]) -> list[str]:
@@ -329,17 +331,18 @@ def _scenarios(view, prompts: str | None, max_tokens: int | None) -> tuple:
     Raises:
         UserError: a bad file, a twin, or --max-tokens without scenarios.
     """
-    from llama_tuner.measure.scenarios import Scenario, capped_to, load_scenarios, refuse_twin
+    from llama_tuner.measure.scenarios import capped_to, load_scenarios, refuse_twin, scenarios_of
+    from llama_tuner.model.info import load_model_info
     from llama_tuner.study.keys import SCENARIOS_ATTR
 
     if prompts:
         scenarios = load_scenarios(prompts)
     elif view.attrs.get(SCENARIOS_ATTR):
-        scenarios = tuple(Scenario.from_dict(d, i) for i, d in enumerate(view.attrs[SCENARIOS_ATTR], 1))
+        scenarios = scenarios_of(view.attrs[SCENARIOS_ATTR])
     elif max_tokens is not None:
         raise UserError("--max-tokens caps the scenarios' answers, and this study has none",
                         "add --prompts FILE, or leave --max-tokens out")
     else:
         return ()
-    refuse_twin(view.model_path)
+    refuse_twin(load_model_info(view.model_path))
     return capped_to(scenarios, max_tokens)

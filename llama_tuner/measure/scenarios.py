@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+import numpy
+
 from llama_tuner.errors import UserError
+from llama_tuner.model.info import ModelInfo
 
 DEFAULT_MAX_TOKENS = 4096
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "seed", "repeat_penalty", "stop")
@@ -179,6 +181,16 @@ def scenarios_sha256(scenarios: Sequence[Scenario]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def scenarios_of(lines: Sequence[dict[str, Any]]) -> tuple[Scenario, ...]:
+    """The requests stored as :meth:`Scenario.to_dict` lines (a study's), numbered from 1."""
+    return tuple(Scenario.from_dict(d, i) for i, d in enumerate(lines, 1))
+
+
+def context_for(scenarios: Sequence[Scenario]) -> int:
+    """A context that holds the longest request and the largest cap (:func:`test_sizes`), in whole 1024s."""
+    return -(-sum(test_sizes(scenarios)) // 1024) * 1024
+
+
 def test_sizes(scenarios: Sequence[Scenario]) -> tuple[int, int]:
     """(prompt tokens, generated tokens) a context must hold for the longest request: the largest prompt estimate
     and the largest cap."""
@@ -244,6 +256,15 @@ class Answer:
         """JSON-ready dict; :meth:`from_dict` reverses it."""
         return asdict(self)
 
+    def record(self, *, tokens: bool = True) -> dict[str, Any]:
+        """:meth:`to_dict` with the figures derived from it (answer tokens, seconds per token, tg and pp), as the
+        JSON output and the MLflow artifact show an answer; ``tokens`` False leaves the token ids out."""
+        d = self.to_dict()
+        if not tokens:
+            del d["tokens"]
+        return {**d, "answer_tokens": self.answer_tokens, "seconds_per_token": self.seconds_per_token,
+                "tg_tps": self.tg_tps, "pp_tps": self.pp_tps}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Answer":
         """Rebuild from :meth:`to_dict` output."""
@@ -256,16 +277,6 @@ def passes(answers: Sequence[Answer]) -> list[list[Answer]]:
     for a in answers:
         out.setdefault(a.repetition, []).append(a)
     return [out[k] for k in sorted(out)]
-
-
-def quantile(values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile of ``values`` (linear between order statistics, as numpy's default); nan if empty."""
-    if not values:
-        return math.nan
-    if len(values) == 1:
-        return float(values[0])
-    return statistics.quantiles(values, n=100, method="inclusive")[round(100 * q) - 1] if 0 < q < 1 else (
-        float(min(values)) if q <= 0 else float(max(values)))
 
 
 @dataclass(frozen=True)
@@ -309,25 +320,23 @@ def summarize(answers: Sequence[Answer]) -> AnswerSummary | None:
     groups = per_request(answers)
     seconds = [statistics.median(a.seconds for a in g) for g in groups.values()]
     firsts = [g[0] for g in groups.values()]
-    return AnswerSummary(requests=len(groups), median_s=statistics.median(seconds), p90_s=quantile(seconds, 0.9),
-                         total_s=sum(seconds),
+    return AnswerSummary(requests=len(groups), median_s=statistics.median(seconds),
+                         p90_s=float(numpy.quantile(seconds, 0.9)), total_s=sum(seconds),
                          generated_tokens=statistics.fmean(a.generated_tokens for a in firsts),
                          thinking_tokens=statistics.fmean(a.thinking_tokens for a in firsts),
                          capped=sum(1 for a in firsts if a.capped),
                          draft_n=sum(a.draft_n for a in answers), draft_accepted=sum(a.draft_accepted for a in answers))
 
 
-def refuse_twin(model_path: str) -> None:
-    """Refuse a random-weight twin (:mod:`llama_tuner.model.twins`) for scenarios: its answers are noise.
+def refuse_twin(model: ModelInfo) -> None:
+    """Refuse a random-weight twin (:mod:`llama_tuner.model.twins`; ``ModelInfo.extra["twin"]``) for scenarios:
+    its answers are noise.
 
     Raises:
-        UserError: the model is a twin (or its header cannot be read).
+        UserError: the model is a twin.
     """
-    from llama_tuner.model.gguf_header import read_gguf_header
-    from llama_tuner.model.twins import TWIN_KEY
-
-    if TWIN_KEY in read_gguf_header(model_path).metadata:
-        raise UserError(f"{os.path.basename(model_path)} is a random-weight twin: its answers are noise, so the "
+    if model.extra.get("twin"):
+        raise UserError(f"{model.file_name} is a random-weight twin: its answers are noise, so the "
                         "scenarios (seconds per answer, tokens written) would measure nothing of the real model",
                         "run the scenarios on the real model; a twin measures speed and memory (pp-tg, chat, long)")
 

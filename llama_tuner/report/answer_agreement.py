@@ -48,14 +48,13 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
 def agreements(results: list[TrialResult]) -> list[Agreement]:
     """Each cache type's agreement with the f16 answers (f16 itself first); [] without f16 answers."""
     with_answers = [r for r in results if r.ok and r.answers]
-    reference: dict[str, tuple[int, ...]] = {}
     votes: dict[str, Counter] = {}
     for r in with_answers:
         if (r.config.type_k, r.config.type_v) == REFERENCE:
             for a in r.answers:
                 if a.repetition == 0 and a.tokens:
                     votes.setdefault(a.name, Counter())[tuple(a.tokens)] += 1
-    reference = {name: c.most_common(1)[0][0] for name, c in votes.items()}
+    reference: dict[str, tuple[int, ...]] = {name: c.most_common(1)[0][0] for name, c in votes.items()}
     if not reference:
         return []
     by_cache: dict[tuple[str, str], list[TrialResult]] = {}

@@ -16,6 +16,7 @@ from typing import Sequence
 
 from llama_tuner.measure.scenarios import Answer, per_request, summarize
 from llama_tuner.report.tables import markdown_table
+from llama_tuner.study.comparison import t_quantile
 
 SNIPPET_CHARS = 160
 
@@ -75,14 +76,12 @@ def totals(side: ScenarioSide, names: Sequence[str]) -> Totals:
 def per_request_ratio(slow: ScenarioSide, fast: ScenarioSide, names: Sequence[str]) -> tuple[float, float, float]:
     """The geometric mean over the requests of ``slow``'s seconds over ``fast``'s, and its 95% interval (Student's
     t over the requests' log ratios; infinite with one request)."""
-    from scipy import stats
-
     logs = [math.log(statistics.median(a.seconds for a in slow.by_request()[n])
                      / statistics.median(a.seconds for a in fast.by_request()[n])) for n in names]
     mean = statistics.fmean(logs)
     if len(logs) < 2:
         return math.exp(mean), 0.0, math.inf
-    half = stats.t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    half = t_quantile(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 

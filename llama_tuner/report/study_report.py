@@ -174,6 +174,7 @@ def speculative_lines(view: StudyView) -> list[str]:
     against the same settings without speculation where the study measured them."""
     from dataclasses import replace
 
+    from llama_tuner.measure.config import SERVER_DEFAULTS
     from llama_tuner.study.presets import gain as gain_of
 
     out = []
@@ -191,7 +192,7 @@ def speculative_lines(view: StudyView) -> list[str]:
         drafted = f"{100 * f.acceptance:.0f}% of {f.draft_n:,} drafted tokens accepted" if f.draft_n else \
             "nothing drafted"
         per = f", {s.median_s:.2f} s per answer" if s else f", tg {f.tg_mean:.2f} t/s"
-        base = replace(f.config, spec_type="none", spec_draft_n_max=0, draft_model="")
+        base = replace(f.config, **SERVER_DEFAULTS)
         twin = plain.get(base.settings_key())
         if twin is None:
             against = "; the same settings without it were not measured in this study"

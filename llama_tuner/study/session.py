@@ -29,8 +29,8 @@ from llama_tuner.model.facts import ModelFacts
 from llama_tuner.study.keys import DEFAULTS_BASELINE, REQUEST_ATTR, SCENARIOS_ATTR, TG_PROMPT_ATTR
 from llama_tuner.study.memory_model import FIT_MARGIN, MemoryModel
 from llama_tuner.study.objectives import Limits
-from llama_tuner.measure.scenarios import (Scenario, capped_to, load_scenarios, refuse_twin, scenarios_sha256,
-                                           test_sizes)
+from llama_tuner.measure.scenarios import (Scenario, capped_to, load_scenarios, refuse_twin, scenarios_of,
+                                           scenarios_sha256, test_sizes)
 from llama_tuner.measure.workloads import SCENARIOS, WORKLOADS, judged_by_answer
 from llama_tuner.study.space import Machine, SearchSpace, SpaceOptions, check_ranges, study_test
 from llama_tuner.study.presets import OBJECTIVES
@@ -155,8 +155,8 @@ def check_request(request: StudyRequest) -> CheckedRequest:
         raise UserError(f"--max-capped {request.max_capped} is a share of the scenarios' answers (0 to 1)",
                         "give a share like 0.1 with --workload scenarios, or leave --max-capped out")
     tg_prompt = _check_engine(request)
-    scenarios = _check_scenarios(request)
     model = load_model_info(_absolute(request.model))
+    scenarios = _check_scenarios(request, model)
     pins = _pins(request.pins)
     prompt_tokens, gen_tokens = test_sizes(scenarios) if scenarios else (request.prompt_tokens, request.gen_tokens)
     test = study_test(request.workload, depth=request.depth, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens)
@@ -199,7 +199,7 @@ def engine_of(request: StudyRequest) -> str:
     return request.engine or ("llama-server" if request.workload == SCENARIOS else "child")
 
 
-def _check_scenarios(request: StudyRequest) -> tuple[Scenario, ...]:
+def _check_scenarios(request: StudyRequest, model: ModelInfo) -> tuple[Scenario, ...]:
     """The scenarios workload's requests (--prompts, else the bundled file; a worker's from the study), capped
     at --max-tokens; () for other workloads.
 
@@ -211,11 +211,8 @@ def _check_scenarios(request: StudyRequest) -> tuple[Scenario, ...]:
             flag = "--prompts" if request.prompts else "--max-tokens"
             raise UserError(f"{flag} is for the scenarios workload", "add --workload scenarios")
         return ()
-    refuse_twin(_absolute(request.model))
-    if request.scenario_lines:
-        scenarios = tuple(Scenario.from_dict(d, i) for i, d in enumerate(request.scenario_lines, 1))
-    else:
-        scenarios = load_scenarios(request.prompts)
+    refuse_twin(model)
+    scenarios = scenarios_of(request.scenario_lines) if request.scenario_lines else load_scenarios(request.prompts)
     return capped_to(scenarios, request.max_tokens)
 
 
@@ -318,7 +315,8 @@ def server_launcher(request: StudyRequest, probe: GpuProbe, *, timeout_s: float,
         raise UserError("--engine llama-server: no llama-server here", f"give --llama-server PATH, or {BUILD_HINT}")
     return ServerLauncher(probe_llama_server(path), probe, timeout_s=timeout_s, gpu_index=gpu_index,
                           tg_prompt=_check_engine(request) if tg_prompt is None else tg_prompt, env=extra_env,
-                          scenarios=_check_scenarios(request) if scenarios is None else scenarios)
+                          scenarios=_check_scenarios(request, load_model_info(_absolute(request.model)))
+                          if scenarios is None else scenarios)
 
 
 def open_tuner(request: StudyRequest, *, launcher: Launcher | None = None, probe: GpuProbe | None = None,

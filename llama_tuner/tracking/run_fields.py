@@ -112,9 +112,4 @@ def answers_jsonl(result: TrialResult) -> str:
     """A scenarios result's answers as JSONL, one a line: the request's name and pass, its figures, its text."""
     import json
 
-    lines = []
-    for a in result.answers or []:
-        d = {k: v for k, v in a.to_dict().items() if k != "tokens"}
-        d["answer_tokens"], d["tg_tps"], d["pp_tps"] = a.answer_tokens, a.tg_tps, a.pp_tps
-        lines.append(json.dumps(d, ensure_ascii=False))
-    return "\n".join(lines) + "\n"
+    return "".join(json.dumps(a.record(tokens=False), ensure_ascii=False) + "\n" for a in result.answers or [])
