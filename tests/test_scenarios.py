@@ -88,6 +88,7 @@ def test_bench_answers_each_request_and_measures_thinking_answer_and_cap(
     assert chat["seconds"] >= 32 / 400  # one token per 1/tg s
     # raw text through /completion: no reasoning parsing, capped at 5
     assert (raw["generated_tokens"], raw["thinking_tokens"], raw["capped"]) == (5, 0, True)
+    assert result["config"]["repetitions"] == 1  # one pass over the file, though it holds two requests
     s = result["scenarios"]
     assert s["requests"] == 2 and s["capped"] == 1 and s["capped_share"] == 0.5
     assert s["seconds_per_answer_median"] == pytest.approx((chat["seconds"] + raw["seconds"]) / 2)

@@ -272,7 +272,9 @@ class ServedRun:
         n_gen = n_gen or max(self.tg_n, default=1)
         pp = Rates(n_prompt, [int(1e9 * n_prompt / r) for r in self.pp_rates]) if self.pp_rates else None
         tg = Rates(n_gen, [int(1e9 * n_gen / r) for r in self.tg_rates]) if self.tg_rates else None
-        repetitions = max(1, len(self.tg_rates or self.pp_rates))
+        # the scenarios' rates are one per request: their repetitions are the passes over the file
+        repetitions = len({a.repetition for a in self.answers}) if self.answers else \
+            max(1, len(self.tg_rates or self.pp_rates))
         return TrialResult(self.result_status(), replace(config, repetitions=repetitions), model_path,
                            reason=self.reason, exit_code=self.exit_code, signal=self.signal,
                            log_tail=self.log_tail, pp=pp, tg=tg, load_time_s=self.load_time_s,
